@@ -1,0 +1,183 @@
+"""Generate a MovieLens-shaped ratings.csv with planted structure (SPEC §3.4).
+
+    python synthetic.py --output data/synthetic/ratings.csv                  # ~300k rows, seconds
+    python synthetic.py --output /tmp/ml1m/ratings.csv --preset ml-1m        # 6,040 x 3,706, ~1M rows
+    python synthetic.py --output /tmp/ml20m/ratings.csv --preset ml-20m      # 138,493 x 26,744, ~20M rows
+
+Each user u and item i have latent factors; item i also has a long-tailed (Zipf) popularity. User u's
+score for item i is strength * <p_u, q_i> + log popularity_i, and u's items are drawn from
+softmax(score) without replacement (Gumbel-top-k), with timestamps increasing in the order drawn. So
+the last item of each user (the test item after convert.py) follows the user's preference far more
+than popularity alone, and a model that learns the factors clearly beats an item-popularity ranking.
+The file is ml-20m style: header userId,movieId,rating,timestamp, 1-based userIds, and movieIds with
+gaps so that convert.py's id maps are exercised. Generation streams user chunks, so memory stays
+bounded at any size.
+"""
+import cli  # noqa: F401, I001  (sets the OpenMP wait policy before numpy starts its thread pool)
+
+import argparse
+import os
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+
+from cli import UserError, main_guard
+
+# (users, items, mean interactions per user) of the shapes the benchmarks and the quick start use.
+PRESETS = {
+    "default": (6000, 3000, 50.0),
+    "ml-1m": (6040, 3706, 1_000_209 / 6040),
+    "ml-20m": (138_493, 26_744, 20_000_263 / 138_493),
+}
+MIN_INTERACTIONS = 20  # MovieLens keeps only users with at least 20 ratings
+PREFERENCE_STRENGTH = 3.0  # logit scale of <p_u, q_i>; large enough that preference beats popularity
+POPULARITY_EXPONENT = 0.8  # Zipf exponent of item popularity
+CHUNK_CELLS = 1 << 23  # users x items scores materialised at once
+FIRST_TIMESTAMP = 946_684_800  # 2000-01-01, MovieLens-like epoch seconds
+
+
+class PlantedModel(NamedTuple):
+    user_factors: np.ndarray  # [users, factors], already scaled by PREFERENCE_STRENGTH
+    item_factors: np.ndarray  # [items, factors]
+    log_popularity: np.ndarray  # [items]
+    movie_ids: np.ndarray  # [items] original movieId of each item index
+
+    def scores(self, users):
+        """Planted logits of `users` (indices) for every item: the softmax the items are drawn from."""
+        return self.user_factors[users] @ self.item_factors.T + self.log_popularity
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--output", required=True, help="CSV file to write (e.g. data/synthetic/ratings.csv)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                        help="shape: users, items and mean interactions per user")
+    parser.add_argument("--users", type=int, help="number of users (overrides the preset)")
+    parser.add_argument("--items", type=int, help="number of items (overrides the preset)")
+    parser.add_argument("--interactions_per_user_mean", type=float,
+                        help=f"mean interactions per user, at least {MIN_INTERACTIONS} (overrides the preset)")
+    parser.add_argument("--factors", type=int, default=8, help="latent factors of the planted model")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the generator")
+    args = parser.parse_args(argv)
+    users, items, mean = PRESETS[args.preset]
+    args.users = users if args.users is None else args.users
+    args.items = items if args.items is None else args.items
+    if args.interactions_per_user_mean is None:
+        args.interactions_per_user_mean = mean
+    return args
+
+
+def validate(users, items, interactions_per_user_mean, factors):
+    if users < 1:
+        raise UserError(f"--users {users}: must be at least 1")
+    if items < 2 * MIN_INTERACTIONS:
+        raise UserError(f"--items {items}: must be at least {2 * MIN_INTERACTIONS} so every user "
+                        f"can have {MIN_INTERACTIONS} distinct items and unseen ones remain")
+    if not MIN_INTERACTIONS <= interactions_per_user_mean <= items / 4:
+        raise UserError(f"--interactions_per_user_mean {interactions_per_user_mean}: must lie between "
+                        f"{MIN_INTERACTIONS} and items/4 = {items / 4:g}")
+    if factors < 1:
+        raise UserError(f"--factors {factors}: must be at least 1")
+
+
+def planted_model(users, items, factors=8, seed=0):
+    """The latent structure behind `generate_ratings(..., seed)`: same seed, same model."""
+    rng = np.random.default_rng([seed, 0])
+    # Unit-variance dot products whatever the number of factors.
+    scale = factors ** -0.25
+    user_factors = (PREFERENCE_STRENGTH * scale) * rng.standard_normal((users, factors))
+    item_factors = scale * rng.standard_normal((items, factors))
+    popularity_rank = rng.permutation(items) + 1
+    log_popularity = -POPULARITY_EXPONENT * np.log(popularity_rank)
+    movie_ids = 1 + np.sort(rng.choice(2 * items, size=items, replace=False))
+    return PlantedModel(user_factors.astype(np.float32), item_factors.astype(np.float32),
+                        log_popularity.astype(np.float32), movie_ids)
+
+
+def interactions_per_user(users, items, mean, rng):
+    """Long-tailed counts (lognormal above the minimum) with the requested mean, capped at items/2."""
+    sigma = 1.0
+    mu = np.log(mean - MIN_INTERACTIONS + 1e-9) - sigma ** 2 / 2
+    extra = rng.lognormal(mu, sigma, size=users)
+    return np.minimum(MIN_INTERACTIONS + np.rint(extra).astype(np.int64), items // 2)
+
+
+def draw_items(model, users, counts, rng):
+    """Gumbel-top-k: the first counts[j] items of each row, in order, are a draw without replacement."""
+    scores = model.scores(users)
+    scores -= np.log(-np.log(rng.random(scores.shape, dtype=np.float32)))
+    kmax = int(counts.max())
+    top = np.argpartition(-scores, kmax - 1, axis=1)[:, :kmax]
+    order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1)
+    drawn = np.take_along_axis(top, order, axis=1)
+    return drawn[np.arange(kmax) < counts[:, None]]  # row-major: user by user, in drawn order
+
+
+def rating_chunks(model, counts, rng):
+    """Yield DataFrames of consecutive users, rows sorted by (userId, movieId) like ml-20m."""
+    items = len(model.movie_ids)
+    chunk = max(1, CHUNK_CELLS // items)
+    for start in range(0, len(counts), chunk):
+        users = np.arange(start, min(start + chunk, len(counts)))
+        n = counts[users]
+        item = draw_items(model, users, n, rng)
+        user = np.repeat(users, n)
+        # Strictly increasing per user in the order drawn, so the latest item is the last drawn.
+        gaps = rng.integers(1, 86_400, size=len(item))
+        first_in_user = np.r_[0, np.cumsum(n)[:-1]]
+        elapsed = np.cumsum(gaps) - np.repeat(np.cumsum(gaps)[first_in_user] - gaps[first_in_user], n)
+        start_time = FIRST_TIMESTAMP + rng.integers(0, 10 * 365 * 86_400, size=len(users))
+        timestamp = np.repeat(start_time, n) + elapsed
+        movie = model.movie_ids[item]
+        order = np.lexsort((movie, user))
+        yield pd.DataFrame({
+            "userId": user[order] + 1,
+            "movieId": movie[order],
+            "rating": rng.integers(1, 11, size=len(item)) / 2,
+            "timestamp": timestamp[order],
+        })
+
+
+def _chunks(users, items, interactions_per_user_mean, factors, seed):
+    validate(users, items, interactions_per_user_mean, factors)
+    model = planted_model(users, items, factors, seed)
+    rng = np.random.default_rng([seed, 1])
+    counts = interactions_per_user(users, items, interactions_per_user_mean, rng)
+    return rating_chunks(model, counts, rng)
+
+
+def generate_ratings(users=6000, items=3000, interactions_per_user_mean=50.0, factors=8, seed=0):
+    """All ratings as one DataFrame (userId, movieId, rating, timestamp); for tests and benchmarks."""
+    return pd.concat(list(_chunks(users, items, interactions_per_user_mean, factors, seed)),
+                     ignore_index=True)
+
+
+def write_ratings_csv(path, users=6000, items=3000, interactions_per_user_mean=50.0, factors=8, seed=0):
+    """Stream the ratings to `path` (atomically: temp file, then rename); return the row count."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    rows = 0
+    try:
+        with open(tmp, "w", newline="") as f:
+            for i, frame in enumerate(_chunks(users, items, interactions_per_user_mean, factors, seed)):
+                frame.to_csv(f, header=i == 0, index=False)
+                rows += len(frame)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return rows
+
+
+@main_guard
+def main(argv=None):
+    args = parse_args(argv)
+    rows = write_ratings_csv(args.output, args.users, args.items, args.interactions_per_user_mean,
+                             args.factors, args.seed)
+    print(f"wrote {args.output}: {rows} ratings, {args.users} users, {args.items} items")
+
+
+if __name__ == "__main__":
+    main()
