@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Download a MovieLens dataset from GroupLens, verify its MD5 and unzip it into DATA_DIR/NAME/.
+#   ./download_dataset.sh [NAME] [DATA_DIR]      NAME: ml-20m (default) ml-25m ml-32m ml-1m ml-100k
+# DATA_DIR defaults to $DATA_DIR, then ./data. MOVIELENS_URL replaces the GroupLens base URL.
+# The zip is downloaded to a temporary name and renamed only once verified, and the folder is unzipped
+# elsewhere and renamed into place, so a failed run leaves nothing a rerun would take as good.
+# MovieLens data must never be committed: its licence forbids redistribution.
+set -euo pipefail
+
+prog=$(basename "$0")
+here=$(cd "$(dirname "$0")" && pwd)
+name=${1:-ml-20m}
+data_dir=${2:-${DATA_DIR:-./data}}
+base_url=${MOVIELENS_URL:-https://files.grouplens.org/datasets/movielens}
+
+case "$name" in
+  ml-20m|ml-25m|ml-32m) ratings=ratings.csv ;;
+  ml-1m) ratings=ratings.dat ;;
+  ml-100k) ratings=u.data ;;
+  *)
+    echo "$prog: error: unknown dataset '$name'; choose one of ml-20m ml-25m ml-32m ml-1m ml-100k" >&2
+    exit 2 ;;
+esac
+
+zip="$data_dir/$name.zip"
+folder="$data_dir/$name"
+if [ -f "$folder/$ratings" ]; then
+  echo "$prog: $folder/$ratings is already there; skipping download and unzip"
+  exit 0
+fi
+
+mkdir -p "$data_dir"
+part="$zip.part-$$"
+unzip_dir="$data_dir/.unzip-$name-$$"
+trap 'rm -rf "$part" "$unzip_dir"' EXIT
+
+download() {
+  local url="$base_url/$name.zip"
+  echo "$prog: downloading $url"
+  if command -v curl >/dev/null; then
+    curl --fail --location --silent --show-error --retry 2 --output "$part" "$url"
+  else
+    "${PYTHON:-python3}" -c 'import sys, urllib.request; urllib.request.urlretrieve(sys.argv[1], sys.argv[2])' "$url" "$part"
+  fi
+}
+
+if [ -f "$zip" ] && "$here/verify_dataset.sh" "$name" "$zip" >/dev/null 2>&1; then
+  echo "$prog: $zip is already downloaded and verified; skipping download"
+else
+  if [ -f "$zip" ]; then
+    echo "$prog: $zip fails its checksum; downloading it again"
+    rm -f "$zip"
+  fi
+  if ! download; then
+    echo "$prog: error: could not download $base_url/$name.zip; check the network or MOVIELENS_URL and rerun" >&2
+    exit 1
+  fi
+  "$here/verify_dataset.sh" "$name" "$part" >/dev/null || {
+    echo "$prog: error: $base_url/$name.zip failed its MD5 check (corrupt or truncated download); nothing was kept, rerun to download again" >&2
+    exit 1
+  }
+  mv "$part" "$zip"
+fi
+
+echo "$prog: unzipping $zip"
+mkdir -p "$unzip_dir"
+if ! unzip -q "$zip" -d "$unzip_dir" || [ ! -f "$unzip_dir/$name/$ratings" ]; then
+  echo "$prog: error: $zip does not unzip to $name/$ratings; delete $zip and rerun" >&2
+  exit 1
+fi
+rm -rf "$folder"
+mv "$unzip_dir/$name" "$folder"
+echo "$prog: $folder/$ratings is ready"
