@@ -25,8 +25,10 @@ def main_guard(main):
         try:
             return main(*args, **kwargs)
         except UserError as err:
-            prog = os.path.basename(sys.argv[0]) or "ncf"
-            print(f"{prog}: error: {err}", file=sys.stderr)
+            # Under torchrun every rank meets the same bad input: only global rank 0 says so.
+            if os.environ.get("RANK", "0") == "0":
+                prog = os.path.basename(sys.argv[0]) or "ncf"
+                print(f"{prog}: error: {err}", file=sys.stderr)
             sys.exit(EXIT_USER_ERROR)
 
     return wrapper

@@ -1,0 +1,229 @@
+"""Cached MovieLens tensors: loading, device-resident epoch sampling, evaluation candidates.
+
+The cache is written by convert.py (see its docstring for the protocol). Everything here works on
+whatever device it is given; nothing assumes CUDA.
+"""
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from cli import UserError
+
+CACHE_FORMAT_VERSION = 1
+TENSOR_FILES = ("train_ratings.pt", "test_ratings.pt", "test_negatives.pt", "user_ids.pt", "item_ids.pt")
+
+
+@dataclass(frozen=True)
+class Cache:
+    train: torch.Tensor  # [N, 2] (user, item), sorted by (user, item)
+    test: torch.Tensor  # [U, 2], row u is (u, test item of u)
+    test_negatives: torch.Tensor  # [U, negatives]
+    user_ids: torch.Tensor  # [U] original id of each dense user id
+    item_ids: torch.Tensor  # [I] original id of each dense item id
+    metadata: dict
+
+    @property
+    def num_users(self):
+        return self.metadata["num_users"]
+
+    @property
+    def num_items(self):
+        return self.metadata["num_items"]
+
+
+def load_tensor(path, what):
+    """torch.load restricted to tensors (weights_only), with a user-facing error for bad files."""
+    if not os.path.isfile(path):
+        raise UserError(f"{what} {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated file, not a torch file, or a pickle that runs code
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot load {what} {path} ({reason[:200]}): recreate it") from None
+
+
+def load_cache(path):
+    """Load and check a cache folder written by convert.py."""
+    fix = "run ./prepare_dataset.sh NAME (or convert.py) to (re)create it, or pass --data with the right folder"
+    if not os.path.isdir(path):
+        raise UserError(f"no dataset cache at {path}: {fix}")
+    meta_path = os.path.join(path, "metadata.json")
+    if not os.path.isfile(meta_path):
+        raise UserError(f"dataset cache {path} is incomplete (no metadata.json): {fix}")
+    try:
+        with open(meta_path) as f:
+            metadata = json.load(f)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read {meta_path} ({err}): {fix}") from None
+    if metadata.get("format_version") != CACHE_FORMAT_VERSION:
+        raise UserError(
+            f"dataset cache {path} has format version {metadata.get('format_version')}, "
+            f"this code reads version {CACHE_FORMAT_VERSION}: {fix}"
+        )
+    tensors = {name: load_tensor(os.path.join(path, name), "cache file") for name in TENSOR_FILES}
+    cache = Cache(
+        train=tensors["train_ratings.pt"],
+        test=tensors["test_ratings.pt"],
+        test_negatives=tensors["test_negatives.pt"],
+        user_ids=tensors["user_ids.pt"],
+        item_ids=tensors["item_ids.pt"],
+        metadata=metadata,
+    )
+    _check_cache(cache, path, fix)
+    return cache
+
+
+def _check_cache(cache, path, fix):
+    meta = cache.metadata
+    try:
+        expected = {
+            "train_ratings.pt": (meta["num_train"], 2),
+            "test_ratings.pt": (meta["num_users"], 2),
+            "test_negatives.pt": (meta["num_users"], meta["negatives"]),
+            "user_ids.pt": (meta["num_users"],),
+            "item_ids.pt": (meta["num_items"],),
+        }
+    except KeyError as err:
+        raise UserError(f"{path}/metadata.json lacks the field {err}: {fix}") from None
+    actual = {
+        "train_ratings.pt": cache.train,
+        "test_ratings.pt": cache.test,
+        "test_negatives.pt": cache.test_negatives,
+        "user_ids.pt": cache.user_ids,
+        "item_ids.pt": cache.item_ids,
+    }
+    for name, shape in expected.items():
+        tensor = actual[name]
+        if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape:
+            got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise UserError(f"{path}/{name} has shape {got} but metadata.json says {shape}: {fix}")
+    if meta["num_users"] == 0 or meta["num_train"] == 0:
+        raise UserError(f"dataset cache {path} is empty: {fix}")
+
+
+def train_positives_csr(train, num_users):
+    """Row pointers into the (user, item)-sorted training pairs: user u owns rows ptr[u]:ptr[u+1]."""
+    counts = torch.bincount(train[:, 0].long(), minlength=num_users)
+    return torch.cat((torch.zeros(1, dtype=torch.long), counts.cumsum(0)))
+
+
+class EpochSampler:
+    """Training samples of one epoch, generated on the device (the recipe's approximate sampling).
+
+    An epoch is every positive once plus `negatives` negatives per positive, whose items are drawn
+    uniformly from all items without checking the user's positives, all in one random order. Sample j
+    of the epoch is positive j when j < N, otherwise a negative for positive j % N. Only the
+    permutation is materialised; each batch's users, items and labels are gathered from it, so the
+    device holds the positives plus one index per sample, and nothing goes back to the host.
+
+    Every rank draws the same permutation and the same negative items for each global batch (the
+    generator is seeded by seed and epoch) and takes its own share of it, so N processes see exactly
+    the samples that one process with the same global batch sees, and a resumed run sees the same
+    epochs as an uninterrupted one.
+    """
+
+    def __init__(self, train, num_items, negatives, device, seed):
+        self.users = train[:, 0].to(device=device, dtype=torch.int32)
+        self.items = train[:, 1].to(device=device, dtype=torch.int32)
+        self.num_positives = train.shape[0]
+        self.num_items = num_items
+        self.samples_per_epoch = self.num_positives * (1 + negatives)
+        self.device = torch.device(device)
+        self.seed = seed
+        self.generator = torch.Generator(device=self.device)
+
+    def steps_per_epoch(self, global_batch, divisor):
+        full, rest = divmod(self.samples_per_epoch, global_batch)
+        return full + (1 if rest >= divisor else 0)
+
+    def epoch(self, epoch, global_batch, rank, world_size, grads_accumulated):
+        """Yield, per optimizer step, (micro_batches, global_batch_size) for this rank.
+
+        micro_batches is a list of (users, items, labels) tensors. The last global batch of an epoch
+        is cut to a multiple of world_size * grads_accumulated so every rank and micro-batch has an
+        equal share (at most world_size * grads_accumulated - 1 samples per epoch are skipped).
+        """
+        divisor = world_size * grads_accumulated
+        self.generator.manual_seed(self.seed * 1_000_003 + epoch)
+        perm = torch.randperm(self.samples_per_epoch, device=self.device, generator=self.generator)
+        for step in range(self.steps_per_epoch(global_batch, divisor)):
+            start = step * global_batch
+            size = min(global_batch, self.samples_per_epoch - start)
+            size -= size % divisor
+            random_items = torch.randint(
+                self.num_items, (size,), device=self.device, dtype=torch.int32, generator=self.generator
+            )
+            share = size // world_size
+            lo = rank * share
+            idx = perm[start + lo : start + lo + share]
+            random_items = random_items[lo : lo + share]
+            is_positive = idx < self.num_positives
+            source = idx % self.num_positives
+            users = self.users[source]
+            items = torch.where(is_positive, self.items[source], random_items)
+            labels = is_positive.float()
+            micro = share // grads_accumulated
+            batches = list(zip(users.split(micro), items.split(micro), labels.split(micro)))
+            yield batches, size
+
+
+@dataclass(frozen=True)
+class TestData:
+    """Evaluation candidates on the device: column 0 is the test item, the rest its negatives."""
+
+    users: torch.Tensor  # [U_rank] int32, this rank's share of the test users
+    candidates: torch.Tensor  # [U_rank, 1 + negatives] int32
+    total_samples: int  # user-item pairs scored over all ranks
+
+    @classmethod
+    def from_cache(cls, cache, device, rank=0, world_size=1):
+        users = rank_share(cache.num_users, rank, world_size)
+        candidates = torch.cat((cache.test[users, 1:2], cache.test_negatives[users]), dim=1)
+        return cls(
+            users=users.to(device=device, dtype=torch.int32),
+            candidates=candidates.to(device=device, dtype=torch.int32),
+            total_samples=cache.num_users * candidates.shape[1],
+        )
+
+    @property
+    def num_candidates(self):
+        return self.candidates.shape[1]
+
+
+@dataclass(frozen=True)
+class FullRankingData:
+    """Test positives plus the training items to exclude, for ranking against every item."""
+
+    users: torch.Tensor  # [U_rank] int32, this rank's share of the test users
+    positives: torch.Tensor  # [U_rank] test item of each user
+    train_rows: torch.Tensor  # [M] row (index into users) of each of these users' training pairs
+    train_items: torch.Tensor  # [M] item of each of these users' training pairs
+    row_ptr: torch.Tensor  # [U_rank + 1] on the CPU: row r owns train pairs row_ptr[r]:row_ptr[r+1]
+    num_items: int
+
+    @classmethod
+    def from_cache(cls, cache, device, rank=0, world_size=1):
+        users = rank_share(cache.num_users, rank, world_size)
+        ptr = train_positives_csr(cache.train, cache.num_users)
+        first, end = int(users[0]) if len(users) else 0, int(users[-1]) + 1 if len(users) else 0
+        pairs = cache.train[ptr[first] : ptr[end]]
+        return cls(
+            users=users.to(device=device, dtype=torch.int32),
+            positives=cache.test[users, 1].to(device=device),
+            train_rows=(pairs[:, 0] - first).to(device=device),
+            train_items=pairs[:, 1].to(device=device),
+            row_ptr=ptr[first : end + 1] - ptr[first],
+            num_items=cache.num_items,
+        )
+
+    def train_pairs_of(self, lo, hi):
+        """(row - lo, item) of the training pairs of rows lo:hi."""
+        a, b = int(self.row_ptr[lo]), int(self.row_ptr[hi])
+        return self.train_rows[a:b] - lo, self.train_items[a:b]
+
+
+def rank_share(count, rank, world_size):
+    """This rank's contiguous share of range(count); shares differ by at most one."""
+    return torch.tensor_split(torch.arange(count), world_size)[rank]

@@ -1,0 +1,75 @@
+"""Run logging: console lines and JSON lines (`--log_path`), written by global rank 0 only.
+
+This is the one place that knows the metric names and units. Each JSON line is an object with an
+"event" field: "config" (once, at start), "epoch" (once per epoch), "summary" (once, at the end) or
+"test" (`--mode test`).
+"""
+import json
+import sys
+import time
+
+# JSON key -> (console label, format). Keys absent from a record are not printed.
+_FIELDS = {
+    "epoch": ("epoch", "{:d}"),
+    "loss": ("loss", "{:.4f}"),
+    "hr": ("HR@{k}", "{:.4f}"),
+    "ndcg": ("NDCG@{k}", "{:.4f}"),
+    "full_hr": ("full HR@{k}", "{:.4f}"),
+    "full_ndcg": ("full NDCG@{k}", "{:.4f}"),
+    "train_time_s": ("train time", "{:.2f} s"),
+    "train_throughput": ("train", "{:,.0f} samples/s"),
+    "eval_time_s": ("eval time", "{:.2f} s"),
+    "eval_throughput": ("eval", "{:,.0f} samples/s"),
+    "best_hr": ("best HR@{k}", "{:.4f}"),
+    "best_epoch": ("at epoch", "{:d}"),
+    "time_to_target_s": ("time to target", "{:.2f} s"),
+    "best_train_throughput": ("best train", "{:,.0f} samples/s"),
+    "best_eval_throughput": ("best eval", "{:,.0f} samples/s"),
+}
+
+
+def format_record(record, k):
+    parts = []
+    for key, (label, fmt) in _FIELDS.items():
+        value = record.get(key)
+        if value is not None:
+            parts.append(f"{label.format(k=k)} {fmt.format(value)}")
+    return " | ".join(parts)
+
+
+class RunLogger:
+    """Prints and appends JSON lines on the main process; does nothing elsewhere."""
+
+    def __init__(self, log_path=None, enabled=True, k=10, stream=None):
+        self.enabled = enabled
+        self.k = k
+        self.stream = stream or sys.stdout
+        self._file = None
+        if enabled and log_path:
+            self._file = open(log_path, "a", buffering=1)
+
+    def info(self, message):
+        if self.enabled:
+            print(message, file=self.stream, flush=True)
+
+    def write(self, event, **record):
+        """Write `record` as one JSON line (not printed)."""
+        if self.enabled and self._file is not None:
+            self._file.write(json.dumps({"event": event, "time": time.time(), **record}) + "\n")
+
+    def log(self, event, **record):
+        """Print `record` as one console line and write it as one JSON line."""
+        self.write(event, **record)
+        self.info(format_record(record, self.k))
+
+    def close(self):
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def read_log(path):
+    """All JSON records of a log file, in order."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+

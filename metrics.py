@@ -1,0 +1,31 @@
+"""Top-k ranking metrics (HR@k, NDCG@k) from candidate scores.
+
+A positive's rank is the number of OTHER candidates scored greater than or equal to it: ties count
+against the model, so a model that scores every item the same has rank = #candidates - 1 and never
+hits (the recipe's strict `>` would let a constant model hit every time).
+"""
+import torch
+
+
+def rank_metric_sums(rank, k):
+    """Sums over users of hit (rank < k) and NDCG (1 / log2(rank + 2) for hits), as float64 tensors."""
+    hit = rank < k
+    ndcg = torch.where(hit, 1.0 / torch.log2(rank.double() + 2.0), 0.0)
+    return hit.double().sum(), ndcg.sum()
+
+
+def sampled_ranks(scores):
+    """Ranks of column 0 of `scores` [users, candidates] among the other columns."""
+    return (scores[:, 1:] >= scores[:, :1]).sum(dim=1)
+
+
+def full_ranks(scores, positive_items, excluded_rows, excluded_items):
+    """Ranks of each user's positive among all items not excluded (the user's training items).
+
+    scores: [users, items]; positive_items: [users]; excluded (row, item) pairs are set to -inf so
+    they never outrank the positive. The positive itself is removed from the count.
+    """
+    scores = scores.float()
+    positive = scores.gather(1, positive_items.long().unsqueeze(1))
+    scores.index_put_((excluded_rows.long(), excluded_items.long()), torch.tensor(float("-inf"), device=scores.device))
+    return (scores >= positive).sum(dim=1) - 1
