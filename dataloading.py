@@ -165,7 +165,7 @@ class EpochSampler:
             items = torch.where(is_positive, self.items[source], random_items)
             labels = is_positive.float()
             micro = share // grads_accumulated
-            batches = list(zip(users.split(micro), items.split(micro), labels.split(micro)))
+            batches = list(zip(users.split(micro), items.split(micro), labels.split(micro), strict=True))
             yield batches, size
 
 

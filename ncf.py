@@ -10,8 +10,6 @@ Several machines (run on each, same HOST:PORT):
 Evaluate a checkpoint:
     python ncf.py --data /data/cache/ml-20m --mode test --load_checkpoint_path /data/checkpoints/model.pth
 """
-import cli  # noqa: F401  (first: sets the OpenMP wait policy before torch loads)
-
 import argparse
 import contextlib
 import datetime
@@ -28,6 +26,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+import cli  # noqa: F401  (first: sets the OpenMP wait policy before torch loads)
 from cli import UserError, main_guard
 from dataloading import EpochSampler, FullRankingData, TestData, load_cache
 from logger import RunLogger

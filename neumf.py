@@ -4,6 +4,7 @@ A GMF branch (element-wise product of user and item embeddings of size `mf_dim`)
 (concatenated user and item embeddings of size `mlp_layer_sizes[0] / 2` each, then Linear+ReLU layers)
 are concatenated and projected to one logit.
 """
+import itertools
 import math
 
 import torch
@@ -14,7 +15,7 @@ class NeuMF(nn.Module):
     def __init__(self, nb_users, nb_items, mf_dim=64, mlp_layer_sizes=(256, 256, 128, 64), dropout=0.5):
         super().__init__()
         if mlp_layer_sizes[0] % 2 != 0:
-            raise ValueError(f"mlp_layer_sizes[0] must be even (it is split between user and item), got {mlp_layer_sizes[0]}")
+            raise ValueError(f"mlp_layer_sizes[0] must be even (user and item get half each), got {mlp_layer_sizes[0]}")
         self.nb_users = nb_users
         self.nb_items = nb_items
         self.mf_dim = mf_dim
@@ -27,7 +28,7 @@ class NeuMF(nn.Module):
         self.user_embed = nn.Embedding(nb_users, mf_dim + mlp_half)
         self.item_embed = nn.Embedding(nb_items, mf_dim + mlp_half)
         self.mlp = nn.ModuleList(
-            nn.Linear(n_in, n_out) for n_in, n_out in zip(mlp_layer_sizes[:-1], mlp_layer_sizes[1:])
+            nn.Linear(n_in, n_out) for n_in, n_out in itertools.pairwise(mlp_layer_sizes)
         )
         self.final = nn.Linear(mf_dim + mlp_layer_sizes[-1], 1)
         self._init_weights()
