@@ -49,7 +49,7 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="seed of the test-negative generator")
     parser.add_argument("--min_ratings", type=int, default=20,
                         help="drop users with fewer interactions (counted before de-duplication)")
-    parser.add_argument("--format", choices=("auto",) + FORMATS, default="auto",
+    parser.add_argument("--format", choices=("auto", *FORMATS), default="auto",
                         help="input format; auto detects it from the file name or header")
     parser.add_argument("--no_progress", action="store_true", help="no tqdm display of the stages")
     parser.add_argument("--check", metavar="DIR",
@@ -142,11 +142,11 @@ def read_ratings(path, fmt):
     return tuple(c.to_numpy(dtype=np.int64) for c in columns)
 
 
-def filter_users(users, items, timestamps, min_ratings):
+def filter_users(users, items, timestamps, min_ratings, path):
     codes, _ = pd.factorize(users)
     keep = np.bincount(codes)[codes] >= min_ratings
     if not keep.any():
-        raise UserError(f"no user has at least --min_ratings {min_ratings} interactions; "
+        raise UserError(f"--path {path}: no user has at least --min_ratings {min_ratings} interactions; "
                         "lower --min_ratings or pass a larger file")
     return users[keep], items[keep], timestamps[keep]
 
@@ -287,7 +287,7 @@ def convert(args):
     users, items, timestamps = read_ratings(args.path, fmt)
     stages.update()
     stage("filter")
-    users, items, timestamps = filter_users(users, items, timestamps, args.min_ratings)
+    users, items, timestamps = filter_users(users, items, timestamps, args.min_ratings, args.path)
     user, user_ids = pd.factorize(users)
     item, item_ids = pd.factorize(items)
     num_users, num_items = len(user_ids), len(item_ids)

@@ -107,7 +107,9 @@ def interactions_per_user(users, items, mean, rng):
 def draw_items(model, users, counts, rng):
     """Gumbel-top-k: the first counts[j] items of each row, in order, are a draw without replacement."""
     scores = model.scores(users)
-    scores -= np.log(-np.log(rng.random(scores.shape, dtype=np.float32)))
+    # A uniform draw of exactly 0 (odds 2^-24 in float32) gives that item a score of -inf: harmless.
+    with np.errstate(divide="ignore"):
+        scores -= np.log(-np.log(rng.random(scores.shape, dtype=np.float32)))
     kmax = int(counts.max())
     top = np.argpartition(-scores, kmax - 1, axis=1)[:, :kmax]
     order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1)

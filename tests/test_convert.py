@@ -1,0 +1,244 @@
+"""convert.py on tiny hand-written files in every §3.1 format, with the expected cache written out."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import convert
+
+# One small history, written below in each format. File order matters: it sets the dense ids.
+#   user 20: 200@1, 400@2, 300@2   -> 300 is the latest (tie at t=2 broken by file order)
+#   user 10: 200@3, 100@5, 300@9, 500@9, 100@10
+#            -> the repeat of 100 at t=10 is dropped (first occurrence kept), so 500 is the latest
+#   user 30: one rating -> dropped by --min_ratings 2, and its item 700 with it
+#   user 40: 600@1, 600@2 -> two ratings before de-duplication, so kept; one item, no train pair
+ROWS = [  # user, item, rating, timestamp
+    (20, 200, 4, 1),
+    (10, 100, 4, 5),
+    (10, 200, 3, 3),
+    (30, 700, 1, 1),
+    (20, 400, 4, 2),
+    (10, 300, 5, 9),
+    (40, 600, 2, 1),
+    (20, 300, 3, 2),
+    (10, 100, 2, 10),
+    (10, 500, 1, 9),
+    (40, 600, 5, 2),
+]
+EXPECTED_USER_IDS = [20, 10, 40]
+EXPECTED_ITEM_IDS = [200, 100, 400, 300, 600, 500]
+EXPECTED_TRAIN = [[0, 0], [0, 2], [1, 0], [1, 1], [1, 3]]
+EXPECTED_TEST = [[0, 3], [1, 5], [2, 4]]
+# Items each dense user never interacted with; user 1 has exactly two.
+EXPECTED_UNSEEN = [{1, 4, 5}, {2, 4}, {0, 1, 2, 3, 5}]
+
+
+def write_ml20m(folder):
+    lines = ["userId,movieId,rating,timestamp"] + [f"{u},{i},{r}.0,{t}" for u, i, r, t in ROWS]
+    return _write(folder / "ratings.csv", lines)
+
+
+def write_ml1m(folder):
+    return _write(folder / "ratings.dat", [f"{u}::{i}::{r}::{t}" for u, i, r, t in ROWS])
+
+
+def write_ml100k(folder):
+    return _write(folder / "u.data", [f"{u}\t{i}\t{r}\t{t}" for u, i, r, t in ROWS])
+
+
+def write_custom(folder):
+    # Extra columns, text included, are ignored.
+    lines = ["source,item_id,user_id,timestamp,rating"] + [f"web,{i},{u},{t},{r}" for u, i, r, t in ROWS]
+    return _write(folder / "interactions.csv", lines)
+
+
+def _write(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+WRITERS = {"ml-20m": write_ml20m, "ml-1m": write_ml1m, "ml-100k": write_ml100k, "custom": write_custom}
+
+
+def run_convert(path, output, *extra):
+    convert.main(["--path", str(path), "--output", str(output), "--no_progress", *map(str, extra)])
+    return {name: torch.load(output / name, weights_only=True) for name in convert.CACHE_FILES}
+
+
+def load_metadata(output):
+    return json.loads((output / "metadata.json").read_text())
+
+
+@pytest.mark.parametrize("fmt", sorted(WRITERS))
+def test_every_format_gives_the_protocol_cache(tmp_path, fmt):
+    path = WRITERS[fmt](tmp_path)
+    cache = run_convert(path, tmp_path / "cache", "--min_ratings", 2, "--negatives", 2)
+
+    assert cache["user_ids.pt"].tolist() == EXPECTED_USER_IDS
+    assert cache["item_ids.pt"].tolist() == EXPECTED_ITEM_IDS
+    assert cache["train_ratings.pt"].tolist() == EXPECTED_TRAIN
+    assert cache["test_ratings.pt"].tolist() == EXPECTED_TEST
+    assert cache["test_negatives.pt"].shape == (3, 2)
+    assert load_metadata(tmp_path / "cache")["format"] == fmt
+
+
+def test_dtypes_and_metadata(tmp_path):
+    path = write_ml20m(tmp_path)
+    cache = run_convert(path, tmp_path / "cache", "--min_ratings", 2, "--negatives", 2, "--seed", 7)
+
+    for name in ("train_ratings.pt", "test_ratings.pt", "test_negatives.pt"):
+        assert cache[name].dtype == torch.int32
+    for name in ("user_ids.pt", "item_ids.pt"):
+        assert cache[name].dtype == torch.int64
+    metadata = load_metadata(tmp_path / "cache")
+    assert metadata == {
+        "format_version": 1,
+        "source_file": "ratings.csv",
+        "source_sha256": convert.sha256_of(path),
+        "format": "ml-20m",
+        "num_users": 3,
+        "num_items": 6,
+        "num_train": 5,
+        "num_test": 3,
+        "min_ratings": 2,
+        "negatives": 2,
+        "seed": 7,
+        "created_by": "convert.py",
+    }
+    assert sorted(os.listdir(tmp_path)) == ["cache", "ratings.csv"]  # no temp folder left
+
+
+def test_dense_ids_map_back_to_original_pairs(tmp_path):
+    cache = run_convert(write_ml1m(tmp_path), tmp_path / "cache", "--min_ratings", 2, "--negatives", 2)
+    users, items = cache["user_ids.pt"], cache["item_ids.pt"]
+    pairs = torch.cat([cache["train_ratings.pt"], cache["test_ratings.pt"]]).long()
+    original = {(users[u].item(), items[i].item()) for u, i in pairs.tolist()}
+    assert original == {(u, i) for u, i, _, _ in ROWS if u != 30}
+
+
+def test_min_ratings_drops_users_and_their_items(tmp_path):
+    path = write_ml20m(tmp_path)
+    # User 40's two rows (one distinct item) kept it at --min_ratings 2; at 3 it goes, with item 600.
+    cache = run_convert(path, tmp_path / "cache", "--min_ratings", 3, "--negatives", 1)
+    assert cache["user_ids.pt"].tolist() == [20, 10]
+    assert cache["item_ids.pt"].tolist() == [200, 100, 400, 300, 500]
+    assert cache["test_ratings.pt"].tolist() == [[0, 3], [1, 4]]
+
+
+def test_negatives_are_distinct_unseen_items(tmp_path):
+    cache = run_convert(write_ml20m(tmp_path), tmp_path / "cache", "--min_ratings", 2, "--negatives", 2)
+    for user, row in enumerate(cache["test_negatives.pt"].tolist()):
+        assert len(set(row)) == 2
+        assert set(row) <= EXPECTED_UNSEEN[user]
+    assert set(cache["test_negatives.pt"][1].tolist()) == {2, 4}  # the only two unseen items
+
+
+def random_custom_file(path, users=60, items=40, seed=0):
+    """Users from 2 to 38 interactions of 40 items: both the rejection and the complement sampler run."""
+    rng = np.random.default_rng(seed)
+    lines = ["user_id,item_id,timestamp"]
+    for user in range(users):
+        count = 2 + user * 36 // (users - 1)
+        for t, item in enumerate(rng.choice(items, size=count, replace=False)):
+            lines.append(f"{1000 + user},{7 * item},{t}")
+    return _write(path, lines)
+
+
+def test_negatives_never_hit_positives_and_follow_the_seed(tmp_path):
+    path = random_custom_file(tmp_path / "random.csv")
+    first = run_convert(path, tmp_path / "a", "--min_ratings", 2, "--negatives", 2, "--seed", 1)
+    again = run_convert(path, tmp_path / "b", "--min_ratings", 2, "--negatives", 2, "--seed", 1)
+    other = run_convert(path, tmp_path / "c", "--min_ratings", 2, "--negatives", 2, "--seed", 2)
+
+    negatives = first["test_negatives.pt"]
+    positives = torch.cat([first["train_ratings.pt"], first["test_ratings.pt"]])
+    for user in range(len(negatives)):
+        seen = set(positives[positives[:, 0] == user, 1].tolist())
+        row = negatives[user].tolist()
+        assert len(set(row)) == len(row)
+        assert not seen & set(row)
+    assert torch.equal(negatives, again["test_negatives.pt"])
+    assert not torch.equal(negatives, other["test_negatives.pt"])
+
+
+@pytest.mark.parametrize("positives, negatives", [
+    ([0, 1], 2),  # 6 unseen items, 2 per draw: rejection sampling, each item in 1/3 of the draws
+    ([0, 1, 2, 3, 4], 1),  # more positives than unseen items: complement sampling, 1/3 again
+])
+def test_negatives_are_uniform_over_unseen_items(positives, negatives):
+    counts = np.zeros(8)
+    for seed in range(600):
+        counts[convert.sample_negatives(np.array(positives), 1, 8, negatives, seed).ravel()] += 1
+    assert counts[positives].sum() == 0
+    unseen = np.setdiff1d(np.arange(8), positives)
+    assert np.all(np.abs(counts[unseen] / 600 - 1 / 3) < 0.08)
+
+
+def test_rerun_replaces_a_complete_cache(tmp_path):
+    path = write_ml20m(tmp_path)
+    run_convert(path, tmp_path / "cache", "--min_ratings", 2, "--negatives", 1)
+    cache = run_convert(path, tmp_path / "cache", "--min_ratings", 2, "--negatives", 2)
+    assert cache["test_negatives.pt"].shape == (3, 2)
+    assert sorted(os.listdir(tmp_path)) == ["cache", "ratings.csv"]
+
+
+def test_cache_is_complete_only_with_metadata(tmp_path, run_cli):
+    assert not convert.cache_is_complete(tmp_path / "missing")
+    (tmp_path / "partial").mkdir()
+    (tmp_path / "partial" / "metadata.json").write_text('{"format_version": ')  # cut short
+    assert not convert.cache_is_complete(tmp_path / "partial")
+    run_convert(write_ml20m(tmp_path), tmp_path / "cache", "--min_ratings", 2, "--negatives", 2)
+    assert convert.cache_is_complete(tmp_path / "cache")
+    assert run_cli(["convert.py", "--check", tmp_path / "cache"]).returncode == 0
+    assert run_cli(["convert.py", "--check", tmp_path / "partial"]).returncode == 1
+
+
+def _bad_input(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+BAD_INPUTS = {
+    "empty file": ("ratings.csv", "", ["empty"]),
+    "header only": ("ratings.csv", "userId,movieId,rating,timestamp\n", ["no rows"]),
+    "missing column": ("ratings.csv", "userId,movieId,rating\n1,2,3.0\n", ["timestamp"]),
+    "wrong custom columns": ("data.csv", "user,item,time\n1,2,3\n", ["--format", "user_id,item_id,timestamp"]),
+    "non-numeric ids": ("ratings.csv", "userId,movieId,rating,timestamp\nalice,2,3.0,4\n", ["integers"]),
+    "non-numeric ml-1m ids": ("ratings.dat", "1::x::3::4\n", ["integers"]),
+    "no user left": ("ratings.csv", "userId,movieId,rating,timestamp\n1,2,3.0,4\n", ["--min_ratings"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, run_cli, assert_user_error, case):
+    name, text, words = BAD_INPUTS[case]
+    path = _bad_input(tmp_path, name, text)
+    result = run_cli(["convert.py", "--path", path, "--output", tmp_path / "out" / "cache"])
+    assert_user_error(result, str(path), *words)
+    assert sorted(os.listdir(tmp_path)) == [name]
+
+
+def test_missing_file(tmp_path, run_cli, assert_user_error):
+    result = run_cli(["convert.py", "--path", tmp_path / "nope.csv", "--output", tmp_path / "cache"])
+    assert_user_error(result, "nope.csv", "download_dataset.sh")
+    assert os.listdir(tmp_path) == []
+
+
+def test_more_negatives_than_unseen_items(tmp_path, run_cli, assert_user_error):
+    path = write_ml20m(tmp_path)
+    result = run_cli(["convert.py", "--path", path, "--output", tmp_path / "cache",
+                      "--min_ratings", 2, "--negatives", 3])
+    assert_user_error(result, "1 user(s)", "--negatives 3", "smaller --negatives")
+    assert os.listdir(tmp_path) == ["ratings.csv"]
+
+
+def test_refuses_to_overwrite_a_folder_that_is_not_a_cache(tmp_path, run_cli, assert_user_error):
+    path = write_ml20m(tmp_path)
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "notes.txt").write_text("keep me")
+    result = run_cli(["convert.py", "--path", path, "--output", tmp_path / "precious", "--min_ratings", 2])
+    assert_user_error(result, "--output", "not a convert cache")
+    assert os.listdir(tmp_path / "precious") == ["notes.txt"]
