@@ -17,6 +17,7 @@ import cli  # noqa: F401, I001  (sets the OpenMP wait policy before numpy starts
 
 import argparse
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
@@ -33,7 +34,8 @@ PRESETS = {
 MIN_INTERACTIONS = 20  # MovieLens keeps only users with at least 20 ratings
 PREFERENCE_STRENGTH = 3.0  # logit scale of <p_u, q_i>; large enough that preference beats popularity
 POPULARITY_EXPONENT = 0.8  # Zipf exponent of item popularity
-CHUNK_CELLS = 1 << 23  # users x items scores materialised at once
+CHUNK_CELLS = 1 << 23  # users x items scores materialised at once, per worker
+WORKERS = 2
 FIRST_TIMESTAMP = 946_684_800  # 2000-01-01, MovieLens-like epoch seconds
 
 
@@ -117,55 +119,97 @@ def draw_items(model, users, counts, rng):
     return drawn[np.arange(kmax) < counts[:, None]]  # row-major: user by user, in drawn order
 
 
-def rating_chunks(model, counts, rng):
-    """Yield DataFrames of consecutive users, rows sorted by (userId, movieId) like ml-20m."""
-    items = len(model.movie_ids)
-    chunk = max(1, CHUNK_CELLS // items)
-    for start in range(0, len(counts), chunk):
-        users = np.arange(start, min(start + chunk, len(counts)))
-        n = counts[users]
-        item = draw_items(model, users, n, rng)
-        user = np.repeat(users, n)
-        # Strictly increasing per user in the order drawn, so the latest item is the last drawn.
-        gaps = rng.integers(1, 86_400, size=len(item))
-        first_in_user = np.r_[0, np.cumsum(n)[:-1]]
-        elapsed = np.cumsum(gaps) - np.repeat(np.cumsum(gaps)[first_in_user] - gaps[first_in_user], n)
-        start_time = FIRST_TIMESTAMP + rng.integers(0, 10 * 365 * 86_400, size=len(users))
-        timestamp = np.repeat(start_time, n) + elapsed
-        movie = model.movie_ids[item]
-        order = np.lexsort((movie, user))
-        yield pd.DataFrame({
-            "userId": user[order] + 1,
-            "movieId": movie[order],
-            "rating": rng.integers(1, 11, size=len(item)) / 2,
-            "timestamp": timestamp[order],
-        })
+def rating_chunk(model, users, counts, rng):
+    """Columns of one block of consecutive users, rows sorted by (userId, movieId) like ml-20m."""
+    item = draw_items(model, users, counts, rng)
+    user = np.repeat(users, counts)
+    # Strictly increasing per user in the order drawn, so the latest item is the last drawn.
+    gaps = rng.integers(1, 86_400, size=len(item))
+    elapsed = np.cumsum(gaps)
+    first_in_user = np.r_[0, np.cumsum(counts)[:-1]]
+    elapsed -= np.repeat(elapsed[first_in_user] - gaps[first_in_user], counts)
+    start_time = FIRST_TIMESTAMP + rng.integers(0, 10 * 365 * 86_400, size=len(users))
+    timestamp = np.repeat(start_time, counts) + elapsed
+    movie = model.movie_ids[item]
+    order = np.lexsort((movie, user))
+    return {
+        "userId": user[order] + 1,
+        "movieId": movie[order],
+        "half_stars": rng.integers(1, 11, size=len(item)),  # ratings 0.5 to 5.0 in steps of 0.5
+        "timestamp": timestamp[order],
+    }
 
 
-def _chunks(users, items, interactions_per_user_mean, factors, seed):
+def rating_chunks(users, items, interactions_per_user_mean, factors, seed):
+    """Validate the sizes now, then return an iterator over the ratings block by block, in user order.
+
+    Each block has its own generator spawned from the seed, so two worker threads (numpy releases
+    the GIL in the heavy kernels) give the same data as one, and memory stays bounded at any size.
+    """
     validate(users, items, interactions_per_user_mean, factors)
     model = planted_model(users, items, factors, seed)
-    rng = np.random.default_rng([seed, 1])
-    counts = interactions_per_user(users, items, interactions_per_user_mean, rng)
-    return rating_chunks(model, counts, rng)
+    counts = interactions_per_user(users, items, interactions_per_user_mean, np.random.default_rng([seed, 1]))
+    chunk = max(1, CHUNK_CELLS // items)
+    starts = range(0, users, chunk)
+    seeds = np.random.SeedSequence([seed, 2]).spawn(len(starts))
+
+    def block(i):
+        block_users = np.arange(starts[i], min(starts[i] + chunk, users))
+        return rating_chunk(model, block_users, counts[block_users], np.random.default_rng(seeds[i]))
+
+    def blocks():
+        with ThreadPoolExecutor(max_workers=WORKERS) as pool:
+            for window in range(0, len(starts), 2 * WORKERS):
+                yield from pool.map(block, range(window, min(window + 2 * WORKERS, len(starts))))
+
+    return blocks()
 
 
 def generate_ratings(users=6000, items=3000, interactions_per_user_mean=50.0, factors=8, seed=0):
     """All ratings as one DataFrame (userId, movieId, rating, timestamp); for tests and benchmarks."""
-    return pd.concat(list(_chunks(users, items, interactions_per_user_mean, factors, seed)),
-                     ignore_index=True)
+    blocks = list(rating_chunks(users, items, interactions_per_user_mean, factors, seed))
+    columns = {name: np.concatenate([b[name] for b in blocks]) for name in blocks[0]}
+    return pd.DataFrame({"userId": columns["userId"], "movieId": columns["movieId"],
+                         "rating": columns["half_stars"] / 2, "timestamp": columns["timestamp"]})
+
+
+def _digits(values):
+    """ASCII digits of non-negative ints, right-aligned, and a mask of those to print."""
+    width = len(str(int(values.max())))
+    powers = 10 ** np.arange(width - 1, -1, -1, dtype=np.int64)
+    printed = values[:, None] >= powers
+    printed[:, -1] = True  # 0 prints as "0"
+    return (values[:, None] // powers % 10 + ord("0")).astype(np.uint8), printed
+
+
+def _literal(text, rows):
+    return np.full((rows, len(text)), list(text.encode()), dtype=np.uint8), np.ones((rows, len(text)), bool)
+
+
+def csv_bytes(block):
+    """The block's CSV lines, formatted with array operations: pandas.to_csv took ~1 min for 20M rows."""
+    rows = len(block["userId"])
+    whole, half = np.divmod(block["half_stars"], 2)
+    rating = np.stack([whole + ord("0"), np.full(rows, ord(".")), half * 5 + ord("0")], axis=1)
+    fields = [_digits(block["userId"]), _literal(",", rows), _digits(block["movieId"]), _literal(",", rows),
+              (rating.astype(np.uint8), np.ones((rows, 3), bool)), _literal(",", rows),
+              _digits(block["timestamp"]), _literal("\n", rows)]
+    chars = np.hstack([chars for chars, _ in fields])
+    return chars[np.hstack([printed for _, printed in fields])].tobytes()
 
 
 def write_ratings_csv(path, users=6000, items=3000, interactions_per_user_mean=50.0, factors=8, seed=0):
     """Stream the ratings to `path` (atomically: temp file, then rename); return the row count."""
+    blocks = rating_chunks(users, items, interactions_per_user_mean, factors, seed)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     rows = 0
     try:
-        with open(tmp, "w", newline="") as f:
-            for i, frame in enumerate(_chunks(users, items, interactions_per_user_mean, factors, seed)):
-                frame.to_csv(f, header=i == 0, index=False)
-                rows += len(frame)
+        with open(tmp, "wb") as f:
+            f.write(b"userId,movieId,rating,timestamp\n")
+            for block in blocks:
+                f.write(csv_bytes(block))
+                rows += len(block["userId"])
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
