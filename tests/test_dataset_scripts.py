@@ -1,0 +1,125 @@
+"""prepare_dataset.sh, download_dataset.sh and verify_dataset.sh, with MovieLens served from 127.0.0.1."""
+import functools
+import hashlib
+import http.server
+import json
+import threading
+import zipfile
+
+import pytest
+
+import convert
+
+
+def test_prepare_synthetic_then_rerun_returns_at_once(tmp_path, run_cli):
+    data_dir = tmp_path / "elsewhere"
+    first = run_cli(["prepare_dataset.sh", "synthetic"], env={"DATA_DIR": str(data_dir)}, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    cache = data_dir / "cache" / "synthetic"
+    assert sorted(p.name for p in cache.iterdir()) == sorted([*convert.CACHE_FILES, "metadata.json"])
+    assert convert.cache_is_complete(cache)
+    assert not (tmp_path / "data").exists()  # DATA_DIR moved it
+
+    again = run_cli(["prepare_dataset.sh", "synthetic"], env={"DATA_DIR": str(data_dir)}, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "already complete" in again.stdout
+    assert "wrote" not in again.stdout
+
+
+@pytest.mark.parametrize("script", ["prepare_dataset.sh", "download_dataset.sh", "verify_dataset.sh"])
+def test_unknown_dataset_name(tmp_path, run_cli, assert_user_error, script):
+    args = [script, "ml-2m"] + (["x.zip"] if script == "verify_dataset.sh" else [])
+    result = run_cli(args, env={"DATA_DIR": str(tmp_path / "data")}, cwd=tmp_path)
+    assert_user_error(result, "ml-2m", "ml-20m", "ml-1m", "ml-100k")
+    assert list(tmp_path.iterdir()) == []
+
+
+def ml1m_zip(path):
+    """A small zip laid out like GroupLens's ml-1m.zip: 40 users x 25 of 150 items, enough for 100 negatives."""
+    lines = [f"{user}::{(user * 7 + k * 5) % 150 + 1}::{k % 5 + 1}::{1000 + k}"
+             for user in range(1, 41) for k in range(25)]
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("ml-1m/ratings.dat", "\n".join(lines) + "\n")
+        archive.writestr("ml-1m/README", "test data\n")
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def movielens_server(tmp_path):
+    """Serve tmp_path/served/ over HTTP on 127.0.0.1 (a free port); yield (folder, base url)."""
+    served = tmp_path / "served"
+    served.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield served, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def _leftovers(data_dir):
+    return sorted(p.name for p in data_dir.iterdir()) if data_dir.exists() else []
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt"])
+def test_download_rejects_a_bad_zip_then_succeeds(tmp_path, run_cli, movielens_server, damage):
+    served, url = movielens_server
+    good = tmp_path / "good.zip"
+    env = {"MOVIELENS_URL": url, "MOVIELENS_MD5": ml1m_zip(good), "DATA_DIR": str(tmp_path / "data")}
+    data = good.read_bytes()
+    bad = data[: len(data) // 2] if damage == "truncated" else data[:100] + b"X" + data[101:]
+    (served / "ml-1m.zip").write_bytes(bad)
+
+    failed = run_cli(["download_dataset.sh", "ml-1m"], env=env, cwd=tmp_path)
+    assert failed.returncode == 1
+    assert "MD5" in failed.stderr and "rerun" in failed.stderr
+    assert "Traceback" not in failed.stderr
+    assert _leftovers(tmp_path / "data") == []  # nothing a rerun would take as good
+
+    (served / "ml-1m.zip").write_bytes(data)
+    prepared = run_cli(["prepare_dataset.sh", "ml-1m"], env=env, cwd=tmp_path)
+    assert prepared.returncode == 0, prepared.stderr
+    assert (tmp_path / "data" / "ml-1m" / "ratings.dat").exists()
+    metadata = json.loads((tmp_path / "data" / "cache" / "ml-1m" / "metadata.json").read_text())
+    assert (metadata["format"], metadata["num_users"], metadata["num_items"]) == ("ml-1m", 40, 150)
+
+    (served / "ml-1m.zip").unlink()  # reruns must not need the network
+    download_again = run_cli(["download_dataset.sh", "ml-1m"], env=env, cwd=tmp_path)
+    assert download_again.returncode == 0
+    assert "skipping" in download_again.stdout
+    prepare_again = run_cli(["prepare_dataset.sh", "ml-1m"], env=env, cwd=tmp_path)
+    assert prepare_again.returncode == 0
+    assert "already complete" in prepare_again.stdout
+
+
+def test_missing_file_on_the_server(tmp_path, run_cli, movielens_server):
+    _, url = movielens_server
+    result = run_cli(["download_dataset.sh", "ml-100k"], env={"MOVIELENS_URL": url}, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "could not download" in result.stderr and "MOVIELENS_URL" in result.stderr
+    assert _leftovers(tmp_path / "data") == []
+
+
+def test_zip_without_the_ratings_file(tmp_path, run_cli, movielens_server):
+    served, url = movielens_server
+    with zipfile.ZipFile(served / "ml-100k.zip", "w") as archive:
+        archive.writestr("ml-100k/u.item", "1|Toy Story\n")
+    md5 = hashlib.md5((served / "ml-100k.zip").read_bytes()).hexdigest()
+    result = run_cli(["download_dataset.sh", "ml-100k", tmp_path / "data"],
+                     env={"MOVIELENS_URL": url, "MOVIELENS_MD5": md5}, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "ml-100k/u.data" in result.stderr
+    assert _leftovers(tmp_path / "data") == ["ml-100k.zip"]  # verified, so kept; no ml-100k/ folder
+
+
+def test_verify_reports_a_mismatch(tmp_path, run_cli):
+    path = tmp_path / "ml-20m.zip"
+    path.write_bytes(b"not the real thing")
+    result = run_cli(["verify_dataset.sh", "ml-20m", path])
+    assert result.returncode == 1
+    assert "cd245b17a1ae2cc31bb14903e1204af3" in result.stderr
+    ok = run_cli(["verify_dataset.sh", "ml-20m", path],
+                 env={"MOVIELENS_MD5": hashlib.md5(b"not the real thing").hexdigest()})
+    assert ok.returncode == 0, ok.stderr
