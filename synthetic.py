@@ -36,6 +36,7 @@ PREFERENCE_STRENGTH = 3.0  # logit scale of <p_u, q_i>; large enough that prefer
 POPULARITY_EXPONENT = 0.8  # Zipf exponent of item popularity
 CHUNK_CELLS = 1 << 23  # users x items scores materialised at once, per worker
 WORKERS = 2
+SAMPLE_STRIDE = 16  # top_k_per_row estimates each row's cut-off from every 16th score
 FIRST_TIMESTAMP = 946_684_800  # 2000-01-01, MovieLens-like epoch seconds
 
 
@@ -106,17 +107,35 @@ def interactions_per_user(users, items, mean, rng):
     return np.minimum(MIN_INTERACTIONS + np.rint(extra).astype(np.int64), items // 2)
 
 
+def top_k_per_row(values, counts):
+    """Column indices of each row's counts[j] largest values, largest first, concatenated row by row.
+
+    A full partition of 27k-wide rows dominated generation time, so a cut-off taken from a strided
+    sample of each row keeps only about 2k + 64 candidates; the result is still exact because a row
+    whose cut-off lets fewer than k entries through keeps the whole row instead.
+    """
+    rows = len(values)
+    sample = np.sort(values[:, ::SAMPLE_STRIDE], axis=1)
+    wanted = np.minimum((2 * counts + 64) // SAMPLE_STRIDE + 1, sample.shape[1])
+    cut = sample[np.arange(rows), sample.shape[1] - wanted]
+    candidate = values >= cut[:, None]
+    candidate[candidate.sum(axis=1) < counts] = True
+    row, column = np.nonzero(candidate)
+    # One float64 key orders rows, then values descending; -inf (a zero uniform draw) sorts last.
+    order = np.argsort(row * 1e4 - np.clip(values[row, column], -1e3, 1e3), kind="stable")
+    row, column = row[order], column[order]
+    row_start = np.searchsorted(row, np.arange(rows))
+    rank = np.arange(len(row)) - row_start[row]
+    return column[rank < counts[row]]
+
+
 def draw_items(model, users, counts, rng):
     """Gumbel-top-k: the first counts[j] items of each row, in order, are a draw without replacement."""
     scores = model.scores(users)
     # A uniform draw of exactly 0 (odds 2^-24 in float32) gives that item a score of -inf: harmless.
     with np.errstate(divide="ignore"):
         scores -= np.log(-np.log(rng.random(scores.shape, dtype=np.float32)))
-    kmax = int(counts.max())
-    top = np.argpartition(-scores, kmax - 1, axis=1)[:, :kmax]
-    order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1)
-    drawn = np.take_along_axis(top, order, axis=1)
-    return drawn[np.arange(kmax) < counts[:, None]]  # row-major: user by user, in drawn order
+    return top_k_per_row(scores, counts)  # row-major: user by user, in drawn order
 
 
 def rating_chunk(model, users, counts, rng):

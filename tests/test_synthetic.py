@@ -79,3 +79,11 @@ def test_command_line_rejects_impossible_sizes(tmp_path, run_cli, assert_user_er
     result = run_cli(["synthetic.py", "--output", out, "--items", 100, "--interactions_per_user_mean", 60])
     assert_user_error(result, "--interactions_per_user_mean")
     assert not out.exists()
+
+
+def test_top_k_per_row_is_exact():
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal((6, 500)).astype(np.float32)
+    counts = np.array([1, 20, 33, 250, 499, 500])  # the last rows exceed any sampled cut-off
+    expected = np.concatenate([np.argsort(-row)[:k] for row, k in zip(values, counts, strict=True)])
+    np.testing.assert_array_equal(synthetic.top_k_per_row(values, counts), expected)
