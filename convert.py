@@ -151,15 +151,34 @@ def filter_users(users, items, timestamps, min_ratings, path):
     return users[keep], items[keep], timestamps[keep]
 
 
+def stable_order(values):
+    """np.argsort(values, kind="stable") of an int64 array, usually ~9x faster.
+
+    Packing (value, position) into one int64 lets numpy's SIMD np.sort do the work; its stable
+    argsort took 6 s on 20M rows. Values spanning too wide a range to pack fall back to argsort.
+    """
+    bits = max(1, (len(values) - 1).bit_length())
+    low = values.min()
+    if (int(values.max()) - int(low)) >> (62 - bits):
+        return np.argsort(values, kind="stable")
+    packed = ((values - low) << bits) | np.arange(len(values))
+    packed.sort()
+    return packed & ((1 << bits) - 1)
+
+
 def split_train_test(user, item, timestamps, num_items):
     """Return (positive keys, train keys, test items) where key = user * num_items + item.
 
     Positive keys are sorted and unique: every (user, item) the user interacted with.
     """
-    by_time = np.argsort(timestamps, kind="stable")
+    by_time = stable_order(timestamps)
     keys = user[by_time] * num_items + item[by_time]
-    # np.unique's index is the first occurrence in time order: duplicates keep their earliest copy.
-    positive_keys, first = np.unique(keys, return_index=True)
+    # Within equal keys the stable order keeps time order, so each pair's first entry is its
+    # earliest copy, the one de-duplication keeps; `first` is that copy's rank in time.
+    first = stable_order(keys)
+    keys = keys[first]
+    earliest = np.r_[True, keys[1:] != keys[:-1]]
+    positive_keys, first = keys[earliest], first[earliest]
     key_user = positive_keys // num_items
     starts = np.flatnonzero(np.r_[True, key_user[1:] != key_user[:-1]])
     latest = np.maximum.reduceat(first, starts)

@@ -242,3 +242,9 @@ def test_refuses_to_overwrite_a_folder_that_is_not_a_cache(tmp_path, run_cli, as
     result = run_cli(["convert.py", "--path", path, "--output", tmp_path / "precious", "--min_ratings", 2])
     assert_user_error(result, "--output", "not a convert cache")
     assert os.listdir(tmp_path / "precious") == ["notes.txt"]
+
+
+@pytest.mark.parametrize("high", [5, 2**62])  # packed fast path, and the argsort fallback
+def test_stable_order_matches_stable_argsort(high):
+    values = np.random.default_rng(0).integers(0, high, size=1000)
+    np.testing.assert_array_equal(convert.stable_order(values), np.argsort(values, kind="stable"))
