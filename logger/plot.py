@@ -77,6 +77,7 @@ def plot(curves, output, title=None):
 
         matplotlib.use("Agg")  # writes a file; never needs a display
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         raise UserError("matplotlib is not installed, and plots need it: pip install matplotlib") from None
     ks = {k for _, k, _ in curves}
@@ -92,6 +93,7 @@ def plot(curves, output, title=None):
                     name = label if len(series) == 1 else f"{label}, {kind}"
                     ax.plot(x, y, style, marker="o", markersize=3, color=colors[n % len(colors)], label=name)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel.format(k=k))
         ax.grid(alpha=0.3)
         if ax.lines:
