@@ -7,8 +7,18 @@ it, and it only takes effect if set before the OpenMP runtime starts (i.e. befor
 import functools
 import os
 import sys
+import warnings
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def _one_line_warning(message, category, filename, lineno, line=None):
+    prog = os.path.basename(sys.argv[0]) or "ncf"
+    return f"{prog}: warning: {message}\n"
+
+
+# Warnings are for users of the command lines: one line each, without a source excerpt.
+warnings.formatwarning = _one_line_warning
 
 EXIT_USER_ERROR = 2
 

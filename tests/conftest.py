@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the scripts are modules too, whichever way pytest is started
 
 
 def _run(args, env=None, cwd=ROOT, timeout=300):
@@ -40,3 +41,51 @@ def run_cli():
 @pytest.fixture
 def assert_user_error():
     return _assert_user_error
+
+
+# A small model and batch that learn the tiny synthetic dataset in a few seconds per run.
+TINY_TRAIN = ["-f", "16", "--layers", "64", "32", "16", "-b", "2048", "-l", "0.01", "--no_progress"]
+
+
+def make_synthetic_cache(folder, users=799, items=400, per_user=30, seed=0, negatives=100):
+    """Synthetic ratings converted into a cache; 799 users so two ranks get unequal shares."""
+    import synthetic
+
+    folder = Path(folder)
+    csv = folder / "ratings.csv"
+    synthetic.write_ratings_csv(csv, users=users, items=items, interactions_per_user_mean=per_user, seed=seed)
+    result = _run(["convert.py", "--path", csv, "--output", folder / "cache", "--negatives", negatives,
+                   "--no_progress"])
+    assert result.returncode == 0, result.stderr
+    return folder / "cache"
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory):
+    return make_synthetic_cache(tmp_path_factory.mktemp("tiny"))
+
+
+def read_log(path):
+    from logger import read_log as _read
+
+    return _read(path)
+
+
+def epochs_of(log_path):
+    return [r for r in read_log(log_path) if r["event"] == "epoch"]
+
+
+def event_of(log_path, event):
+    (record,) = [r for r in read_log(log_path) if r["event"] == event]
+    return record
+
+
+def train(cache, workdir, *extra, name="run", env=None):
+    """Run ncf.py training into workdir/name/; returns (result, log path, checkpoint dir)."""
+    out = Path(workdir) / name
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "log.json"
+    args = ["ncf.py", "--data", cache, "--checkpoint_dir", out / "ck", "--log_path", log, *TINY_TRAIN, *extra]
+    result = _run(args, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result, log, out / "ck"

@@ -1,0 +1,58 @@
+"""HR@k / NDCG@k on hand-computed cases, ties counted against the model (spec §6.3)."""
+import math
+
+import pytest
+import torch
+
+from metrics import full_ranks, rank_metric_sums, sampled_ranks
+
+
+def sampled(scores, k):
+    hits, ndcg = rank_metric_sums(sampled_ranks(torch.tensor(scores)), k)
+    n = len(scores)
+    return hits.item() / n, ndcg.item() / n
+
+
+def test_ranks_count_greater_or_equal_negatives():
+    scores = torch.tensor([[5.0, 1.0, 2.0, 3.0], [2.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0]])
+    assert sampled_ranks(scores).tolist() == [0, 2, 3]
+
+
+def test_hand_computed_hr_and_ndcg():
+    # ranks 0, 1 and 3 with k = 2: hits for the first two only.
+    scores = [[9.0, 1.0, 2.0, 3.0], [5.0, 6.0, 1.0, 2.0], [0.0, 1.0, 2.0, 3.0]]
+    hr, ndcg = sampled(scores, k=2)
+    assert hr == pytest.approx(2 / 3)
+    assert ndcg == pytest.approx((1 / math.log2(2) + 1 / math.log2(3)) / 3)
+
+
+def test_constant_model_never_hits():
+    scores = [[0.5] * 101 for _ in range(7)]
+    assert sampled(scores, k=10) == (0.0, 0.0)
+    assert sampled(scores, k=100) == (0.0, 0.0)  # rank 100 is not < 100
+    assert sampled(scores, k=101) == (1.0, pytest.approx(1 / math.log2(102)))
+
+
+def test_ties_with_some_negatives_push_the_rank_down():
+    # The positive ties with 2 negatives and beats 7: rank 2, a hit at k=3, a miss at k=2.
+    scores = [[1.0, 1.0, 1.0] + [0.0] * 7]
+    assert sampled(scores, k=2) == (0.0, 0.0)
+    assert sampled(scores, k=3) == (1.0, pytest.approx(1 / math.log2(4)))
+
+
+@pytest.mark.parametrize("k, expected_hr", [(1, 1 / 4), (2, 2 / 4), (3, 3 / 4), (5, 1.0)])
+def test_k_other_than_ten(k, expected_hr):
+    # Ranks 0, 1, 2, 3 for the four users.
+    scores = [[4.0, 3.0, 2.0, 1.0, 0.0], [3.5, 4.0, 2.0, 1.0, 0.0], [2.5, 4.0, 3.0, 1.0, 0.0], [1.5, 4.0, 3.0, 2.0, 0.0]]
+    hr, ndcg = sampled(scores, k)
+    assert hr == pytest.approx(expected_hr)
+    assert ndcg == pytest.approx(sum(1 / math.log2(r + 2) for r in range(min(k, 4))) / 4)
+
+
+def test_full_ranks_exclude_training_items_and_count_ties():
+    # 2 users x 5 items. User 0: positive item 1 (score 3), trains on item 0 (score 9, excluded),
+    # item 3 ties (counts), item 4 is higher (counts): rank 2.
+    # User 1: positive item 4 (score 1), trains on items 2 and 3; items 0, 1 lower: rank 0.
+    scores = torch.tensor([[9.0, 3.0, 1.0, 3.0, 4.0], [0.0, 0.5, 7.0, 7.0, 1.0]])
+    ranks = full_ranks(scores, torch.tensor([1, 4]), torch.tensor([0, 1, 1]), torch.tensor([0, 2, 3]))
+    assert ranks.tolist() == [2, 0]
