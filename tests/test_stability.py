@@ -1,0 +1,62 @@
+"""benchmarks/stability.py: N seeds of ncf.py, the spread of their best HR@10, a histogram."""
+import json
+import sys
+
+import numpy as np
+import pytest
+import tiny_data
+
+from cli import UserError
+from logger import read_log
+
+sys.path.insert(0, str(tiny_data.ROOT / "benchmarks"))
+import stability
+
+pytestmark = pytest.mark.slow
+
+
+def test_two_seeds_summary_and_histogram(tmp_path, run_cli):
+    cache = tiny_data.make_cache(tmp_path)
+    output = tmp_path / "stability"
+    result = run_cli(["benchmarks/stability.py", "--data", cache, "--seeds", 2, "--first_seed", 3, "--jobs", 2,
+                      "--output", output, "--", "-e", 1, *tiny_data.TINY_MODEL])
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((output / "stability.json").read_text())
+    assert [r["seed"] for r in report["runs"]] == [3, 4]
+    best = []
+    for seed in (3, 4):
+        records = read_log(output / f"seed_{seed}.json")
+        assert records[0]["args"]["seed"] == seed
+        best.append(next(r for r in records if r["event"] == "summary")["best_hr"])
+    assert best[0] != best[1]  # different seeds, different runs
+    summary = report["summary"]
+    assert summary == pytest.approx({"seeds": 2, "mean": np.mean(best), "std": np.std(best, ddof=1),
+                                     "min": min(best), "max": max(best)})
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == summary
+    assert 0 < summary["min"] < 1
+    png = (output / "stability_hr.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5_000
+
+
+def test_flags_it_sets_itself_are_user_errors(run_cli, assert_user_error, tmp_path):
+    result = run_cli(["benchmarks/stability.py", "--data", tmp_path, "--output", tmp_path / "out", "--",
+                      "--seed", 5])
+    assert_user_error(result, "--seed", "remove it")
+
+
+def test_missing_data_is_a_user_error_before_any_training(run_cli, assert_user_error, tmp_path):
+    result = run_cli(["benchmarks/stability.py", "--data", tmp_path / "missing", "--output", tmp_path / "out"])
+    assert_user_error(result, "--data", "prepare_dataset.sh")
+    assert not (tmp_path / "out").exists()
+
+
+def test_failing_seed_is_a_user_error(tmp_path, monkeypatch):
+    # A stand-in for ncf.py that fails the way ncf.py reports a user error.
+    (tmp_path / "ncf.py").write_text("import sys\nprint('ncf.py: error: something is wrong: fix it', "
+                                     "file=sys.stderr)\nsys.exit(2)\n")
+    monkeypatch.setattr(stability, "ROOT", str(tmp_path))
+    args = stability.parse_args(["--data", str(tmp_path), "--output", str(tmp_path / "out"), "--", "-e", "1"])
+    (tmp_path / "out").mkdir()
+    with pytest.raises(UserError, match=r"seed 7: ncf.py exited with status 2 \(ncf.py: error: something is wrong"):
+        stability.train_seed(7, args, threads=1)
+    assert "something is wrong" in (tmp_path / "out" / "seed_7.out").read_text()
