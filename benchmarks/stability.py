@@ -99,6 +99,7 @@ def histogram(runs, summary, path, k):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     hr = [r["best_hr"] for r in runs]
     fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
@@ -106,6 +107,7 @@ def histogram(runs, summary, path, k):
     ax.axvline(summary["mean"], color="black", linestyle="--", label=f"mean {summary['mean']:.4f}")
     ax.set_xlabel(f"best HR@{k}")
     ax.set_ylabel("seeds")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(f"{len(hr)} seeds: std {summary['std']:.4f}, min {summary['min']:.4f}, max {summary['max']:.4f}")
     ax.legend()
     fig.savefig(path, dpi=110)
