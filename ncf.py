@@ -241,6 +241,27 @@ def model_config(args, cache):
 # Training and evaluation
 
 
+def train_step(model, optimizer, scaler, precision, micro_batches, global_size, ctx):
+    """One optimizer step over one global batch; returns its loss as a device tensor (no host sync)."""
+    # Each micro-batch contributes its share of the mean over the global batch; DDP then
+    # averages over ranks, hence the world_size factor.
+    scale = ctx.world_size / global_size
+    loss_sum = 0.0
+    for i, (users, items, labels) in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        no_sync = model.no_sync() if ctx.distributed and not last else contextlib.nullcontext()
+        with no_sync:
+            with precision.autocast():
+                logits = model(users, items)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="sum") * scale
+            scaler.scale(loss).backward()
+        loss_sum += loss.detach()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum
+
+
 def train_epoch(model, optimizer, scaler, precision, sampler, epoch, args, ctx, progress=False):
     """One epoch of training; returns (mean loss of the global batches, samples trained on).
 
@@ -253,21 +274,7 @@ def train_epoch(model, optimizer, scaler, precision, sampler, epoch, args, ctx, 
     total = sampler.steps_per_epoch(args.batch_size, ctx.world_size * args.grads_accumulated)
     for micro_batches, global_size in tqdm(batches, total=total, desc=f"epoch {epoch}", disable=not progress,
                                            leave=False, unit="step"):
-        # Each micro-batch contributes its share of the mean over the global batch; DDP then
-        # averages over ranks, hence the world_size factor.
-        scale = ctx.world_size / global_size
-        for i, (users, items, labels) in enumerate(micro_batches):
-            last = i == len(micro_batches) - 1
-            no_sync = model.no_sync() if ctx.distributed and not last else contextlib.nullcontext()
-            with no_sync:
-                with precision.autocast():
-                    logits = model(users, items)
-                loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="sum") * scale
-                scaler.scale(loss).backward()
-            loss_sum += loss.detach()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        loss_sum += train_step(model, optimizer, scaler, precision, micro_batches, global_size, ctx)
         steps += 1
         samples += global_size
     if ctx.distributed:
@@ -281,11 +288,15 @@ def evaluate(model, test_data, args, precision, ctx):
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # hits, ndcg, users
     users_per_batch = max(1, args.valid_batch_size // test_data.num_candidates)
+    # A model may score a user's candidates together (NeuMF shares the user's work between them).
+    score = getattr(model, "score_candidates", None) or (
+        lambda users, candidates: model(users[:, None].expand_as(candidates).reshape(-1),
+                                        candidates.reshape(-1)).view(candidates.shape))
     for start in range(0, test_data.users.shape[0], users_per_batch):
         candidates = test_data.candidates[start : start + users_per_batch]
-        users = test_data.users[start : start + users_per_batch, None].expand_as(candidates)
+        users = test_data.users[start : start + users_per_batch]
         with precision.autocast():
-            scores = model(users.reshape(-1), candidates.reshape(-1)).view(candidates.shape)
+            scores = score(users, candidates)
         hits, ndcg = rank_metric_sums(sampled_ranks(scores), args.topk)
         sums += torch.stack((hits, ndcg, torch.tensor(float(candidates.shape[0]), device=ctx.device)))
     return _all_reduce_means(sums, ctx)
@@ -447,7 +458,7 @@ def print_setup(log, ctx, precision, optimizer_name, cache, args, steps):
     )
 
 
-def test_mode(args, ctx, cache, precision, log):
+def test_mode(args, ctx, cache, log):
     path = args.load_checkpoint_path or os.path.join(args.checkpoint_dir, "model.pth")
     if not os.path.isfile(path):
         raise UserError(f"--mode test needs a checkpoint, and {path} does not exist: pass --load_checkpoint_path "
@@ -455,6 +466,7 @@ def test_mode(args, ctx, cache, precision, log):
     ckpt = load_checkpoint(path, cache)
     model = build_model(ckpt["config"], ctx.device)
     load_model_weights(model, ckpt, path)
+    precision = choose_precision(args.opt_level, args.amp_dtype, ctx.device)
     log.info(f"device {ctx.device} | world size {ctx.world_size} | precision {precision.name} | checkpoint {path} "
              f"(epoch {ckpt.get('epoch')})")
     test_data = TestData.from_cache(cache, ctx.device, ctx.rank, ctx.world_size)
@@ -462,7 +474,7 @@ def test_mode(args, ctx, cache, precision, log):
     log.log("test", **run_evaluation(model, test_data, full_data, args, precision, ctx))
 
 
-def train_mode(args, ctx, cache, precision, log):
+def train_mode(args, ctx, cache, log):
     torch.manual_seed(args.seed)
     last_path = os.path.join(args.checkpoint_dir, "last.pth")
     best_path = os.path.join(args.checkpoint_dir, "model.pth")
@@ -476,6 +488,7 @@ def train_mode(args, ctx, cache, precision, log):
     model = build_model(model_config(args, cache), ctx.device)
     if args.load_checkpoint_path and not resumed:
         load_model_weights(model, load_checkpoint(args.load_checkpoint_path, cache), args.load_checkpoint_path)
+    precision = choose_precision(args.opt_level, args.amp_dtype, ctx.device)
     optimizer, optimizer_name = make_optimizer(model, args, ctx.device)
     scaler = precision.grad_scaler()
     state = {"epoch": 0, "best_hr": -1.0, "best_ndcg": 0.0, "best_epoch": 0, "time_to_target_s": None,
@@ -582,12 +595,11 @@ def main(argv=None):
         if args.topk > candidates and not args.full_ranking:
             raise UserError(f"--topk {args.topk} is larger than the {candidates} candidates per test user: "
                             f"choose --topk <= {candidates}")
-        precision = choose_precision(args.opt_level, args.amp_dtype, ctx.device)
         log = RunLogger(args.log_path, enabled=ctx.is_main, k=args.topk)
         if args.mode == "test":
-            test_mode(args, ctx, cache, precision, log)
+            test_mode(args, ctx, cache, log)
         else:
-            train_mode(args, ctx, cache, precision, log)
+            train_mode(args, ctx, cache, log)
     finally:
         if log is not None:
             log.close()
