@@ -57,19 +57,83 @@ class NeuMF(nn.Module):
 
     def forward(self, user, item):
         """Logits of shape [B] for index tensors `user`, `item` of shape [B] (int32 or int64)."""
-        u = self.user_embed(user)
-        i = self.item_embed(item)
-        gmf = u[:, : self.mf_dim] * i[:, : self.mf_dim]
-        x = torch.cat((u[:, self.mf_dim :], i[:, self.mf_dim :]), dim=1)
-        for layer in self.mlp:
-            x = torch.relu(layer(x))
-            if self.dropout > 0:
-                x = nn.functional.dropout(x, p=self.dropout, training=self.training)
+        # split, not slicing: its backward writes the table gradient rows in one pass, where each
+        # slice's backward would zero-fill a [B, mf_dim + mlp_half] tensor and then add into it.
+        u_mf, u_mlp = self.user_embed(user).split((self.mf_dim, self.user_embed.embedding_dim - self.mf_dim), 1)
+        i_mf, i_mlp = self.item_embed(item).split((self.mf_dim, self.item_embed.embedding_dim - self.mf_dim), 1)
+        return self._head(u_mf * i_mf, self._mlp(torch.cat((u_mlp, i_mlp), dim=1)))
+
+    def _mlp(self, x, first_done=False):
+        """The MLP branch; with first_done, x is already the first layer's output before its ReLU."""
+        for index, layer in enumerate(self.mlp):
+            if index or not first_done:
+                x = layer(x)
+            x = relu_dropout(x, self.dropout if self.training else 0.0)
+        return x
+
+    def _head(self, gmf, x):
         x = torch.cat((gmf, x), dim=1)
         # The 1-wide output layer runs in fp32 even under autocast: it costs nothing, and low-precision
         # logits would create ties between candidates that the HR@k rank counts against the model.
         with torch.autocast(device_type=x.device.type, enabled=False):
             return self.final(x.float()).squeeze(1)
+
+    @torch.no_grad()
+    def score_candidates(self, users, candidates):
+        """Logits [n, C] of each user's C candidate items (evaluation: no dropout, no gradients).
+
+        The first MLP layer is linear in the concatenated [user | item] embeddings, so it splits into
+        a user term (computed once per user, not once per candidate) plus an item term (computed once
+        per item of the catalogue): 62% of the forward's multiply-adds become a gather and an add.
+        Same maths as forward up to float rounding.
+        """
+        n, c = candidates.shape
+        if not len(self.mlp):
+            return self(users[:, None].expand(n, c).reshape(-1), candidates.reshape(-1)).view(n, c)
+        first = self.mlp[0]
+        mlp_half = first.in_features // 2
+        u_mf, u_mlp = self.user_embed(users).split((self.mf_dim, mlp_half), 1)
+        item_term = nn.functional.linear(self.item_embed.weight[:, self.mf_dim :], first.weight[:, mlp_half:])
+        user_term = nn.functional.linear(u_mlp, first.weight[:, :mlp_half], first.bias)
+        flat = candidates.reshape(-1)
+        hidden = (item_term[flat].view(n, c, -1) + user_term[:, None, :]).view(n * c, -1)
+        gmf = (u_mf[:, None, :] * self.item_embed.weight[:, : self.mf_dim][flat].view(n, c, -1)).view(n * c, -1)
+        return self._head(gmf, self._mlp(hidden, first_done=True)).view(n, c)
+
+
+def relu_dropout(x, p):
+    """dropout(relu(x), p): on the CPU fused, with the mask torch's dropout would draw (fewer passes over
+    memory, and one saved tensor instead of two); elsewhere torch's own fused dropout kernel."""
+    if p == 0.0:
+        return torch.relu(x)
+    if x.device.type != "cpu":
+        return nn.functional.dropout(torch.relu(x), p, training=True)
+    return _ReluDropout.apply(x, p)
+
+
+class _ReluDropout(torch.autograd.Function):
+    """relu then dropout, saving only the output for backward.
+
+    torch's pair keeps relu's output and a float mask of the same size for backward. Here the mask is
+    drawn exactly as torch's CPU dropout draws it (bernoulli_(1 - p) on an empty tensor, from the
+    same generator), so runs are reproducible against the unfused model, and the backward rebuilds the
+    mask from the output: an element gets gradient iff relu let it through and dropout kept it, which is
+    iff the output is positive.
+    """
+
+    @staticmethod
+    def forward(ctx, x, p):
+        scale = 1.0 / (1.0 - p)
+        y = torch.empty_like(x).bernoulli_(1.0 - p)
+        y.mul_(x).clamp_min_(0.0).mul_(scale)
+        ctx.save_for_backward(y)
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return torch.where(y > 0, grad * ctx.scale, 0.0), None
 
 
 class ItemPopularity(nn.Module):

@@ -1,0 +1,237 @@
+"""Training and evaluation throughput of ncf.py's own step code on ml-20m-shaped synthetic data (spec §8).
+
+    python benchmarks/throughput.py --device cpu --batch_size 65536 1048576 --precision fp32 amp
+    python benchmarks/throughput.py --device cuda --batch_size 1048576 --precision fp32 amp
+
+The data are random tensors of ml-20m's shape held in memory (138,493 users, 26,744 items, 19.86M
+training positives, 4 negatives each; 101 evaluation candidates per user): throughput does not depend
+on their values. Each (batch size, precision) runs in its own child process, so its peak memory is its
+own; each prints one JSON line, and a table and the machine's floor follow.
+"""
+import argparse
+import itertools
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# As cli.py does, but it must happen before torch loads OpenMP, and import sorting puts torch first.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch
+
+import ncf
+from dataloading import EpochSampler, TestData
+
+ML20M = {"users": 138_493, "items": 26_744, "positives": 19_861_770}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch_size", type=int, nargs="+", default=[65536, 1048576])
+    p.add_argument("--precision", choices=("fp32", "amp"), nargs="+", default=["fp32", "amp"],
+                   help="amp: fp16 autocast + loss scaling on CUDA, bf16 autocast on CPU (forced even without "
+                        "native bf16, to measure it)")
+    p.add_argument("--users", type=int, default=ML20M["users"])
+    p.add_argument("--items", type=int, default=ML20M["items"])
+    p.add_argument("--positives", type=int, default=ML20M["positives"])
+    p.add_argument("--negatives", type=int, default=4)
+    p.add_argument("--candidates", type=int, default=101, help="evaluation candidates per user")
+    p.add_argument("--eval_users", type=int, default=None, help="users scored in the eval timing (default: all)")
+    p.add_argument("--valid_batch_size", type=int, default=1048576)
+    p.add_argument("--factors", type=int, default=64)
+    p.add_argument("--layers", type=int, nargs="+", default=[256, 256, 128, 64])
+    p.add_argument("--dropout", type=float, default=0.5)
+    p.add_argument("--warmup", type=int, default=2, help="untimed training steps first")
+    p.add_argument("--steps", type=int, default=5, help="timed training steps")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--no_floor", action="store_true", help="skip measuring the matmul rate and memory bandwidth")
+    p.add_argument("--json_out", default=None, help="also append the JSON lines to this file")
+    p.add_argument("--child", nargs=2, metavar=("BATCH", "PRECISION"), help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_one(args, batch_size, precision_name):
+    """Train and eval throughput of one configuration, in this process."""
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    amp_dtype = "float16" if device.type == "cuda" else "bfloat16"
+    opt_level = "O2" if precision_name == "amp" else "O0"
+    precision = ncf.choose_precision(opt_level, amp_dtype, device)
+    ctx = ncf.DistContext(rank=0, local_rank=0, world_size=1, device=device)
+    train = torch.stack((torch.randint(args.users, (args.positives,), dtype=torch.int32),
+                         torch.randint(args.items, (args.positives,), dtype=torch.int32)), dim=1)
+    sampler = EpochSampler(train, args.items, args.negatives, device, seed=0)
+    del train
+    config = {"nb_users": args.users, "nb_items": args.items, "mf_dim": args.factors,
+              "mlp_layer_sizes": args.layers, "dropout": args.dropout}
+    model = ncf.build_model(config, device)
+    run_args = SimpleNamespace(learning_rate=0.0045, beta1=0.25, beta2=0.5, eps=1e-8, topk=10,
+                               valid_batch_size=args.valid_batch_size)
+    optimizer, optimizer_name = ncf.make_optimizer(model, run_args, device)
+    scaler = precision.grad_scaler()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    # The epoch's shuffle happens when its first batch is asked for: timed on its own.
+    sync(device)
+    start = time.perf_counter()
+    batches = sampler.epoch(1, batch_size, 0, 1, 1)
+    first = next(batches)
+    sync(device)
+    shuffle_s = time.perf_counter() - start
+    steps = min(args.warmup + args.steps, sampler.steps_per_epoch(batch_size, 1))
+    loss = ncf.train_step(model, optimizer, scaler, precision, *first, ctx)
+    step_times = []
+    for step in range(1, steps):
+        sync(device)
+        start = time.perf_counter()
+        micro_batches, global_size = next(batches)
+        loss = ncf.train_step(model, optimizer, scaler, precision, micro_batches, global_size, ctx)
+        sync(device)
+        if step >= args.warmup:
+            step_times.append(time.perf_counter() - start)
+    loss = float(loss)
+    step_times.sort()
+    step_s = step_times[len(step_times) // 2]  # median: the machine may be shared
+
+    eval_users = min(args.eval_users or args.users, args.users)
+    users = torch.arange(eval_users, dtype=torch.int32, device=device)
+    candidates = torch.randint(args.items, (eval_users, args.candidates), dtype=torch.int32, device=device)
+    test_data = TestData(users=users, candidates=candidates, total_samples=eval_users * args.candidates)
+    ncf.evaluate(model, TestData(users[:1000], candidates[:1000], 1000 * args.candidates), run_args,
+                 precision, ctx)  # warm-up
+    sync(device)
+    start = time.perf_counter()
+    hr, _ = ncf.evaluate(model, test_data, run_args, precision, ctx)
+    eval_s = time.perf_counter() - start
+
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        name = torch.cuda.get_device_name(device)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        name = f"cpu x{torch.get_num_threads()} threads"
+    samples_per_epoch = sampler.samples_per_epoch
+    steps_per_epoch = sampler.steps_per_epoch(batch_size, 1)
+    return {
+        "device": args.device, "device_name": name, "precision": precision.name, "batch_size": batch_size,
+        "train_samples_per_s": batch_size / step_s,
+        "epoch_samples_per_s": samples_per_epoch / (shuffle_s + steps_per_epoch * step_s),
+        "eval_samples_per_s": test_data.total_samples / eval_s,
+        "peak_memory_bytes": peak, "peak_memory_kind": "max_allocated" if device.type == "cuda" else "max_rss",
+        "step_s_median": step_s, "step_s_all": step_times, "shuffle_s": shuffle_s, "eval_s": eval_s,
+        "eval_samples": test_data.total_samples, "timed_steps": len(step_times), "loss": loss, "eval_hr": hr,
+        "optimizer": optimizer_name, "torch": torch.__version__,
+    }
+
+
+def per_sample_cost(args):
+    """(FLOPs, bytes) per training sample and per eval sample, and bytes per optimizer step (fp32).
+
+    FLOPs: 2 per multiply-add; backward is twice the forward (input and weight gradients).
+    Bytes: every activation and its gradient written once and read once; the embedding rows
+    gathered and their gradients scattered. Per step: a dense Adam update reads param, grad, m, v
+    and writes param, m, v, and the gradient is zeroed: 8 passes over every parameter.
+    """
+    sizes = args.layers
+    macs = sum(a * b for a, b in itertools.pairwise(sizes)) + args.factors + sizes[-1] * 1
+    widths = 2 * (args.factors + sizes[0] // 2) + sum(sizes[1:]) + args.factors + sizes[-1] + 1
+    params = (args.users + args.items) * (args.factors + sizes[0] // 2) + sum(
+        a * b + b for a, b in itertools.pairwise(sizes)) + args.factors + sizes[-1] + 1
+    return {"train_flops": 6 * macs, "eval_flops": 2 * macs, "train_bytes": widths * 4 * 2 * 2,
+            "eval_bytes": widths * 4 * 2, "step_bytes": params * 4 * 8, "params": params}
+
+
+def measure_floor(device):
+    """The machine's fp32 matmul rate (FLOP/s) and copy bandwidth (bytes/s), best of a few tries."""
+    rows = 262_144 if device.type == "cpu" else 1_048_576
+    a = torch.randn(rows, 256, device=device)
+    w = torch.randn(256, 256, device=device)
+    big = torch.empty(128 * 2**20, device=device)  # 512 MiB
+    out = torch.empty_like(big)
+    big.fill_(1.0)
+    out.fill_(0.0)
+    best_mm = best_copy = float("inf")
+    for _ in range(5):
+        sync(device)
+        start = time.perf_counter()
+        torch.mm(a, w)
+        sync(device)
+        best_mm = min(best_mm, time.perf_counter() - start)
+        start = time.perf_counter()
+        out.copy_(big)
+        sync(device)
+        best_copy = min(best_copy, time.perf_counter() - start)
+    return {"matmul_flops_per_s": 2 * rows * 256 * 256 / best_mm, "copy_bytes_per_s": 2 * big.numel() * 4 / best_copy}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("throughput.py: error: --device cuda but no CUDA device is available: use --device cpu")
+    if args.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # "fp32" on the GPU means TF32 matmuls, as the recipe
+        torch.backends.cudnn.allow_tf32 = True
+    if args.child:
+        print(json.dumps(measure_one(args, int(args.child[0]), args.child[1])), flush=True)
+        return
+    results = []
+    for batch_size in args.batch_size:
+        for precision in args.precision:
+            cmd = [sys.executable, os.path.abspath(__file__), *(argv if argv is not None else sys.argv[1:]),
+                   "--child", str(batch_size), precision]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if proc.returncode:
+                sys.stderr.write(proc.stderr)
+                sys.exit(f"throughput.py: error: batch {batch_size} {precision} failed (exit {proc.returncode})")
+            result = json.loads(proc.stdout.strip().splitlines()[-1])
+            results.append(result)
+            print(json.dumps(result), flush=True)
+    cost = per_sample_cost(args)
+    floor = {} if args.no_floor else measure_floor(torch.device(args.device))
+    print(f"\n{'device':<6} {'precision':<16} {'batch':>9} {'train/s':>12} {'epoch/s':>12} {'eval/s':>12} "
+          f"{'peak GB':>8} {'floor/s':>10} {'of floor':>8}")
+    for r in results:
+        line = (f"{r['device']:<6} {r['precision']:<16} {r['batch_size']:>9,} {r['train_samples_per_s']:>12,.0f} "
+                f"{r['epoch_samples_per_s']:>12,.0f} {r['eval_samples_per_s']:>12,.0f} "
+                f"{r['peak_memory_bytes'] / 1e9:>8.2f}")
+        if floor:
+            # Lower bound on the time per sample: the larger of its matmul time and its memory time,
+            # with the dense optimizer step's traffic shared by the batch's samples.
+            bytes_per_sample = cost["train_bytes"] + cost["step_bytes"] / r["batch_size"]
+            seconds = max(cost["train_flops"] / floor["matmul_flops_per_s"],
+                          bytes_per_sample / floor["copy_bytes_per_s"])
+            r["floor_train_samples_per_s"] = 1 / seconds
+            r["fraction_of_floor"] = r["train_samples_per_s"] * seconds
+            line += f" {1 / seconds:>10,.0f} {r['fraction_of_floor']:>8.1%}"
+        print(line)
+    print(f"\nper training sample: {cost['train_flops'] / 1e3:.0f} kFLOP, {cost['train_bytes'] / 1e3:.1f} kB of "
+          f"activations; per eval sample {cost['eval_flops'] / 1e3:.0f} kFLOP; per optimizer step "
+          f"{cost['step_bytes'] / 1e9:.2f} GB (dense Adam over {cost['params'] / 1e6:.1f}M parameters)")
+    if floor:
+        print(f"measured: fp32 matmul {floor['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s, copy bandwidth "
+              f"{floor['copy_bytes_per_s'] / 1e9:.1f} GB/s")
+    summary = {"floor": {**cost, **floor}, "results": results}
+    print(json.dumps({"floor": summary["floor"]}))
+    if args.json_out:
+        with open(args.json_out, "a") as f:
+            for r in results:
+                f.write(json.dumps({**r, "floor": summary["floor"]}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
