@@ -4,8 +4,10 @@ Import this module before torch in every entrypoint. On small shared CPUs, OpenM
 while waiting were measured to slow a 2-thread training step up to 30x; a passive wait policy cures
 it, and it only takes effect if set before the OpenMP runtime starts (i.e. before `import torch`).
 """
+import contextlib
 import functools
 import os
+import shutil
 import sys
 import warnings
 
@@ -46,3 +48,33 @@ def main_guard(main):
             sys.exit(EXIT_USER_ERROR)
 
     return wrapper
+
+
+def remove_stale_temporaries(path):
+    """Delete `PATH.tmp-PID` / `PATH.old-PID` files or folders left by a process that was killed.
+
+    Atomic writes go through such temporaries; one whose writer is still alive is left alone.
+    """
+    folder, name = os.path.split(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return
+    for entry in os.listdir(folder):
+        stem, _, pid = entry.rpartition("-")
+        if stem not in (f"{name}.tmp", f"{name}.old") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        full = os.path.join(folder, entry)
+        if os.path.isdir(full):
+            shutil.rmtree(full, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(full)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

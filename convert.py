@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from cli import UserError, main_guard
+from cli import UserError, main_guard, remove_stale_temporaries
 
 FORMAT_VERSION = 1
 FORMATS = ("ml-20m", "ml-1m", "ml-100k", "custom")
@@ -273,6 +273,7 @@ def write_cache(output, tensors, metadata):
 
     output = os.path.abspath(output)
     os.makedirs(os.path.dirname(output), exist_ok=True)
+    remove_stale_temporaries(output)
     tmp = f"{output}.tmp-{os.getpid()}"
     old = f"{output}.old-{os.getpid()}"
     try:

@@ -10,6 +10,8 @@ Several machines (run on each, same HOST:PORT):
 Evaluate a checkpoint:
     python ncf.py --data /data/cache/ml-20m --mode test --load_checkpoint_path /data/checkpoints/model.pth
 """
+import cli  # noqa: F401, I001  (first: sets the OpenMP wait policy before torch loads)
+
 import argparse
 import contextlib
 import datetime
@@ -26,8 +28,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-import cli  # noqa: F401  (first: sets the OpenMP wait policy before torch loads)
-from cli import UserError, main_guard
+from cli import UserError, main_guard, remove_stale_temporaries
 from dataloading import EpochSampler, FullRankingData, TestData, load_cache
 from logger import RunLogger
 from metrics import full_ranks, rank_metric_sums, sampled_ranks
@@ -125,12 +126,14 @@ def validate_args(args):
 
 
 def check_writable(folder, flag):
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create {flag} folder {folder} ({err.strerror}): choose a writable {flag}") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} folder {folder} is not writable: choose a writable {flag}")
+    """Fail early if `folder` could not be created or written; creates nothing (no partial output)."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"{flag} {folder} cannot be created: {existing} is a file; choose another {flag}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {folder} is not writable ({existing} refuses new files); choose another {flag}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,6 +350,7 @@ def run_evaluation(model, test_data, full_data, args, precision, ctx):
 
 def save_atomic(obj, path):
     """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -478,6 +482,9 @@ def train_mode(args, ctx, cache, log):
     torch.manual_seed(args.seed)
     last_path = os.path.join(args.checkpoint_dir, "last.pth")
     best_path = os.path.join(args.checkpoint_dir, "model.pth")
+    if ctx.is_main:
+        for path in (last_path, best_path):
+            remove_stale_temporaries(path)
     resumed = None
     if args.resume:
         if not os.path.isfile(last_path):
@@ -590,6 +597,8 @@ def main(argv=None):
                 check_writable(args.checkpoint_dir, "--checkpoint_dir")
             if args.log_path:
                 check_writable(os.path.dirname(os.path.abspath(args.log_path)), "--log_path")
+                if os.path.isdir(args.log_path):
+                    raise UserError(f"--log_path {args.log_path} is a folder: give a file name")
         cache = load_cache(args.data)
         candidates = cache.test_negatives.shape[1] + 1
         if args.topk > candidates and not args.full_ranking:

@@ -5,6 +5,7 @@ This is the one place that knows the metric names and units. Each JSON line is a
 "test" (`--mode test`).
 """
 import json
+import os
 import sys
 import time
 
@@ -44,9 +45,8 @@ class RunLogger:
         self.enabled = enabled
         self.k = k
         self.stream = stream or sys.stdout
-        self._file = None
-        if enabled and log_path:
-            self._file = open(log_path, "a", buffering=1)
+        self.log_path = log_path if enabled else None
+        self._file = None  # opened at the first record, so a run that fails early leaves no file
 
     def info(self, message):
         if self.enabled:
@@ -54,8 +54,12 @@ class RunLogger:
 
     def write(self, event, **record):
         """Write `record` as one JSON line (not printed)."""
-        if self.enabled and self._file is not None:
-            self._file.write(json.dumps({"event": event, "time": time.time(), **record}) + "\n")
+        if self.log_path is None:
+            return
+        if self._file is None:
+            os.makedirs(os.path.dirname(os.path.abspath(self.log_path)), exist_ok=True)
+            self._file = open(self.log_path, "a", buffering=1)
+        self._file.write(json.dumps({"event": event, "time": time.time(), **record}) + "\n")
 
     def log(self, event, **record):
         """Print `record` as one console line and write it as one JSON line."""

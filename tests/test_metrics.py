@@ -43,7 +43,8 @@ def test_ties_with_some_negatives_push_the_rank_down():
 @pytest.mark.parametrize("k, expected_hr", [(1, 1 / 4), (2, 2 / 4), (3, 3 / 4), (5, 1.0)])
 def test_k_other_than_ten(k, expected_hr):
     # Ranks 0, 1, 2, 3 for the four users.
-    scores = [[4.0, 3.0, 2.0, 1.0, 0.0], [3.5, 4.0, 2.0, 1.0, 0.0], [2.5, 4.0, 3.0, 1.0, 0.0], [1.5, 4.0, 3.0, 2.0, 0.0]]
+    scores = [[4.0, 3.0, 2.0, 1.0, 0.0], [3.5, 4.0, 2.0, 1.0, 0.0],
+              [2.5, 4.0, 3.0, 1.0, 0.0], [1.5, 4.0, 3.0, 2.0, 0.0]]
     hr, ndcg = sampled(scores, k)
     assert hr == pytest.approx(expected_hr)
     assert ndcg == pytest.approx(sum(1 / math.log2(r + 2) for r in range(min(k, 4))) / 4)

@@ -1,7 +1,7 @@
 """The device-resident epoch sampler (spec §6.1) and the evaluation candidates."""
 import torch
 
-from dataloading import EpochSampler, rank_share
+from dataloading import EpochSampler
 
 
 def make_train(users=40, per_user=10, items=60, seed=0):

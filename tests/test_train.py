@@ -171,7 +171,7 @@ def test_no_host_sync_per_batch(tiny_cache):
 def test_host_read_counter_sees_a_read_in_the_loop():
     """The counter above is not blind: one .item() per step shows up once per step."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        for step in range(5):
+        for _ in range(5):
             torch.ones(3).sum().item()
     assert host_reads(prof) == 5
 
