@@ -10,6 +10,8 @@ import math
 import torch
 from torch import nn
 
+SCORE_CHUNK_SAMPLES = 8192  # see NeuMF.score_candidates
+
 
 class NeuMF(nn.Module):
     def __init__(self, nb_users, nb_items, mf_dim=64, mlp_layer_sizes=(256, 256, 128, 64), dropout=0.5):
@@ -95,10 +97,18 @@ class NeuMF(nn.Module):
         u_mf, u_mlp = self.user_embed(users).split((self.mf_dim, mlp_half), 1)
         item_term = nn.functional.linear(self.item_embed.weight[:, self.mf_dim :], first.weight[:, mlp_half:])
         user_term = nn.functional.linear(u_mlp, first.weight[:, :mlp_half], first.bias)
-        flat = candidates.reshape(-1)
-        hidden = (item_term[flat].view(n, c, -1) + user_term[:, None, :]).view(n * c, -1)
-        gmf = (u_mf[:, None, :] * self.item_embed.weight[:, : self.mf_dim][flat].view(n, c, -1)).view(n * c, -1)
-        return self._head(gmf, self._mlp(hidden, first_done=True)).view(n, c)
+        item_mf = self.item_embed.weight[:, : self.mf_dim]
+        scores = []
+        # On a CPU, in cache-sized pieces: with 1M-row activations every elementwise pass is a trip
+        # through DRAM; pieces of a few thousand rows stay in cache (measured 1.6x faster).
+        step = max(1, SCORE_CHUNK_SAMPLES // c) if candidates.device.type == "cpu" else n
+        for lo in range(0, n, step):
+            flat = candidates[lo : lo + step].reshape(-1)
+            rows = flat.shape[0] // c
+            hidden = (item_term[flat].view(rows, c, -1) + user_term[lo : lo + step, None, :]).view(rows * c, -1)
+            gmf = (u_mf[lo : lo + step, None, :] * item_mf[flat].view(rows, c, -1)).view(rows * c, -1)
+            scores.append(self._head(gmf, self._mlp(hidden, first_done=True)).view(rows, c))
+        return torch.cat(scores)
 
 
 def relu_dropout(x, p):

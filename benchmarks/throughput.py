@@ -48,6 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--factors", type=int, default=64)
     p.add_argument("--layers", type=int, nargs="+", default=[256, 256, 128, 64])
     p.add_argument("--dropout", type=float, default=0.5)
+    p.add_argument("--grads_accumulated", type=int, default=1,
+                   help="micro-batches per optimizer step, as ncf.py's flag (same maths, smaller activations)")
     p.add_argument("--warmup", type=int, default=2, help="untimed training steps first")
     p.add_argument("--steps", type=int, default=5, help="timed training steps")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
@@ -89,7 +91,7 @@ def measure_one(args, batch_size, precision_name):
     # The epoch's shuffle happens when its first batch is asked for: timed on its own.
     sync(device)
     start = time.perf_counter()
-    batches = sampler.epoch(1, batch_size, 0, 1, 1)
+    batches = sampler.epoch(1, batch_size, 0, 1, args.grads_accumulated)
     first = next(batches)
     sync(device)
     shuffle_s = time.perf_counter() - start
@@ -129,7 +131,7 @@ def measure_one(args, batch_size, precision_name):
     steps_per_epoch = sampler.steps_per_epoch(batch_size, 1)
     return {
         "device": args.device, "device_name": name, "precision": precision.name, "batch_size": batch_size,
-        "train_samples_per_s": batch_size / step_s,
+        "grads_accumulated": args.grads_accumulated, "train_samples_per_s": batch_size / step_s,
         "epoch_samples_per_s": samples_per_epoch / (shuffle_s + steps_per_epoch * step_s),
         "eval_samples_per_s": test_data.total_samples / eval_s,
         "peak_memory_bytes": peak, "peak_memory_kind": "max_allocated" if device.type == "cuda" else "max_rss",
