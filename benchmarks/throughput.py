@@ -191,6 +191,8 @@ def main(argv=None):
     if args.child:
         print(json.dumps(measure_one(args, int(args.child[0]), args.child[1])), flush=True)
         return
+    cost = per_sample_cost(args)
+    floor = {} if args.no_floor else measure_floor(torch.device(args.device))
     results = []
     for batch_size in args.batch_size:
         for precision in args.precision:
@@ -200,26 +202,25 @@ def main(argv=None):
             if proc.returncode:
                 sys.stderr.write(proc.stderr)
                 sys.exit(f"throughput.py: error: batch {batch_size} {precision} failed (exit {proc.returncode})")
-            result = json.loads(proc.stdout.strip().splitlines()[-1])
-            results.append(result)
-            print(json.dumps(result), flush=True)
-    cost = per_sample_cost(args)
-    floor = {} if args.no_floor else measure_floor(torch.device(args.device))
-    print(f"\n{'device':<6} {'precision':<16} {'batch':>9} {'train/s':>12} {'epoch/s':>12} {'eval/s':>12} "
-          f"{'peak GB':>8} {'floor/s':>10} {'of floor':>8}")
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            if floor:
+                # Lower bound on the time per sample: the larger of its matmul time and its memory
+                # time, with the dense optimizer step's traffic shared by the batch's samples.
+                bytes_per_sample = cost["train_bytes"] + cost["step_bytes"] / batch_size
+                seconds = max(cost["train_flops"] / floor["matmul_flops_per_s"],
+                              bytes_per_sample / floor["copy_bytes_per_s"])
+                r["floor_train_samples_per_s"] = 1 / seconds
+                r["fraction_of_floor"] = r["train_samples_per_s"] * seconds
+            results.append(r)
+            print(json.dumps(r), flush=True)
+    print(f"\n{'device':<6} {'precision':<16} {'batch':>9} {'accum':>5} {'train/s':>12} {'epoch/s':>12} "
+          f"{'eval/s':>12} {'peak GB':>8} {'floor/s':>10} {'of floor':>8}")
     for r in results:
-        line = (f"{r['device']:<6} {r['precision']:<16} {r['batch_size']:>9,} {r['train_samples_per_s']:>12,.0f} "
-                f"{r['epoch_samples_per_s']:>12,.0f} {r['eval_samples_per_s']:>12,.0f} "
-                f"{r['peak_memory_bytes'] / 1e9:>8.2f}")
+        line = (f"{r['device']:<6} {r['precision']:<16} {r['batch_size']:>9,} {r['grads_accumulated']:>5} "
+                f"{r['train_samples_per_s']:>12,.0f} {r['epoch_samples_per_s']:>12,.0f} "
+                f"{r['eval_samples_per_s']:>12,.0f} {r['peak_memory_bytes'] / 1e9:>8.2f}")
         if floor:
-            # Lower bound on the time per sample: the larger of its matmul time and its memory time,
-            # with the dense optimizer step's traffic shared by the batch's samples.
-            bytes_per_sample = cost["train_bytes"] + cost["step_bytes"] / r["batch_size"]
-            seconds = max(cost["train_flops"] / floor["matmul_flops_per_s"],
-                          bytes_per_sample / floor["copy_bytes_per_s"])
-            r["floor_train_samples_per_s"] = 1 / seconds
-            r["fraction_of_floor"] = r["train_samples_per_s"] * seconds
-            line += f" {1 / seconds:>10,.0f} {r['fraction_of_floor']:>8.1%}"
+            line += f" {r['floor_train_samples_per_s']:>10,.0f} {r['fraction_of_floor']:>8.1%}"
         print(line)
     print(f"\nper training sample: {cost['train_flops'] / 1e3:.0f} kFLOP, {cost['train_bytes'] / 1e3:.1f} kB of "
           f"activations; per eval sample {cost['eval_flops'] / 1e3:.0f} kFLOP; per optimizer step "
