@@ -5,6 +5,7 @@ whatever device it is given; nothing assumes CUDA.
 """
 import json
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -33,15 +34,25 @@ class Cache:
         return self.metadata["num_items"]
 
 
-def load_tensor(path, what):
-    """torch.load restricted to tensors (weights_only), with a user-facing error for bad files."""
+def safe_load(path, what, fix):
+    """torch.load restricted to tensors and plain data (weights_only), with one-line user errors."""
     if not os.path.isfile(path):
-        raise UserError(f"{what} {path} does not exist")
+        raise UserError(f"{what} {path} does not exist: {fix}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated file, not a torch file, or a pickle that runs code
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot load {what} {path} ({reason[:200]}): recreate it") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's pickle-protocol chatter would add stderr lines
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, not a torch file, or a pickle that runs code
+        text = str(err).strip()
+        if "Weights only load failed" in text:
+            reason = "it holds Python objects, not just tensors and plain data, and is not loaded for safety"
+        else:
+            reason = text.splitlines()[0][:200] if text else type(err).__name__
+        raise UserError(f"cannot load {what} {path} ({reason}): {fix}") from None
+
+
+def load_tensor(path, what):
+    return safe_load(path, what, "recreate it with ./prepare_dataset.sh or convert.py")
 
 
 def load_cache(path):

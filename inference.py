@@ -69,22 +69,10 @@ def pick_device(flag):
 def load_model(path, cache, device):
     if not os.path.isfile(path):
         raise UserError(f"--checkpoint {path} does not exist: pass the model.pth that ncf.py wrote")
-    ckpt = ncf.load_checkpoint(path, cache, "--checkpoint") if cache is not None else _load_raw(path)
+    ckpt = ncf.load_checkpoint(path, cache, "--checkpoint")
     model = ncf.build_model(ckpt["config"], device)
     ncf.load_model_weights(model, ckpt, path)
     return model.eval()
-
-
-def _load_raw(path):
-    """A checkpoint without a dataset to check it against (the benchmark needs only its shape)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise UserError(f"cannot load --checkpoint {path} ({str(err).strip().splitlines()[0][:200]}): "
-                        f"pass a model.pth written by ncf.py") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise UserError(f"--checkpoint {path} is not a checkpoint written by ncf.py (no model or config)")
-    return ckpt
 
 
 # ---------------------------------------------------------------------------------------------

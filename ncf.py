@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from cli import UserError, main_guard, remove_stale_temporaries
-from dataloading import EpochSampler, FullRankingData, TestData, load_cache
+from dataloading import EpochSampler, FullRankingData, TestData, load_cache, safe_load
 from logger import RunLogger
 from metrics import full_ranks, rank_metric_sums, sampled_ranks
 from neumf import ItemPopularity, NeuMF
@@ -364,18 +364,12 @@ def save_atomic(obj, path):
 
 
 def load_checkpoint(path, cache, what="checkpoint"):
-    """Load a checkpoint (tensors and plain data only) and check it matches the dataset."""
-    if not os.path.isfile(path):
-        raise UserError(f"{what} {path} does not exist: train first, or pass --load_checkpoint_path")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise UserError(f"cannot load {what} {path} ({str(err).strip().splitlines()[0][:200]}): "
-                        f"it is not a checkpoint written by ncf.py, or it is damaged") from None
+    """Load a checkpoint (tensors and plain data only) and check it matches the dataset, if given."""
+    ckpt = safe_load(path, what, "pass a checkpoint written by ncf.py (--load_checkpoint_path), or train first")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise UserError(f"{what} {path} is not a checkpoint written by ncf.py (no model or config)")
     config = ckpt["config"]
-    if (config["nb_users"], config["nb_items"]) != (cache.num_users, cache.num_items):
+    if cache is not None and (config["nb_users"], config["nb_items"]) != (cache.num_users, cache.num_items):
         raise UserError(
             f"{what} {path} was trained on {config['nb_users']} users and {config['nb_items']} items, but "
             f"the dataset has {cache.num_users} users and {cache.num_items} items: "

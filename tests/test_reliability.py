@@ -1,0 +1,252 @@
+"""Bad input answered clearly, and no interruption leaves a lie on disk (spec §9)."""
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, TINY_TRAIN, epochs_of, make_synthetic_cache, train
+
+import convert
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def world(tiny_cache, tmp_path_factory):
+    """Everything the bad-input table needs: the tiny cache, a checkpoint of it, another dataset."""
+    tmp = tmp_path_factory.mktemp("errors")
+    _, _, ck = train(tiny_cache, tmp, "-e", "1", "--opt_level", "O0")
+    other = make_synthetic_cache(tmp / "other", users=300, items=200, per_user=25, negatives=50)
+    a_file = tmp / "a_file"
+    a_file.write_text("not a folder\n")
+    return {"cache": tiny_cache, "ck": ck / "model.pth", "other": other, "file": a_file, "tmp": tmp}
+
+
+def broken_cache(world, name, damage):
+    """A copy of the tiny cache with one thing broken by `damage(folder)`."""
+    folder = world["tmp"] / f"broken-{name}"
+    if not folder.exists():
+        shutil.copytree(world["cache"], folder)
+        damage(folder)
+    return folder
+
+
+def drop_metadata(folder):
+    os.remove(folder / "metadata.json")
+
+
+def wrong_count(folder):
+    meta = json.loads((folder / "metadata.json").read_text())
+    meta["num_train"] += 1
+    (folder / "metadata.json").write_text(json.dumps(meta))
+
+
+def truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def ncf(world, *args):
+    return ["ncf.py", "--data", world["cache"], "--checkpoint_dir", world["tmp"] / "ck-new", *TINY_TRAIN, *args]
+
+
+def truncated_checkpoint(world):
+    path = world["tmp"] / "truncated.pth"
+    if not path.exists():
+        path.write_bytes(world["ck"].read_bytes()[:1000])
+    return path
+
+
+def not_a_checkpoint(world):
+    path = world["tmp"] / "list.pth"
+    torch.save([1, 2, 3], path)
+    return path
+
+
+# (case, argv builder, words the one stderr line must contain)
+BAD_INPUTS = [
+    ("missing cache", lambda w: ncf(w, "--data", w["tmp"] / "nowhere"), ["no dataset cache", "prepare_dataset.sh"]),
+    ("partial cache", lambda w: ncf(w, "--data", broken_cache(w, "partial", drop_metadata)),
+     ["incomplete", "metadata.json"]),
+    ("metadata disagrees", lambda w: ncf(w, "--data", broken_cache(w, "count", wrong_count)),
+     ["train_ratings.pt", "metadata.json says"]),
+    ("truncated .pt", lambda w: ncf(w, "--data", broken_cache(w, "trunc", lambda f: truncate(f / "train_ratings.pt"))),
+     ["cannot load", "train_ratings.pt"]),
+    ("non-torch .pt", lambda w: ncf(w, "--data", broken_cache(
+        w, "text", lambda f: (f / "test_negatives.pt").write_text("hello"))), ["cannot load", "test_negatives.pt"]),
+    ("checkpoint of another dataset", lambda w: ncf(w, "--data", w["other"], "--mode", "test",
+                                                   "--load_checkpoint_path", w["ck"]), ["trained on", "items"]),
+    ("checkpoint of another architecture", lambda w: ncf(w, "--load_checkpoint_path", w["ck"], "-f", "8"),
+     ["does not fit", "--factors"]),
+    ("truncated checkpoint", lambda w: ncf(w, "--mode", "test", "--load_checkpoint_path", truncated_checkpoint(w)),
+     ["cannot load", "truncated.pth"]),
+    ("not a checkpoint", lambda w: ncf(w, "--mode", "test", "--load_checkpoint_path", not_a_checkpoint(w)),
+     ["not a checkpoint written by ncf.py"]),
+    ("zero epochs", lambda w: ncf(w, "-e", "0"), ["--epochs must be positive"]),
+    ("negative batch", lambda w: ncf(w, "-b", "-8"), ["--batch_size must be positive"]),
+    ("zero factors", lambda w: ncf(w, "-f", "0"), ["--factors must be positive"]),
+    ("zero negatives", lambda w: ncf(w, "-n", "0"), ["--negative_samples must be positive"]),
+    ("odd first layer", lambda w: ncf(w, "--layers", "63", "32"), ["--layers", "even", "63"]),
+    ("topk beyond candidates", lambda w: ncf(w, "-k", "500"), ["--topk 500", "101 candidates"]),
+    ("cuda without cuda", lambda w: ncf(w, "--device", "cuda"), ["--device cuda", "--device cpu"]),
+    ("test without checkpoint", lambda w: ncf(w, "--mode", "test", "--checkpoint_dir", w["tmp"] / "none"),
+     ["--mode test needs a checkpoint"]),
+    ("resume without last.pth", lambda w: ncf(w, "--resume", "--checkpoint_dir", w["tmp"] / "none"),
+     ["--resume", "last.pth does not exist"]),
+    ("unwritable checkpoint folder", lambda w: ncf(w, "--checkpoint_dir", w["file"] / "ck"),
+     ["--checkpoint_dir", "is a file"]),
+    ("unwritable log folder", lambda w: ncf(w, "--log_path", w["file"] / "logs" / "log.json"),
+     ["--log_path", "is a file"]),
+    ("batch not divisible", lambda w: ncf(w, "-b", "1000", "--grads_accumulated", "3"),
+     ["--batch_size 1000", "--grads_accumulated 3"]),
+    ("dropout out of range", lambda w: ncf(w, "--dropout", "1.0"), ["--dropout"]),
+    ("zero learning rate", lambda w: ncf(w, "-l", "0"), ["--learning_rate must be positive"]),
+    ("fp16 on cpu", lambda w: ncf(w, "--amp", "--amp_dtype", "float16", "--device", "cpu"), ["float16", "CUDA"]),
+    ("convert: missing file", lambda w: ["convert.py", "--path", w["tmp"] / "none.csv", "--output", w["tmp"] / "c"],
+     ["none.csv"]),
+    ("convert: empty file", lambda w: ["convert.py", "--path", w["file"].with_name("empty.csv"), "--output",
+                                       w["tmp"] / "c"], ["empty.csv"]),
+    ("inference: unknown user", lambda w: ["inference.py", "recommend", "--data", w["cache"], "--checkpoint", w["ck"],
+                                           "--users", "99999999"], ["99999999"]),
+    ("inference: checkpoint of another dataset", lambda w: ["inference.py", "recommend", "--data", w["other"],
+                                                            "--checkpoint", w["ck"], "--users", "1"], ["trained on"]),
+    ("prepare: unknown dataset", lambda w: ["prepare_dataset.sh", "ml-5m"], ["ml-5m", "ml-20m"]),
+    ("download: unknown dataset", lambda w: ["download_dataset.sh", "ml-5m", w["tmp"] / "dl"], ["ml-5m"]),
+]
+
+
+@pytest.mark.parametrize("case, argv, words", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_is_one_clear_line(world, run_cli, assert_user_error, case, argv, words):
+    (world["tmp"] / "empty.csv").write_text("")
+    before = set(os.listdir(world["tmp"]))
+    result = run_cli(argv(world), env={"DATA_DIR": str(world["tmp"] / "data")})
+    assert_user_error(result, *words)
+    created = set(os.listdir(world["tmp"])) - before - {"ck-new"}
+    assert not (world["tmp"] / "ck-new").exists(), "an early error left a checkpoint folder"
+    assert not {name for name in created if not name.startswith(("broken-", "truncated", "list"))}
+
+
+def test_a_pickle_that_runs_code_is_refused(world, tmp_path, run_cli, assert_user_error):
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    cache = tmp_path / "cache"
+    shutil.copytree(world["cache"], cache)
+    with open(cache / "train_ratings.pt", "wb") as f:
+        pickle.dump(Exploit(), f)
+    checkpoint = tmp_path / "evil.pth"
+    torch.save({"model": Exploit(), "config": {}}, checkpoint)
+    assert_user_error(run_cli(["ncf.py", "--data", cache, "--checkpoint_dir", tmp_path / "ck"]), "train_ratings.pt")
+    assert_user_error(run_cli(["ncf.py", "--data", world["cache"], "--mode", "test", "--load_checkpoint_path",
+                               checkpoint]), "evil.pth")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_diverging_run_stops_naming_the_epoch(world, tmp_path, run_cli, assert_user_error):
+    result = run_cli(["ncf.py", "--data", world["cache"], "--checkpoint_dir", tmp_path / "ck", *TINY_TRAIN,
+                      "--opt_level", "O0", "-l", "1e12", "-e", "5"])
+    assert_user_error(result, "diverged", "epoch 1", "--learning_rate")
+    assert "epoch 1 |" not in result.stdout
+
+
+def start(argv, **kwargs):
+    return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def wait_for_line(process, prefix):
+    for line in process.stdout:
+        if line.startswith(prefix):
+            return line
+    raise AssertionError(f"no line starting with {prefix!r}; stderr: {process.stderr.read()[-2000:]}")
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigterm_saves_last_checkpoint_and_resume_continues(world, tmp_path, nproc):
+    ck, log = tmp_path / "ck", tmp_path / "log.json"
+    args = ["--data", str(world["cache"]), "--checkpoint_dir", str(ck), "--log_path", str(log), *TINY_TRAIN,
+            "--opt_level", "O0"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+        if nproc > 1 else [sys.executable]
+    job = start([*launcher, str(ROOT / "ncf.py"), *args, "-e", "100"])
+    try:
+        wait_for_line(job, "epoch 1 |")
+        job.send_signal(signal.SIGTERM)  # torchrun forwards it to every worker
+        out, err = job.communicate(timeout=60)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    if nproc == 1:
+        assert job.returncode == 0, err
+    assert "stopped by SIGTERM after epoch" in out
+    done = torch.load(ck / "last.pth", weights_only=True)["epoch"]
+    assert 1 <= done < 100 and len(epochs_of(log)) == done
+    result = subprocess.run([*launcher, str(ROOT / "ncf.py"), *args, "-e", str(done + 1), "--resume"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"resumed from {ck / 'last.pth'} after epoch {done}" in result.stdout
+    assert [r["epoch"] for r in epochs_of(log)] == list(range(1, done + 2))
+
+
+def loads_as_checkpoint(path):
+    ckpt = torch.load(path, weights_only=True)
+    assert {"model", "config", "epoch"} <= ckpt.keys()
+    return ckpt["epoch"]
+
+
+def test_killed_while_writing_checkpoints_leaves_old_or_new_files(world, tmp_path):
+    """SIGKILL as soon as a checkpoint's temporary file appears, i.e. in the middle of writing it."""
+    ck = tmp_path / "ck"
+    # A wide model makes each checkpoint tens of MB, so the kill lands inside the write.
+    argv = [sys.executable, str(ROOT / "ncf.py"), "--data", str(world["cache"]), "--checkpoint_dir", str(ck),
+            *TINY_TRAIN, "-f", "2048", "--opt_level", "O0", "-e", "50"]
+    hits = 0
+    for round_ in range(2):
+        # Round 0 waits for a first last.pth, then kills during the next write; round 1 resumes from it.
+        job = start([*argv, *(["--resume"] if round_ else [])])
+        try:
+            deadline = time.monotonic() + 240
+            while time.monotonic() < deadline and job.poll() is None:
+                writing = (ck / "last.pth").exists() and any(".tmp-" in n for n in os.listdir(ck))
+                if writing:
+                    job.kill()
+                    hits += 1
+                    break
+                time.sleep(0.001)
+            job.wait(timeout=60)
+        finally:
+            if job.poll() is None:
+                job.kill()
+        assert loads_as_checkpoint(ck / "last.pth") >= 1
+        assert loads_as_checkpoint(ck / "model.pth") >= 1
+    assert hits == 2
+
+
+def test_killed_convert_leaves_no_cache_that_looks_complete(tmp_path, run_cli):
+    """SIGKILL convert.py at several moments; the cache is absent or complete, and prepare finishes it."""
+    import synthetic
+
+    data = tmp_path / "data"
+    csv = data / "synthetic" / "ratings.csv"
+    synthetic.write_ratings_csv(csv, users=6000, items=3000, interactions_per_user_mean=50, seed=0)
+    cache = data / "cache" / "synthetic"
+    for delay in (0.5, 1.5, 2.5, 3.5, 5.0):
+        job = start([sys.executable, str(ROOT / "convert.py"), "--path", str(csv), "--output", str(cache),
+                     "--no_progress"])
+        time.sleep(delay)
+        job.kill()
+        job.wait()
+        if cache.exists():
+            assert convert.cache_is_complete(cache)
+            for name in convert.CACHE_FILES:
+                assert (cache / name).exists()
+    result = run_cli(["prepare_dataset.sh", "synthetic"], env={"DATA_DIR": str(data)})
+    assert result.returncode == 0, result.stderr
+    assert convert.cache_is_complete(cache)
+    assert not [n for n in os.listdir(data / "cache") if ".tmp-" in n or ".old-" in n]
