@@ -13,6 +13,7 @@ import torch
 from conftest import ROOT, TINY_TRAIN, epochs_of, make_synthetic_cache, train
 
 import convert
+import ncf
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +53,7 @@ def truncate(path):
     path.write_bytes(data[: len(data) // 2])
 
 
-def ncf(world, *args):
+def ncf_argv(world, *args):
     return ["ncf.py", "--data", world["cache"], "--checkpoint_dir", world["tmp"] / "ck-new", *TINY_TRAIN, *args]
 
 
@@ -71,43 +72,43 @@ def not_a_checkpoint(world):
 
 # (case, argv builder, words the one stderr line must contain)
 BAD_INPUTS = [
-    ("missing cache", lambda w: ncf(w, "--data", w["tmp"] / "nowhere"), ["no dataset cache", "prepare_dataset.sh"]),
-    ("partial cache", lambda w: ncf(w, "--data", broken_cache(w, "partial", drop_metadata)),
+    ("missing cache", lambda w: ncf_argv(w, "--data", w["tmp"] / "nowhere"), ["no dataset cache", "prepare_dataset.sh"]),
+    ("partial cache", lambda w: ncf_argv(w, "--data", broken_cache(w, "partial", drop_metadata)),
      ["incomplete", "metadata.json"]),
-    ("metadata disagrees", lambda w: ncf(w, "--data", broken_cache(w, "count", wrong_count)),
+    ("metadata disagrees", lambda w: ncf_argv(w, "--data", broken_cache(w, "count", wrong_count)),
      ["train_ratings.pt", "metadata.json says"]),
-    ("truncated .pt", lambda w: ncf(w, "--data", broken_cache(w, "trunc", lambda f: truncate(f / "train_ratings.pt"))),
+    ("truncated .pt", lambda w: ncf_argv(w, "--data", broken_cache(w, "trunc", lambda f: truncate(f / "train_ratings.pt"))),
      ["cannot load", "train_ratings.pt"]),
-    ("non-torch .pt", lambda w: ncf(w, "--data", broken_cache(
+    ("non-torch .pt", lambda w: ncf_argv(w, "--data", broken_cache(
         w, "text", lambda f: (f / "test_negatives.pt").write_text("hello"))), ["cannot load", "test_negatives.pt"]),
-    ("checkpoint of another dataset", lambda w: ncf(w, "--data", w["other"], "--mode", "test",
+    ("checkpoint of another dataset", lambda w: ncf_argv(w, "--data", w["other"], "--mode", "test",
                                                    "--load_checkpoint_path", w["ck"]), ["trained on", "items"]),
-    ("checkpoint of another architecture", lambda w: ncf(w, "--load_checkpoint_path", w["ck"], "-f", "8"),
+    ("checkpoint of another architecture", lambda w: ncf_argv(w, "--load_checkpoint_path", w["ck"], "-f", "8"),
      ["does not fit", "--factors"]),
-    ("truncated checkpoint", lambda w: ncf(w, "--mode", "test", "--load_checkpoint_path", truncated_checkpoint(w)),
+    ("truncated checkpoint", lambda w: ncf_argv(w, "--mode", "test", "--load_checkpoint_path", truncated_checkpoint(w)),
      ["cannot load", "truncated.pth"]),
-    ("not a checkpoint", lambda w: ncf(w, "--mode", "test", "--load_checkpoint_path", not_a_checkpoint(w)),
+    ("not a checkpoint", lambda w: ncf_argv(w, "--mode", "test", "--load_checkpoint_path", not_a_checkpoint(w)),
      ["not a checkpoint written by ncf.py"]),
-    ("zero epochs", lambda w: ncf(w, "-e", "0"), ["--epochs must be positive"]),
-    ("negative batch", lambda w: ncf(w, "-b", "-8"), ["--batch_size must be positive"]),
-    ("zero factors", lambda w: ncf(w, "-f", "0"), ["--factors must be positive"]),
-    ("zero negatives", lambda w: ncf(w, "-n", "0"), ["--negative_samples must be positive"]),
-    ("odd first layer", lambda w: ncf(w, "--layers", "63", "32"), ["--layers", "even", "63"]),
-    ("topk beyond candidates", lambda w: ncf(w, "-k", "500"), ["--topk 500", "101 candidates"]),
-    ("cuda without cuda", lambda w: ncf(w, "--device", "cuda"), ["--device cuda", "--device cpu"]),
-    ("test without checkpoint", lambda w: ncf(w, "--mode", "test", "--checkpoint_dir", w["tmp"] / "none"),
+    ("zero epochs", lambda w: ncf_argv(w, "-e", "0"), ["--epochs must be positive"]),
+    ("negative batch", lambda w: ncf_argv(w, "-b", "-8"), ["--batch_size must be positive"]),
+    ("zero factors", lambda w: ncf_argv(w, "-f", "0"), ["--factors must be positive"]),
+    ("zero negatives", lambda w: ncf_argv(w, "-n", "0"), ["--negative_samples must be positive"]),
+    ("odd first layer", lambda w: ncf_argv(w, "--layers", "63", "32"), ["--layers", "even", "63"]),
+    ("topk beyond candidates", lambda w: ncf_argv(w, "-k", "500"), ["--topk 500", "101 candidates"]),
+    ("cuda without cuda", lambda w: ncf_argv(w, "--device", "cuda"), ["--device cuda", "--device cpu"]),
+    ("test without checkpoint", lambda w: ncf_argv(w, "--mode", "test", "--checkpoint_dir", w["tmp"] / "none"),
      ["--mode test needs a checkpoint"]),
-    ("resume without last.pth", lambda w: ncf(w, "--resume", "--checkpoint_dir", w["tmp"] / "none"),
+    ("resume without last.pth", lambda w: ncf_argv(w, "--resume", "--checkpoint_dir", w["tmp"] / "none"),
      ["--resume", "last.pth does not exist"]),
-    ("unwritable checkpoint folder", lambda w: ncf(w, "--checkpoint_dir", w["file"] / "ck"),
+    ("unwritable checkpoint folder", lambda w: ncf_argv(w, "--checkpoint_dir", w["file"] / "ck"),
      ["--checkpoint_dir", "is a file"]),
-    ("unwritable log folder", lambda w: ncf(w, "--log_path", w["file"] / "logs" / "log.json"),
+    ("unwritable log folder", lambda w: ncf_argv(w, "--log_path", w["file"] / "logs" / "log.json"),
      ["--log_path", "is a file"]),
-    ("batch not divisible", lambda w: ncf(w, "-b", "1000", "--grads_accumulated", "3"),
+    ("batch not divisible", lambda w: ncf_argv(w, "-b", "1000", "--grads_accumulated", "3"),
      ["--batch_size 1000", "--grads_accumulated 3"]),
-    ("dropout out of range", lambda w: ncf(w, "--dropout", "1.0"), ["--dropout"]),
-    ("zero learning rate", lambda w: ncf(w, "-l", "0"), ["--learning_rate must be positive"]),
-    ("fp16 on cpu", lambda w: ncf(w, "--amp", "--amp_dtype", "float16", "--device", "cpu"), ["float16", "CUDA"]),
+    ("dropout out of range", lambda w: ncf_argv(w, "--dropout", "1.0"), ["--dropout"]),
+    ("zero learning rate", lambda w: ncf_argv(w, "-l", "0"), ["--learning_rate must be positive"]),
+    ("fp16 on cpu", lambda w: ncf_argv(w, "--amp", "--amp_dtype", "float16", "--device", "cpu"), ["float16", "CUDA"]),
     ("convert: missing file", lambda w: ["convert.py", "--path", w["tmp"] / "none.csv", "--output", w["tmp"] / "c"],
      ["none.csv"]),
     ("convert: empty file", lambda w: ["convert.py", "--path", w["file"].with_name("empty.csv"), "--output",
@@ -250,3 +251,28 @@ def test_killed_convert_leaves_no_cache_that_looks_complete(tmp_path, run_cli):
     assert result.returncode == 0, result.stderr
     assert convert.cache_is_complete(cache)
     assert not [n for n in os.listdir(data / "cache") if ".tmp-" in n or ".old-" in n]
+
+
+def test_grad_scaler_skips_overflowing_steps(tiny_cache):
+    """What fp16 AMP relies on, through ncf.train_step: an overflowing step changes no weight and
+    halves the loss scale; the next finite step trains. (A CPU stand-in: large embeddings and a
+    huge scale make the scaled fp32 gradients overflow, as fp16 gradients do on a GPU.)"""
+    from dataloading import EpochSampler, load_cache
+    from neumf import NeuMF
+
+    cache = load_cache(tiny_cache)
+    ctx = ncf.DistContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    precision = ncf.choose_precision("O0", "auto", ctx.device)
+    model = NeuMF(cache.num_users, cache.num_items, mf_dim=8, mlp_layer_sizes=(16, 8), dropout=0.0)
+    with torch.no_grad():
+        model.user_embed.weight.mul_(1e6)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, growth_interval=1000)
+    batches = EpochSampler(cache.train, cache.num_items, 4, "cpu", seed=0).epoch(1, 4096, 0, 1, 1)
+    before = [p.detach().clone() for p in model.parameters()]
+    ncf.train_step(model, optimizer, scaler, precision, *next(batches), ctx)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert scaler.get_scale() == 2.0**126
+    scaler.update(2.0**10)
+    ncf.train_step(model, optimizer, scaler, precision, *next(batches), ctx)
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
