@@ -72,12 +72,14 @@ def not_a_checkpoint(world):
 
 # (case, argv builder, words the one stderr line must contain)
 BAD_INPUTS = [
-    ("missing cache", lambda w: ncf_argv(w, "--data", w["tmp"] / "nowhere"), ["no dataset cache", "prepare_dataset.sh"]),
+    ("missing cache", lambda w: ncf_argv(w, "--data", w["tmp"] / "nowhere"),
+     ["no dataset cache", "prepare_dataset.sh"]),
     ("partial cache", lambda w: ncf_argv(w, "--data", broken_cache(w, "partial", drop_metadata)),
      ["incomplete", "metadata.json"]),
     ("metadata disagrees", lambda w: ncf_argv(w, "--data", broken_cache(w, "count", wrong_count)),
      ["train_ratings.pt", "metadata.json says"]),
-    ("truncated .pt", lambda w: ncf_argv(w, "--data", broken_cache(w, "trunc", lambda f: truncate(f / "train_ratings.pt"))),
+    ("truncated .pt", lambda w: ncf_argv(w, "--data", broken_cache(
+        w, "trunc", lambda f: truncate(f / "train_ratings.pt"))),
      ["cannot load", "train_ratings.pt"]),
     ("non-torch .pt", lambda w: ncf_argv(w, "--data", broken_cache(
         w, "text", lambda f: (f / "test_negatives.pt").write_text("hello"))), ["cannot load", "test_negatives.pt"]),
