@@ -52,6 +52,9 @@ def parse_args(argv=None):
                    help="micro-batches per optimizer step, as ncf.py's flag (same maths, smaller activations)")
     p.add_argument("--warmup", type=int, default=2, help="untimed training steps first")
     p.add_argument("--steps", type=int, default=5, help="timed training steps")
+    p.add_argument("--compile", action="store_true",
+                   help="train through torch.compile(model) (inductor; eager's RNG, so the same dropout masks); "
+                        "the first step's time, compile included, is reported as first_step_s")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--no_floor", action="store_true", help="skip measuring the matmul rate and memory bandwidth")
     p.add_argument("--json_out", default=None, help="also append the JSON lines to this file")
@@ -85,6 +88,12 @@ def measure_one(args, batch_size, precision_name):
                                valid_batch_size=args.valid_batch_size)
     optimizer, optimizer_name = ncf.make_optimizer(model, run_args, device)
     scaler = precision.grad_scaler()
+    train_model = model
+    if args.compile:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.fallback_random = True
+        train_model = torch.compile(model)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -96,13 +105,16 @@ def measure_one(args, batch_size, precision_name):
     sync(device)
     shuffle_s = time.perf_counter() - start
     steps = min(args.warmup + args.steps, sampler.steps_per_epoch(batch_size, 1))
-    loss = ncf.train_step(model, optimizer, scaler, precision, *first, ctx)
+    start = time.perf_counter()
+    loss = ncf.train_step(train_model, optimizer, scaler, precision, *first, ctx)
+    sync(device)
+    first_step_s = time.perf_counter() - start
     step_times = []
     for step in range(1, steps):
         sync(device)
         start = time.perf_counter()
         micro_batches, global_size = next(batches)
-        loss = ncf.train_step(model, optimizer, scaler, precision, micro_batches, global_size, ctx)
+        loss = ncf.train_step(train_model, optimizer, scaler, precision, micro_batches, global_size, ctx)
         sync(device)
         if step >= args.warmup:
             step_times.append(time.perf_counter() - start)
@@ -135,7 +147,8 @@ def measure_one(args, batch_size, precision_name):
         "epoch_samples_per_s": samples_per_epoch / (shuffle_s + steps_per_epoch * step_s),
         "eval_samples_per_s": test_data.total_samples / eval_s,
         "peak_memory_bytes": peak, "peak_memory_kind": "max_allocated" if device.type == "cuda" else "max_rss",
-        "step_s_median": step_s, "step_s_all": step_times, "shuffle_s": shuffle_s, "eval_s": eval_s,
+        "step_s_median": step_s, "step_s_all": step_times, "shuffle_s": shuffle_s, "first_step_s": first_step_s,
+        "compiled": args.compile, "eval_s": eval_s,
         "eval_samples": test_data.total_samples, "timed_steps": len(step_times), "loss": loss, "eval_hr": hr,
         "optimizer": optimizer_name, "torch": torch.__version__,
     }
