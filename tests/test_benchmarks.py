@@ -1,7 +1,8 @@
 """The speed work (spec §8): its fast paths compute what the plain ones do, and the benchmark scripts run.
 
-The fused ReLU+dropout must draw torch's own dropout mask (same losses for the same seed), and the
-factored evaluation scorer must rank like the plain forward. benchmarks/throughput.py and the GPU
+The fused ReLU+dropout must draw Bernoulli masks from the seeded generator (torch's own mask where p is
+not a multiple of 1/256) with the right gradient, and the factored evaluation scorer must rank like
+the plain forward. benchmarks/throughput.py and the GPU
 script's CPU path run at tiny sizes here, so they are ready whenever a GPU is lent.
 """
 import json
@@ -15,8 +16,32 @@ import neumf
 from neumf import NeuMF, relu_dropout
 
 
-@pytest.mark.parametrize("p", [0.5, 0.3])
-def test_fused_relu_dropout_draws_torchs_mask_and_gradient(p):
+@pytest.mark.parametrize("p", [0.5, 0.25, 0.3])
+def test_fused_relu_dropout_keeps_one_minus_p_with_the_right_gradient(p):
+    x = torch.randn(512, 256, requires_grad=True)
+    torch.manual_seed(3)
+    y = relu_dropout(x, p)
+    torch.manual_seed(3)
+    assert torch.equal(relu_dropout(x, p), y)  # the seed decides the mask
+    positive = x.detach() > 0
+    kept = (y != 0) & positive
+    assert kept.sum().item() / positive.sum().item() == pytest.approx(1 - p, abs=0.01)
+    torch.testing.assert_close(y[kept], x.detach()[kept] / (1 - p), rtol=1e-6, atol=0)
+    assert (y[~kept] == 0).all()
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    torch.testing.assert_close(x.grad, torch.where(kept, grad / (1 - p), 0.0), rtol=1e-6, atol=0)
+
+
+def test_random_bytes_are_uniform():
+    torch.manual_seed(0)
+    counts = torch.bincount(neumf.random_bytes((1 << 20,)).long(), minlength=256).double()
+    expected = (1 << 20) / 256
+    assert ((counts - expected) ** 2 / expected).sum().item() < 400  # chi-square, 255 degrees of freedom
+
+
+@pytest.mark.parametrize("p", [0.3, 0.1])
+def test_fused_relu_dropout_draws_torchs_mask_for_other_p(p):
     x = torch.randn(257, 33, requires_grad=True)
     grad = torch.randn(257, 33)
     torch.manual_seed(7)
