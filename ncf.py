@@ -472,13 +472,9 @@ def test_mode(args, ctx, cache, log):
     log.log("test", **run_evaluation(model, test_data, full_data, args, precision, ctx))
 
 
-def train_mode(args, ctx, cache, log):
+def build_training(args, ctx, cache, last_path):
+    """Model, optimizer, precision, scaler and progress state: fresh, or restored for --resume."""
     torch.manual_seed(args.seed)
-    last_path = os.path.join(args.checkpoint_dir, "last.pth")
-    best_path = os.path.join(args.checkpoint_dir, "model.pth")
-    if ctx.is_main:
-        for path in (last_path, best_path):
-            remove_stale_temporaries(path)
     resumed = None
     if args.resume:
         if not os.path.isfile(last_path):
@@ -503,6 +499,17 @@ def train_mode(args, ctx, cache, log):
     else:
         # Same initial weights on every rank (DDP also broadcasts them), then per-rank dropout streams.
         torch.manual_seed(args.seed + ctx.rank)
+    return model, optimizer, optimizer_name, precision, scaler, state
+
+
+def train_mode(args, ctx, cache, log):
+    last_path = os.path.join(args.checkpoint_dir, "last.pth")
+    best_path = os.path.join(args.checkpoint_dir, "model.pth")
+    if ctx.is_main:
+        for path in (last_path, best_path):
+            remove_stale_temporaries(path)
+    model, optimizer, optimizer_name, precision, scaler, state = build_training(args, ctx, cache, last_path)
+    resumed = state["epoch"] > 0
     train_model = DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None) \
         if ctx.distributed else model
 
