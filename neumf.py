@@ -59,11 +59,44 @@ class NeuMF(nn.Module):
 
     def forward(self, user, item):
         """Logits of shape [B] for index tensors `user`, `item` of shape [B] (int32 or int64)."""
+        if self._factor_first_layer(user):
+            return self._forward_factored(user, item)
+        return self._forward_per_sample(user, item)
+
+    def _factor_first_layer(self, user):
+        # Per-table work (every user and item row once) beats per-sample work when the batch has more
+        # samples than the tables have rows. Measured on the CPU only (ml-20m shapes, batch 2^20: the
+        # first layer's forward + backward 6.5 s -> 1.5 s); GPUs keep the recipe's per-sample layout.
+        return user.device.type == "cpu" and len(self.mlp) > 0 and user.shape[0] >= self.nb_users + self.nb_items
+
+    def _forward_per_sample(self, user, item):
         # split, not slicing: its backward writes the table gradient rows in one pass, where each
         # slice's backward would zero-fill a [B, mf_dim + mlp_half] tensor and then add into it.
         u_mf, u_mlp = self.user_embed(user).split((self.mf_dim, self.user_embed.embedding_dim - self.mf_dim), 1)
         i_mf, i_mlp = self.item_embed(item).split((self.mf_dim, self.item_embed.embedding_dim - self.mf_dim), 1)
         return self._head(u_mf * i_mf, self._mlp(torch.cat((u_mlp, i_mlp), dim=1)))
+
+    def _forward_factored(self, user, item):
+        """The same function as _forward_per_sample, up to float rounding.
+
+        The first MLP layer is linear in the concatenation [user | item]: W [u; i] + b = (W_u u + b) + W_i i.
+        So its two terms are computed once per table row and gathered per sample; the backward scatters
+        per-sample gradients into per-row ones and does the two small matmuls. Same gradients, same
+        dropout masks (the same layers draw them in the same order).
+        """
+        user_term, item_term = self._first_layer_terms()
+        hidden = nn.functional.embedding(user, user_term) + nn.functional.embedding(item, item_term)
+        gmf = nn.functional.embedding(user, self.user_embed.weight[:, : self.mf_dim]) * nn.functional.embedding(
+            item, self.item_embed.weight[:, : self.mf_dim])
+        return self._head(gmf, self._mlp(hidden, first_done=True))
+
+    def _first_layer_terms(self):
+        """First MLP layer's pre-activation split per table: ([U, L1] user term + bias, [I, L1] item term)."""
+        first = self.mlp[0]
+        half = first.in_features // 2
+        user_term = nn.functional.linear(self.user_embed.weight[:, self.mf_dim :], first.weight[:, :half], first.bias)
+        item_term = nn.functional.linear(self.item_embed.weight[:, self.mf_dim :], first.weight[:, half:])
+        return user_term, item_term
 
     def _mlp(self, x, first_done=False):
         """The MLP branch; with first_done, x is already the first layer's output before its ReLU."""

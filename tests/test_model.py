@@ -74,3 +74,22 @@ def test_logits_stay_fp32_under_autocast():
 def test_item_popularity_scores_by_training_count():
     model = ItemPopularity(torch.tensor([2, 2, 0, 2, 1]), nb_items=4)
     assert model(torch.zeros(4), torch.arange(4)).tolist() == [1.0, 1.0, 3.0, 0.0]
+
+
+def test_factored_first_layer_matches_the_per_sample_forward_and_gradients():
+    torch.manual_seed(0)
+    model = NeuMF(40, 25, mf_dim=8, mlp_layer_sizes=(16, 12, 8), dropout=0.5)
+    users = torch.randint(0, 40, (300,), dtype=torch.int32)
+    items = torch.randint(0, 25, (300,), dtype=torch.int32)
+    assert model._factor_first_layer(users) and not model._factor_first_layer(users[:60])
+    results = []
+    for forward in (model._forward_per_sample, model._forward_factored):
+        model.zero_grad()
+        torch.manual_seed(1)  # the same dropout masks
+        logits = forward(users, items)
+        logits.square().sum().backward()
+        results.append((logits.detach(), [p.grad.clone() for p in model.parameters()]))
+    (plain, plain_grads), (factored, factored_grads) = results
+    torch.testing.assert_close(factored, plain, rtol=1e-5, atol=1e-6)
+    for a, b in zip(plain_grads, factored_grads, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
