@@ -22,8 +22,9 @@ def sampled_ranks(scores):
 def full_ranks(scores, positive_items, excluded_rows, excluded_items):
     """Ranks of each user's positive among all items not excluded (the user's training items).
 
-    scores: [users, items]; positive_items: [users]; excluded (row, item) pairs are set to -inf so
-    they never outrank the positive. The positive itself is removed from the count.
+    scores: [users, items], overwritten when float32 (callers pass a fresh tensor); positive_items:
+    [users]; excluded (row, item) pairs are set to -inf so they never outrank the positive. The
+    positive itself is removed from the count.
     """
     scores = scores.float()
     positive = scores.gather(1, positive_items.long().unsqueeze(1))
