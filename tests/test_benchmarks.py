@@ -16,7 +16,7 @@ import neumf
 from neumf import NeuMF, relu_dropout
 
 
-@pytest.mark.parametrize("p", [0.5, 0.25, 0.3])
+@pytest.mark.parametrize("p", [0.5, 0.25, 0.75, 0.125, 26 / 256, 0.3])  # 1, 2, 2, 4, 8 bits; torch's mask
 def test_fused_relu_dropout_keeps_one_minus_p_with_the_right_gradient(p):
     x = torch.randn(512, 256, requires_grad=True)
     torch.manual_seed(3)
@@ -31,6 +31,26 @@ def test_fused_relu_dropout_keeps_one_minus_p_with_the_right_gradient(p):
     grad = torch.randn_like(y)
     y.backward(grad)
     torch.testing.assert_close(x.grad, torch.where(kept, grad / (1 - p), 0.0), rtol=1e-6, atol=0)
+
+
+def test_mask_table_reads_each_bit_field_of_a_byte():
+    # 2 bits per element, p = 0.25 (kept iff the field is >= 1), scale 4/3; byte 0b11_10_01_00.
+    table = neumf._mask_table(2, 1, 4 / 3)
+    assert table.shape == (256, 4)
+    assert table[0b11100100].tolist() == pytest.approx([0.0, 4 / 3, 4 / 3, 4 / 3])
+    assert table[0].tolist() == [0.0] * 4
+
+
+def test_dropout_mask_keeps_every_position_of_a_byte_alike():
+    # Each of a byte's 8 bits becomes one element: every position must keep half, independently.
+    torch.manual_seed(0)
+    mask = neumf.dropout_mask((1 << 16, 8), 0.5)
+    assert set(mask.unique().tolist()) == {0.0, 2.0}
+    kept = (mask > 0).double()
+    torch.testing.assert_close(kept.mean(0), torch.full((8,), 0.5, dtype=torch.float64), atol=0.01, rtol=0)
+    corr = torch.corrcoef(kept.T) - torch.eye(8, dtype=torch.float64)
+    assert corr.abs().max().item() < 0.03
+    assert neumf.dropout_mask((7,), 0.3) is None  # 0.3 is no multiple of 1/256: torch's mask instead
 
 
 def test_random_bytes_are_uniform():
@@ -50,9 +70,10 @@ def test_fused_relu_dropout_draws_torchs_mask_for_other_p(p):
     expected.backward(grad)
     expected_grad, x.grad = x.grad, None
     torch.manual_seed(7)
-    got = relu_dropout(x, p)
+    out = relu_dropout(x, p)
+    got = out.clone()  # the backward writes the input gradient over the output
     next_got = torch.rand(1)
-    got.backward(grad)
+    out.backward(grad)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
     torch.testing.assert_close(x.grad, expected_grad, rtol=1e-6, atol=0)
     assert next_got == next_expected  # the same random numbers consumed: later masks agree too
