@@ -10,7 +10,7 @@ import math
 import torch
 from torch import nn
 
-SCORE_CHUNK_SAMPLES = 8192  # see NeuMF.score_candidates
+SCORE_CHUNK_SAMPLES = 4096  # see NeuMF.score_candidates
 
 
 class NeuMF(nn.Module):
@@ -135,10 +135,12 @@ class NeuMF(nn.Module):
         item_term = nn.functional.linear(self.item_embed.weight[:, self.mf_dim :], first.weight[:, mlp_half:])
         user_term = nn.functional.linear(u_mlp, first.weight[:, :mlp_half], first.bias)
         item_mf = self.item_embed.weight[:, : self.mf_dim]
-        scores = []
         # On a CPU, in cache-sized pieces: with 1M-row activations every elementwise pass is a trip
         # through DRAM; pieces of a few thousand rows stay in cache (measured 1.6x faster).
         step = max(1, SCORE_CHUNK_SAMPLES // c) if candidates.device.type == "cpu" else n
+        if candidates.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
+            return self._score_pieces_in_place(user_term, u_mf, item_term, item_mf, candidates, step)
+        scores = []
         for lo in range(0, n, step):
             flat = candidates[lo : lo + step].reshape(-1)
             rows = flat.shape[0] // c
@@ -151,6 +153,34 @@ class NeuMF(nn.Module):
             hidden, gmf = hidden.view(rows * c, -1), gmf.view(rows * c, -1)
             scores.append(self._head(gmf, self._mlp(hidden, first_done=True)).view(rows, c))
         return torch.cat(scores)
+
+    def _score_pieces_in_place(self, user_term, u_mf, item_term, item_mf, candidates, step):
+        """score_candidates' loop in fp32 on the CPU, every piece written into the same buffers.
+
+        The same operations as the loop above (gather, add the user term, the MLP, the output layer),
+        with out= arguments: allocating each piece's activations afresh cost page faults that made the
+        gathers alone 1.5x slower (index_select of 8,192 rows: 0.99 ms allocating, 0.64 ms into a buffer).
+        """
+        n, c = candidates.shape
+        rows = min(step, n) * c
+        hidden_buf = item_term.new_empty(rows, item_term.shape[1])
+        gmf_buf = item_mf.new_empty(rows, item_mf.shape[1])
+        layer_bufs = [item_term.new_empty(rows, layer.out_features) for layer in self.mlp[1:]]
+        weight_gmf, weight_mlp = self.final.weight.split((self.mf_dim, self.mlp_layer_sizes[-1]), 1)
+        scores = torch.empty(n, c, dtype=torch.float32)
+        for lo in range(0, n, step):
+            flat = candidates[lo : lo + step].reshape(-1)
+            count = flat.shape[0]
+            hidden = torch.index_select(item_term, 0, flat, out=hidden_buf[:count])
+            hidden.view(-1, c, hidden.shape[1]).add_(user_term[lo : lo + step, None, :])
+            x = hidden.relu_()
+            for layer, buf in zip(self.mlp[1:], layer_bufs, strict=True):
+                x = torch.addmm(layer.bias, x, layer.weight.t(), out=buf[:count]).relu_()
+            gmf = torch.index_select(item_mf, 0, flat, out=gmf_buf[:count])
+            gmf.view(-1, c, gmf.shape[1]).mul_(u_mf[lo : lo + step, None, :])
+            logits = scores[lo : lo + step].view(-1, 1)
+            torch.addmm(self.final.bias, x, weight_mlp.t(), out=logits).addmm_(gmf, weight_gmf.t())
+        return scores
 
 
 def relu_dropout(x, p):
