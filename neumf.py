@@ -234,6 +234,9 @@ class _ReluDropout(torch.autograd.Function):
         return grad_input.mul_(ctx.scale), None
 
 
+# Run eagerly under torch.compile: AOT autograd mishandles the dtype view in random_bytes, and eager
+# draws are what the compiled model must reproduce anyway (throughput.py --compile, fallback_random).
+@torch.compiler.disable
 def dropout_mask(shape, p):
     """A float dropout mask of `shape`: 1 / (1 - p) with probability 1 - p, else 0; None unless 256 p is
     an integer.
