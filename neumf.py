@@ -4,6 +4,7 @@ A GMF branch (element-wise product of user and item embeddings of size `mf_dim`)
 (concatenated user and item embeddings of size `mlp_layer_sizes[0] / 2` each, then Linear+ReLU layers)
 are concatenated and projected to one logit.
 """
+import functools
 import itertools
 import math
 
@@ -85,12 +86,10 @@ class NeuMF(nn.Module):
         dropout masks (the same layers draw them in the same order).
         """
         user_term, item_term = self._first_layer_terms()
-        # Added in place: the gather's backward keeps only the indices, and one [B, L1] buffer fewer is
-        # allocated (and page-faulted) per step.
-        hidden = nn.functional.embedding(user, user_term).add_(nn.functional.embedding(item, item_term))
+        hidden = gather_relu_dropout(user_term, item_term, user, item, self.dropout if self.training else 0.0)
         gmf = nn.functional.embedding(user, self.user_embed.weight[:, : self.mf_dim]) * nn.functional.embedding(
             item, self.item_embed.weight[:, : self.mf_dim])
-        return self._head(gmf, self._mlp(hidden, first_done=True))
+        return self._head(gmf, self._mlp(hidden, start=1))
 
     def _first_layer_terms(self):
         """First MLP layer's pre-activation split per table: ([U, L1] user term + bias, [I, L1] item term)."""
@@ -100,12 +99,10 @@ class NeuMF(nn.Module):
         item_term = nn.functional.linear(self.item_embed.weight[:, self.mf_dim :], first.weight[:, half:])
         return user_term, item_term
 
-    def _mlp(self, x, first_done=False):
-        """The MLP branch; with first_done, x is already the first layer's output before its ReLU."""
-        for index, layer in enumerate(self.mlp):
-            if index or not first_done:
-                x = layer(x)
-            x = relu_dropout_(x, self.dropout if self.training else 0.0)
+    def _mlp(self, x, start=0):
+        """The MLP branch from layer `start` on; x is that layer's input."""
+        for layer in self.mlp[start:]:
+            x = relu_dropout_(layer(x), self.dropout if self.training else 0.0)
         return x
 
     def _head(self, gmf, x):
@@ -151,7 +148,8 @@ class NeuMF(nn.Module):
             gmf = nn.functional.embedding(flat, item_mf).view(rows, c, -1)
             gmf.mul_(u_mf[lo : lo + step, None, :])
             hidden, gmf = hidden.view(rows * c, -1), gmf.view(rows * c, -1)
-            scores.append(self._head(gmf, self._mlp(hidden, first_done=True)).view(rows, c))
+            hidden = relu_dropout_(hidden, self.dropout if self.training else 0.0)
+            scores.append(self._head(gmf, self._mlp(hidden, start=1)).view(rows, c))
         return torch.cat(scores)
 
     def _score_pieces_in_place(self, user_term, u_mf, item_term, item_mf, candidates, step):
@@ -213,25 +211,97 @@ class _ReluDropout(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, p):
-        scale = 1.0 / (1.0 - p)
-        mask = dropout_mask(x.shape, p)
-        if mask is None:  # p is not a multiple of 1/256: torch's own mask, as its dropout draws it
-            mask = torch.empty_like(x).bernoulli_(1.0 - p).div_(1.0 - p)
         ctx.mark_dirty(x)
-        y = x.clamp_min_(0.0).mul_(mask)
+        y = _apply_relu_dropout_(x, p)
         ctx.save_for_backward(y)
-        ctx.scale = scale
+        ctx.scale = 1.0 / (1.0 - p)
         return y
 
     @staticmethod
     def backward(ctx, grad):
         (y,) = ctx.saved_tensors
-        # grad where y > 0, else 0: ReLU's own vectorised backward kernel, measured 4.5x faster on a
-        # [2^20, 256] tensor than torch.where with a boolean mask. Written over y, which nothing needs
-        # any more: every node that saved y consumed it, so has run its backward before this one (and
-        # autograd's version check would stop a retained graph from reading it again).
-        grad_input = torch.ops.aten.threshold_backward(grad, y, 0.0, grad_input=y)
-        return grad_input.mul_(ctx.scale), None
+        return _relu_dropout_grad_(grad, y, ctx.scale), None
+
+
+def gather_relu_dropout(user_term, item_term, user, item, p):
+    """dropout(relu(user_term[user] + item_term[item]), p): the factored first MLP layer's output.
+
+    On the CPU each piece of rows is gathered, added, rectified and masked while it is in cache, and
+    written once: the plain ops wrote two gathered [B, L1] tensors, their sum and a mask to memory
+    and read them back. The masks are those relu_dropout draws for the same shape.
+    """
+    if user.device.type != "cpu":
+        return relu_dropout_(nn.functional.embedding(user, user_term).add_(nn.functional.embedding(item, item_term)), p)
+    return _GatherReluDropout.apply(user_term, item_term, user, item, p)
+
+
+class _GatherReluDropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, user_term, item_term, user, item, p):
+        y = user_term.new_empty(user.shape[0], user_term.shape[1])
+        piece_elements, pieces = _row_pieces(y)
+        item_rows = y.new_empty(piece_elements)
+        # The same masks, drawn in the same order, as _apply_relu_dropout_(y, p) would.
+        drawer = _MaskDrawer(piece_elements, p) if p and _mask_bits(p) else None
+        for rows in pieces:
+            piece = torch.index_select(user_term, 0, user[rows], out=y[rows])
+            piece.add_(torch.index_select(item_term, 0, item[rows], out=item_rows[: piece.numel()].view(piece.shape)))
+            if drawer:
+                piece.clamp_min_(0.0).mul_(drawer.draw(piece.shape))
+        if not drawer:
+            y = _apply_relu_dropout_(y, p)
+        ctx.save_for_backward(y, user, item)
+        ctx.scale = 1.0 / (1.0 - p)
+        ctx.rows = (user_term.shape[0], item_term.shape[0])
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, user, item = ctx.saved_tensors
+        grad = _relu_dropout_grad_(grad, y, ctx.scale)
+        scatter = torch.ops.aten.embedding_dense_backward
+        return (scatter(grad, user, ctx.rows[0], -1, False), scatter(grad, item, ctx.rows[1], -1, False),
+                None, None, None)
+
+
+PIECE_ELEMENTS = 1 << 19  # 2 MiB of fp32: a piece and its mask stay in the CPU's cache
+
+
+def _row_pieces(x):
+    """(elements of the largest piece, slices of x's rows) for pieces of PIECE_ELEMENTS elements or so,
+    in whole rows, a multiple of 32 of them (the elements of one random word at one bit each, so that
+    pieces draw the same bits as the whole would)."""
+    rows = min(x.shape[0], max(32, PIECE_ELEMENTS // max(1, x.shape[1]) // 32 * 32))
+    return rows * x.shape[1], [slice(lo, lo + rows) for lo in range(0, x.shape[0], max(1, rows))]
+
+
+def _apply_relu_dropout_(x, p):
+    """x = dropout(relu(x), p) in place; on the CPU piece by piece, each piece's mask drawn and applied
+    while the piece is in cache."""
+    if p == 0.0:
+        return x.relu_()
+    if _mask_bits(p) is None:  # p is not a multiple of 1/256: torch's own mask, as its dropout draws it
+        return x.clamp_min_(0.0).mul_(torch.empty_like(x).bernoulli_(1.0 - p).div_(1.0 - p))
+    piece_elements, pieces = _row_pieces(x)
+    drawer = _MaskDrawer(piece_elements, p)
+    for rows in pieces:
+        piece = x[rows]
+        piece.clamp_min_(0.0).mul_(drawer.draw(piece.shape))
+    return x
+
+
+def _relu_dropout_grad_(grad, y, scale):
+    """The input gradient of y = dropout(relu(x)): grad where y > 0, else 0, times the dropout scale.
+
+    threshold_backward is ReLU's own vectorised backward kernel (measured 4.5x faster on a [2^20, 256]
+    tensor than torch.where with a boolean mask), and the scaling happens while each piece is in cache.
+    The result is written over y, which nothing needs any more: every node that saved y consumed it,
+    so has run its backward before this one (and autograd's version check would stop a retained graph
+    from reading it again).
+    """
+    for rows in _row_pieces(y)[1]:
+        torch.ops.aten.threshold_backward(grad[rows], y[rows], 0.0, grad_input=y[rows]).mul_(scale)
+    return y
 
 
 # Run eagerly under torch.compile: AOT autograd mishandles the dtype view in random_bytes, and eager
@@ -249,19 +319,42 @@ def dropout_mask(shape, p):
     [256, 8 / bits] table): for p = 0.5 the mask costs 1/32 of a random draw and about 1.5 memory
     passes an element, measured 6x faster than comparing a byte per element.
     """
-    for bits in (1, 2, 4, 8):
-        threshold = p * (1 << bits)
-        if threshold.is_integer():
-            break
-    else:
+    if _mask_bits(p) is None:
         return None
-    per_byte = 8 // bits
-    count = math.prod(shape)
-    codes = random_bytes(((count + per_byte - 1) // per_byte,))
-    table = _mask_table(bits, int(threshold), 1.0 / (1.0 - p))
-    return nn.functional.embedding(codes.int(), table).view(-1)[:count].view(shape)
+    return _MaskDrawer(math.prod(shape), p).draw(shape)
 
 
+class _MaskDrawer:
+    """Draws dropout masks (see dropout_mask) of up to `elements` elements into buffers it keeps, so
+    that masks drawn piece by piece allocate nothing per piece (small allocations page-faulted: the
+    masks of 2,048-row pieces took 3x as long as one whole mask until they reused buffers)."""
+
+    def __init__(self, elements, p):
+        self.bits = _mask_bits(p)
+        self.per_byte = 8 // self.bits
+        self.table = _mask_table(self.bits, int(p * (1 << self.bits)), 1.0 / (1.0 - p))
+        codes = (elements + self.per_byte - 1) // self.per_byte
+        self.words = torch.empty((codes + 3) // 4, dtype=torch.int32)
+        self.codes = torch.empty(codes, dtype=torch.int32)
+        self.mask = torch.empty(codes, self.per_byte)
+
+    @torch.compiler.disable
+    def draw(self, shape):
+        count = math.prod(shape)
+        codes = (count + self.per_byte - 1) // self.per_byte
+        # The full int32 range: random_() alone would leave each word's top bit 0.
+        words = self.words[: (codes + 3) // 4].random_(-(2**31), 2**31)
+        self.codes[:codes].copy_(words.view(torch.uint8)[:codes])
+        mask = torch.index_select(self.table, 0, self.codes[:codes], out=self.mask[:codes])
+        return mask.view(-1)[:count].view(shape)
+
+
+def _mask_bits(p):
+    """The fewest random bits per element (1, 2, 4 or 8) that express p exactly, or None."""
+    return next((bits for bits in (1, 2, 4, 8) if (p * (1 << bits)).is_integer()), None)
+
+
+@functools.lru_cache(maxsize=16)
 def _mask_table(bits, threshold, scale):
     """[256, 8 // bits] float: for each byte value, the masks of its bit fields, lowest bits first."""
     fields = torch.arange(0, 8, bits)

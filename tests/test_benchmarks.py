@@ -129,3 +129,9 @@ def test_gpu_check_script_cpu_path(tmp_path):
         assert (out / name).stat().st_size > 0, name
     assert len((out / "throughput.jsonl").read_text().splitlines()) == 2
     assert epochs_of(out / "train.jsonl")
+
+
+def test_fused_relu_dropout_takes_an_empty_batch():
+    x = torch.empty(0, 8, requires_grad=True)
+    relu_dropout(x, 0.5).sum().backward()
+    assert x.grad.shape == (0, 8)
