@@ -342,9 +342,7 @@ class _MaskDrawer:
     def draw(self, shape):
         count = math.prod(shape)
         codes = (count + self.per_byte - 1) // self.per_byte
-        # The full int32 range: random_() alone would leave each word's top bit 0.
-        words = self.words[: (codes + 3) // 4].random_(-(2**31), 2**31)
-        self.codes[:codes].copy_(words.view(torch.uint8)[:codes])
+        self.codes[:codes].copy_(random_bytes(codes, self.words))
         mask = torch.index_select(self.table, 0, self.codes[:codes], out=self.mask[:codes])
         return mask.view(-1)[:count].view(shape)
 
@@ -362,12 +360,13 @@ def _mask_table(bits, threshold, scale):
     return torch.where(values >= threshold, scale, 0.0).float()
 
 
-def random_bytes(shape):
-    """Uniform random bytes of `shape` from torch's default CPU generator, four per random draw."""
-    count = math.prod(shape)
+def random_bytes(count, words=None):
+    """`count` uniform random bytes from torch's default CPU generator, four per random draw, drawn into
+    the int32 buffer `words` (at least (count + 3) // 4 long) when given."""
+    needed = (count + 3) // 4
+    words = torch.empty(needed, dtype=torch.int32) if words is None else words[:needed]
     # The full int32 range: random_() alone would leave each word's top bit 0.
-    words = torch.empty((count + 3) // 4, dtype=torch.int32).random_(-(2**31), 2**31)
-    return words.view(torch.uint8)[:count].view(shape)
+    return words.random_(-(2**31), 2**31).view(torch.uint8)[:count]
 
 
 class ItemPopularity(nn.Module):

@@ -55,7 +55,7 @@ def test_dropout_mask_keeps_every_position_of_a_byte_alike():
 
 def test_random_bytes_are_uniform():
     torch.manual_seed(0)
-    counts = torch.bincount(neumf.random_bytes((1 << 20,)).long(), minlength=256).double()
+    counts = torch.bincount(neumf.random_bytes(1 << 20).long(), minlength=256).double()
     expected = (1 << 20) / 256
     assert ((counts - expected) ** 2 / expected).sum().item() < 400  # chi-square, 255 degrees of freedom
 
