@@ -239,17 +239,13 @@ class _GatherReluDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, user_term, item_term, user, item, p):
         y = user_term.new_empty(user.shape[0], user_term.shape[1])
-        piece_elements, pieces = _row_pieces(y)
-        item_rows = y.new_empty(piece_elements)
-        # The same masks, drawn in the same order, as _apply_relu_dropout_(y, p) would.
-        drawer = _MaskDrawer(piece_elements, p) if p and _mask_bits(p) else None
-        for rows in pieces:
-            piece = torch.index_select(user_term, 0, user[rows], out=y[rows])
+        item_rows = y.new_empty(_row_pieces(y)[0])
+
+        def fill(rows, piece):
+            torch.index_select(user_term, 0, user[rows], out=piece)
             piece.add_(torch.index_select(item_term, 0, item[rows], out=item_rows[: piece.numel()].view(piece.shape)))
-            if drawer:
-                piece.clamp_min_(0.0).mul_(drawer.draw(piece.shape))
-        if not drawer:
-            y = _apply_relu_dropout_(y, p)
+
+        y = _apply_relu_dropout_(y, p, fill)
         ctx.save_for_backward(y, user, item)
         ctx.scale = 1.0 / (1.0 - p)
         ctx.rows = (user_term.shape[0], item_term.shape[0])
@@ -275,19 +271,23 @@ def _row_pieces(x):
     return rows * x.shape[1], [slice(lo, lo + rows) for lo in range(0, x.shape[0], max(1, rows))]
 
 
-def _apply_relu_dropout_(x, p):
-    """x = dropout(relu(x), p) in place; on the CPU piece by piece, each piece's mask drawn and applied
-    while the piece is in cache."""
-    if p == 0.0:
-        return x.relu_()
-    if _mask_bits(p) is None:  # p is not a multiple of 1/256: torch's own mask, as its dropout draws it
-        return x.clamp_min_(0.0).mul_(torch.empty_like(x).bernoulli_(1.0 - p).div_(1.0 - p))
+def _apply_relu_dropout_(x, p, fill=None):
+    """x = dropout(relu(x), p) in place, piece by piece: each piece's mask is drawn and applied while the
+    piece is in cache. fill(rows, piece), when given, first writes each piece's values (x's rows)."""
     piece_elements, pieces = _row_pieces(x)
-    drawer = _MaskDrawer(piece_elements, p)
+    drawer = _MaskDrawer(piece_elements, p) if p and _mask_bits(p) else None
     for rows in pieces:
         piece = x[rows]
-        piece.clamp_min_(0.0).mul_(drawer.draw(piece.shape))
-    return x
+        if fill:
+            fill(rows, piece)
+        if drawer:
+            piece.clamp_min_(0.0).mul_(drawer.draw(piece.shape))
+    if drawer:
+        return x
+    if p == 0.0:
+        return x.relu_()
+    # p is not a multiple of 1/256: torch's own mask, as its dropout draws it.
+    return x.clamp_min_(0.0).mul_(torch.empty_like(x).bernoulli_(1.0 - p).div_(1.0 - p))
 
 
 def _relu_dropout_grad_(grad, y, scale):
