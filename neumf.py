@@ -224,14 +224,13 @@ class _ReluDropout(torch.autograd.Function):
 
 
 def gather_relu_dropout(user_term, item_term, user, item, p):
-    """dropout(relu(user_term[user] + item_term[item]), p): the factored first MLP layer's output.
+    """dropout(relu(user_term[user] + item_term[item]), p): the factored first MLP layer's output (CPU
+    only, as the factoring is: see NeuMF._factor_first_layer).
 
-    On the CPU each piece of rows is gathered, added, rectified and masked while it is in cache, and
-    written once: the plain ops wrote two gathered [B, L1] tensors, their sum and a mask to memory
-    and read them back. The masks are those relu_dropout draws for the same shape.
+    Each piece of rows is gathered, added, rectified and masked while it is in cache, and written
+    once: the plain ops wrote two gathered [B, L1] tensors, their sum and a mask to memory and read
+    them back. The masks are those relu_dropout draws for the same shape.
     """
-    if user.device.type != "cpu":
-        return relu_dropout_(nn.functional.embedding(user, user_term).add_(nn.functional.embedding(item, item_term)), p)
     return _GatherReluDropout.apply(user_term, item_term, user, item, p)
 
 
