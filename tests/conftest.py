@@ -89,3 +89,17 @@ def train(cache, workdir, *extra, name="run", env=None):
     result = _run(args, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return result, log, out / "ck"
+
+
+def make_tiny_cache(folder, users=300, items=200, seed=0):
+    """300 users x 200 items, ~30 interactions each, 50 test negatives, converted in-process."""
+    import convert
+    import synthetic
+
+    folder = Path(folder)
+    csv = folder / "ratings.csv"
+    synthetic.write_ratings_csv(csv, users=users, items=items, interactions_per_user_mean=30, seed=seed)
+    cache = folder / "cache"
+    convert.main(["--path", str(csv), "--output", str(cache), "--negatives", "50", "--min_ratings", "20",
+                  "--no_progress"])
+    return cache
