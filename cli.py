@@ -50,6 +50,23 @@ def main_guard(main):
     return wrapper
 
 
+@contextlib.contextmanager
+def atomic_file(path):
+    """Open a temporary file beside `path` for writing (binary); renamed onto `path` only once the block
+    has finished and the data is on disk, so a crash or Ctrl-C never leaves a half-written `path`."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
 def remove_stale_temporaries(path):
     """Delete `PATH.tmp-PID` / `PATH.old-PID` files or folders left by a process that was killed.
 

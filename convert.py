@@ -27,13 +27,12 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from cache_format import FORMAT_VERSION, METADATA_FILE
 from cli import UserError, main_guard, remove_stale_temporaries
 
-FORMAT_VERSION = 1
 FORMATS = ("ml-20m", "ml-1m", "ml-100k", "custom")
 ML20M_COLUMNS = ("userId", "movieId", "timestamp")
 CUSTOM_COLUMNS = ("user_id", "item_id", "timestamp")
-CACHE_FILES = ("train_ratings.pt", "test_ratings.pt", "test_negatives.pt", "user_ids.pt", "item_ids.pt")
 # Users with fewer unseen items than this multiple of --negatives, or with more positives than unseen
 # items, are sampled from their complement; for everyone else rejection sampling ends in a few rounds.
 COMPLEMENT_FACTOR = 2
@@ -79,7 +78,7 @@ def validate_args(args):
 def cache_is_complete(path):
     """True iff `path` holds a finished cache: metadata.json is written last and must parse."""
     try:
-        with open(os.path.join(path, "metadata.json")) as f:
+        with open(os.path.join(path, METADATA_FILE)) as f:
             return isinstance(json.load(f), dict)
     except (OSError, ValueError):
         return False
@@ -280,7 +279,7 @@ def write_cache(output, tensors, metadata):
         os.makedirs(tmp)
         for name, array in tensors.items():
             torch.save(torch.from_numpy(np.ascontiguousarray(array)), os.path.join(tmp, name))
-        with open(os.path.join(tmp, "metadata.json"), "w") as f:
+        with open(os.path.join(tmp, METADATA_FILE), "w") as f:
             json.dump(metadata, f, indent=2)
         if os.path.exists(output):
             os.rename(output, old)

@@ -10,10 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from cache_format import FORMAT_VERSION, METADATA_FILE, TENSOR_FILES
 from cli import UserError
-
-CACHE_FORMAT_VERSION = 1
-TENSOR_FILES = ("train_ratings.pt", "test_ratings.pt", "test_negatives.pt", "user_ids.pt", "item_ids.pt")
 
 
 @dataclass(frozen=True)
@@ -60,7 +58,7 @@ def load_cache(path):
     fix = "run ./prepare_dataset.sh NAME (or convert.py) to (re)create it, or pass --data with the right folder"
     if not os.path.isdir(path):
         raise UserError(f"no dataset cache at {path}: {fix}")
-    meta_path = os.path.join(path, "metadata.json")
+    meta_path = os.path.join(path, METADATA_FILE)
     if not os.path.isfile(meta_path):
         raise UserError(f"dataset cache {path} is incomplete (no metadata.json): {fix}")
     try:
@@ -68,10 +66,10 @@ def load_cache(path):
             metadata = json.load(f)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot read {meta_path} ({err}): {fix}") from None
-    if metadata.get("format_version") != CACHE_FORMAT_VERSION:
+    if metadata.get("format_version") != FORMAT_VERSION:
         raise UserError(
             f"dataset cache {path} has format version {metadata.get('format_version')}, "
-            f"this code reads version {CACHE_FORMAT_VERSION}: {fix}"
+            f"this code reads version {FORMAT_VERSION}: {fix}"
         )
     tensors = {name: load_tensor(os.path.join(path, name), "cache file") for name in TENSOR_FILES}
     cache = Cache(

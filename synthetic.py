@@ -16,14 +16,13 @@ bounded at any size.
 import cli  # noqa: F401, I001  (sets the OpenMP wait policy before numpy starts its thread pool)
 
 import argparse
-import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 
-from cli import UserError, main_guard
+from cli import UserError, atomic_file, main_guard
 
 # (users, items, mean interactions per user) of the shapes the benchmarks and the quick start use.
 PRESETS = {
@@ -220,19 +219,12 @@ def csv_bytes(block):
 def write_ratings_csv(path, users=6000, items=3000, interactions_per_user_mean=50.0, factors=8, seed=0):
     """Stream the ratings to `path` (atomically: temp file, then rename); return the row count."""
     blocks = rating_chunks(users, items, interactions_per_user_mean, factors, seed)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
     rows = 0
-    try:
-        with open(tmp, "wb") as f:
-            f.write(b"userId,movieId,rating,timestamp\n")
-            for block in blocks:
-                f.write(csv_bytes(block))
-                rows += len(block["userId"])
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_file(path) as f:
+        f.write(b"userId,movieId,rating,timestamp\n")
+        for block in blocks:
+            f.write(csv_bytes(block))
+            rows += len(block["userId"])
     return rows
 
 

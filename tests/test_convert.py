@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import convert
+from cache_format import TENSOR_FILES
 
 # One small history, written below in each format. File order matters: it sets the dense ids.
 #   user 20: 200@1, 400@2, 300@2   -> 300 is the latest (tie at t=2 broken by file order)
@@ -64,7 +65,7 @@ WRITERS = {"ml-20m": write_ml20m, "ml-1m": write_ml1m, "ml-100k": write_ml100k, 
 
 def run_convert(path, output, *extra):
     convert.main(["--path", str(path), "--output", str(output), "--no_progress", *map(str, extra)])
-    return {name: torch.load(output / name, weights_only=True) for name in convert.CACHE_FILES}
+    return {name: torch.load(output / name, weights_only=True) for name in TENSOR_FILES}
 
 
 def load_metadata(output):

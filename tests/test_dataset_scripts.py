@@ -9,6 +9,7 @@ import zipfile
 import pytest
 
 import convert
+from cache_format import TENSOR_FILES
 
 
 def test_prepare_synthetic_then_rerun_returns_at_once(tmp_path, run_cli):
@@ -16,7 +17,7 @@ def test_prepare_synthetic_then_rerun_returns_at_once(tmp_path, run_cli):
     first = run_cli(["prepare_dataset.sh", "synthetic"], env={"DATA_DIR": str(data_dir)}, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     cache = data_dir / "cache" / "synthetic"
-    assert sorted(p.name for p in cache.iterdir()) == sorted([*convert.CACHE_FILES, "metadata.json"])
+    assert sorted(p.name for p in cache.iterdir()) == sorted([*TENSOR_FILES, "metadata.json"])
     assert convert.cache_is_complete(cache)
     assert not (tmp_path / "data").exists()  # DATA_DIR moved it
 

@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import convert
+from cache_format import TENSOR_FILES
 from metrics import rank_metric_sums, sampled_ranks
 
 # Random small rating tables: (user, item, timestamp) rows with repeated pairs and tied timestamps.
@@ -26,7 +27,7 @@ def run_convert(tmp_path, table, min_ratings, negatives, seed=0):
                               min_ratings=min_ratings, format="auto", no_progress=True)
     convert.convert(args)
     load = lambda name: torch.load(out / name, weights_only=True).numpy()  # noqa: E731
-    return {name: load(name) for name in convert.CACHE_FILES if name.endswith(".pt")}, \
+    return {name: load(name) for name in TENSOR_FILES if name.endswith(".pt")}, \
         json.loads((out / "metadata.json").read_text())
 
 

@@ -14,6 +14,7 @@ from conftest import ROOT, TINY_TRAIN, epochs_of, make_synthetic_cache, train
 
 import convert
 import ncf
+from cache_format import TENSOR_FILES
 
 pytestmark = pytest.mark.slow
 
@@ -247,7 +248,7 @@ def test_killed_convert_leaves_no_cache_that_looks_complete(tmp_path, run_cli):
         job.wait()
         if cache.exists():
             assert convert.cache_is_complete(cache)
-            for name in convert.CACHE_FILES:
+            for name in TENSOR_FILES:
                 assert (cache / name).exists()
     result = run_cli(["prepare_dataset.sh", "synthetic"], env={"DATA_DIR": str(data)})
     assert result.returncode == 0, result.stderr
