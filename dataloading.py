@@ -5,12 +5,12 @@ whatever device it is given; nothing assumes CUDA.
 """
 import json
 import os
-import warnings
 from dataclasses import dataclass
 
 import torch
 
 from cache_format import FORMAT_VERSION, METADATA_FILE, TENSOR_FILES
+from checkpoint import safe_load
 from cli import UserError
 
 
@@ -30,23 +30,6 @@ class Cache:
     @property
     def num_items(self):
         return self.metadata["num_items"]
-
-
-def safe_load(path, what, fix):
-    """torch.load restricted to tensors and plain data (weights_only), with one-line user errors."""
-    if not os.path.isfile(path):
-        raise UserError(f"{what} {path} does not exist: {fix}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch's pickle-protocol chatter would add stderr lines
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated, not a torch file, or a pickle that runs code
-        text = str(err).strip()
-        if "Weights only load failed" in text:
-            reason = "it holds Python objects, not just tensors and plain data, and is not loaded for safety"
-        else:
-            reason = text.splitlines()[0][:200] if text else type(err).__name__
-        raise UserError(f"cannot load {what} {path} ({reason}): {fix}") from None
 
 
 def load_tensor(path, what):
