@@ -21,12 +21,14 @@ import time
 import numpy as np
 import torch
 
-import ncf
+import checkpoint
 from cli import UserError, main_guard
 from dataloading import load_cache, train_positives_csr
+from devices import choose_precision, cpu_has_native_bf16, pick_device
+from neumf import DROPOUT, FACTORS, LAYERS, build_model
+import synthetic
 
-ML20M_SHAPE = (138_493, 26_744)
-DEFAULT_MODEL = {"mf_dim": 64, "mlp_layer_sizes": [256, 256, 128, 64], "dropout": 0.5}  # ncf.py's defaults
+ML20M_SHAPE = synthetic.PRESETS["ml-20m"][:2]  # users, items
 
 
 def parse_args(argv=None):
@@ -47,8 +49,8 @@ def parse_args(argv=None):
     bench.add_argument("--data", help="dataset cache whose user/item counts shape the model")
     bench.add_argument("--users", type=int, default=ML20M_SHAPE[0], help="users, without --data/--checkpoint")
     bench.add_argument("--items", type=int, default=ML20M_SHAPE[1], help="items, without --data/--checkpoint")
-    bench.add_argument("-f", "--factors", type=int, default=DEFAULT_MODEL["mf_dim"], help="without --checkpoint")
-    bench.add_argument("--layers", type=int, nargs="+", default=DEFAULT_MODEL["mlp_layer_sizes"],
+    bench.add_argument("-f", "--factors", type=int, default=FACTORS, help="without --checkpoint")
+    bench.add_argument("--layers", type=int, nargs="+", default=list(LAYERS),
                        help="without --checkpoint")
     bench.add_argument("--batch_sizes", type=int, nargs="+", default=[1024, 65536, 1048576])
     bench.add_argument("--precision", nargs="+", choices=("fp32", "amp"), default=["fp32", "amp"],
@@ -60,19 +62,10 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def pick_device(flag):
-    if flag == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA device is available: use --device cpu")
-    return torch.device("cuda" if flag == "cuda" or (flag == "auto" and torch.cuda.is_available()) else "cpu")
-
-
 def load_model(path, cache, device):
     if not os.path.isfile(path):
         raise UserError(f"--checkpoint {path} does not exist: pass the model.pth that ncf.py wrote")
-    ckpt = ncf.load_checkpoint(path, cache, "--checkpoint")
-    model = ncf.build_model(ckpt["config"], device)
-    ncf.load_model_weights(model, ckpt, path)
-    return model.eval()
+    return checkpoint.load_model(path, cache, device, "--checkpoint")[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,16 +140,16 @@ def benchmark_model(args, device):
             raise UserError(f"{flag} must be positive, got {value}")
     if any(size <= 0 for size in args.layers) or args.layers[0] % 2:
         raise UserError(f"--layers must be positive sizes with an even first one, got {args.layers}")
-    config = {**DEFAULT_MODEL, "nb_users": users, "nb_items": items, "mf_dim": args.factors,
-              "mlp_layer_sizes": list(args.layers)}
+    config = {"nb_users": users, "nb_items": items, "mf_dim": args.factors, "mlp_layer_sizes": list(args.layers),
+              "dropout": DROPOUT}
     torch.manual_seed(0)
     source = f"dataset {args.data}" if cache else "no data"
-    return ncf.build_model(config, device).eval(), f"untrained model ({source})"
+    return build_model(config, device).eval(), f"untrained model ({source})"
 
 
 def amp_precision(device):
     """fp16 autocast on CUDA (the recipe's), bf16 autocast on CPU (torch has no fp16 CPU autocast path)."""
-    return ncf.choose_precision("O2", "float16" if device.type == "cuda" else "bfloat16", device)
+    return choose_precision("O2", "float16" if device.type == "cuda" else "bfloat16", device)
 
 
 @torch.inference_mode()
@@ -190,7 +183,7 @@ def run_benchmark(args):
         users = torch.randint(model.nb_users, (batch,), generator=generator, dtype=torch.int32).to(device)
         items = torch.randint(model.nb_items, (batch,), generator=generator, dtype=torch.int32).to(device)
         for requested in args.precision:
-            precision = ncf.choose_precision("O0", "auto", device) if requested == "fp32" else amp_precision(device)
+            precision = choose_precision("O0", "auto", device) if requested == "fp32" else amp_precision(device)
             seconds = time_batches(model, users, items, precision, args.iterations, args.warmup, device)
             results.append({
                 "batch_size": batch, "precision": requested, "precision_run": precision.name,
@@ -203,7 +196,7 @@ def run_benchmark(args):
         "device": str(device) if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})",
         "model": model.config, "model_source": source, "torch": torch.__version__,
         "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-        "bf16_native_cpu": ncf.cpu_has_native_bf16(), "results": results,
+        "bf16_native_cpu": cpu_has_native_bf16(), "results": results,
     }
     print_table(report)
     print(json.dumps(report))

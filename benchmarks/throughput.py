@@ -16,7 +16,6 @@ import resource
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # As cli.py does, but it must happen before torch loads OpenMP, and import sorting puts torch first.
@@ -26,6 +25,8 @@ import torch
 
 import ncf
 from dataloading import EpochSampler, TestData
+from devices import choose_precision
+from neumf import DROPOUT, FACTORS, LAYERS, build_model
 
 ML20M = {"users": 138_493, "items": 26_744, "positives": 19_861_770}
 
@@ -46,9 +47,9 @@ def parse_args(argv=None):
     p.add_argument("--eval_users", type=int, default=None, help="users scored in the eval timing (default: all)")
     p.add_argument("--eval_repeats", type=int, default=3, help="timed evaluations (the median is reported)")
     p.add_argument("--valid_batch_size", type=int, default=1048576)
-    p.add_argument("--factors", type=int, default=64)
-    p.add_argument("--layers", type=int, nargs="+", default=[256, 256, 128, 64])
-    p.add_argument("--dropout", type=float, default=0.5)
+    p.add_argument("--factors", type=int, default=FACTORS)
+    p.add_argument("--layers", type=int, nargs="+", default=list(LAYERS))
+    p.add_argument("--dropout", type=float, default=DROPOUT)
     p.add_argument("--grads_accumulated", type=int, default=1,
                    help="micro-batches per optimizer step, as ncf.py's flag (same maths, smaller activations)")
     p.add_argument("--warmup", type=int, default=2, help="untimed training steps first")
@@ -68,36 +69,23 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def measure_one(args, batch_size, precision_name):
-    """Train and eval throughput of one configuration, in this process."""
-    device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    amp_dtype = "float16" if device.type == "cuda" else "bfloat16"
-    opt_level = "O2" if precision_name == "amp" else "O0"
-    precision = ncf.choose_precision(opt_level, amp_dtype, device)
-    ctx = ncf.DistContext(rank=0, local_rank=0, world_size=1, device=device)
+def build(args, device, precision):
+    """ml-20m-shaped random positives in an EpochSampler, the model and ncf.py's optimizer and scaler."""
     train = torch.stack((torch.randint(args.users, (args.positives,), dtype=torch.int32),
                          torch.randint(args.items, (args.positives,), dtype=torch.int32)), dim=1)
     sampler = EpochSampler(train, args.items, args.negatives, device, seed=0)
-    del train
     config = {"nb_users": args.users, "nb_items": args.items, "mf_dim": args.factors,
               "mlp_layer_sizes": args.layers, "dropout": args.dropout}
-    model = ncf.build_model(config, device)
-    run_args = SimpleNamespace(learning_rate=0.0045, beta1=0.25, beta2=0.5, eps=1e-8, topk=10,
-                               valid_batch_size=args.valid_batch_size)
-    optimizer, optimizer_name = ncf.make_optimizer(model, run_args, device)
-    scaler = precision.grad_scaler()
-    train_model = model
-    if args.compile:
-        import torch._inductor.config as inductor_config
+    model = build_model(config, device)
+    defaults = ncf.parse_args([])  # the recipe's optimizer flags
+    optimizer, optimizer_name = ncf.make_optimizer(model, defaults.learning_rate, (defaults.beta1, defaults.beta2),
+                                                   defaults.eps)
+    return sampler, model, optimizer, optimizer_name, precision.grad_scaler()
 
-        inductor_config.fallback_random = True
-        train_model = torch.compile(model)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
 
+def time_training(args, sampler, train_model, optimizer, scaler, precision, batch_size, ctx):
+    """Times of the epoch's shuffle, of the first step and of the later steps, and the last loss."""
+    device = ctx.device
     # The epoch's shuffle happens when its first batch is asked for: timed on its own.
     sync(device)
     start = time.perf_counter()
@@ -119,42 +107,68 @@ def measure_one(args, batch_size, precision_name):
         sync(device)
         if step >= args.warmup:
             step_times.append(time.perf_counter() - start)
-    loss = float(loss)
-    step_times.sort()
-    step_s = step_times[len(step_times) // 2]  # median: the machine may be shared
+    return shuffle_s, first_step_s, sorted(step_times), float(loss)
 
+
+def time_evaluation(args, model, precision, ctx):
+    """(seconds of each timed evaluation, pairs scored per evaluation, HR@10) on random candidates."""
+    device = ctx.device
     eval_users = min(args.eval_users or args.users, args.users)
     users = torch.arange(eval_users, dtype=torch.int32, device=device)
     candidates = torch.randint(args.items, (eval_users, args.candidates), dtype=torch.int32, device=device)
     test_data = TestData(users=users, candidates=candidates, total_samples=eval_users * args.candidates)
-    ncf.evaluate(model, TestData(users[:1000], candidates[:1000], 1000 * args.candidates), run_args,
-                 precision, ctx)  # warm-up
+    topk = ncf.parse_args([]).topk
+    ncf.evaluate(model, TestData(users[:1000], candidates[:1000], 1000 * args.candidates), topk,
+                 args.valid_batch_size, precision, ctx)  # warm-up
     eval_times = []
     for _ in range(args.eval_repeats):
         sync(device)
         start = time.perf_counter()
-        hr, _ = ncf.evaluate(model, test_data, run_args, precision, ctx)
+        hr, _ = ncf.evaluate(model, test_data, topk, args.valid_batch_size, precision, ctx)
         sync(device)
         eval_times.append(time.perf_counter() - start)
-    eval_s = sorted(eval_times)[len(eval_times) // 2]
+    return eval_times, test_data.total_samples, hr
 
+
+def measure_one(args, batch_size, precision_name):
+    """Train and eval throughput of one configuration, in this process."""
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    amp_dtype = "float16" if device.type == "cuda" else "bfloat16"
+    precision = choose_precision("O2" if precision_name == "amp" else "O0", amp_dtype, device)
+    ctx = ncf.DistContext(rank=0, local_rank=0, world_size=1, device=device)
+    sampler, model, optimizer, optimizer_name, scaler = build(args, device, precision)
+    train_model = model
+    if args.compile:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.fallback_random = True
+        train_model = torch.compile(model)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    shuffle_s, first_step_s, step_times, loss = time_training(args, sampler, train_model, optimizer, scaler,
+                                                              precision, batch_size, ctx)
+    step_s = step_times[len(step_times) // 2]  # median: the machine may be shared
+    eval_times, eval_samples, hr = time_evaluation(args, model, precision, ctx)
+    eval_s = sorted(eval_times)[len(eval_times) // 2]
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
         name = torch.cuda.get_device_name(device)
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         name = f"cpu x{torch.get_num_threads()} threads"
-    samples_per_epoch = sampler.samples_per_epoch
     steps_per_epoch = sampler.steps_per_epoch(batch_size, 1)
     return {
         "device": args.device, "device_name": name, "precision": precision.name, "batch_size": batch_size,
         "grads_accumulated": args.grads_accumulated, "train_samples_per_s": batch_size / step_s,
-        "epoch_samples_per_s": samples_per_epoch / (shuffle_s + steps_per_epoch * step_s),
-        "eval_samples_per_s": test_data.total_samples / eval_s,
+        "epoch_samples_per_s": sampler.samples_per_epoch / (shuffle_s + steps_per_epoch * step_s),
+        "eval_samples_per_s": eval_samples / eval_s,
         "peak_memory_bytes": peak, "peak_memory_kind": "max_allocated" if device.type == "cuda" else "max_rss",
         "step_s_median": step_s, "step_s_all": step_times, "shuffle_s": shuffle_s, "first_step_s": first_step_s,
         "compiled": args.compile, "eval_s": eval_s, "eval_s_all": eval_times,
-        "eval_samples": test_data.total_samples, "timed_steps": len(step_times), "loss": loss, "eval_hr": hr,
+        "eval_samples": eval_samples, "timed_steps": len(step_times), "loss": loss, "eval_hr": hr,
         "optimizer": optimizer_name, "torch": torch.__version__,
     }
 
@@ -214,6 +228,42 @@ def measure_floor(device):
     return {"matmul_flops_per_s": 2 * rows * 256 * 256 / best_mm, "copy_bytes_per_s": 2 * big.numel() * 4 / best_copy}
 
 
+def add_floor(r, args, floor, batch_size):
+    """Lower bound on the time per sample: the larger of its matmul time and its memory time, with the
+    dense optimizer step's traffic shared by the batch's samples."""
+    run_cost = per_sample_cost(args, batch_size // args.grads_accumulated, args.device)
+    r["train_flops_per_sample"] = run_cost["train_flops"]
+    bytes_per_sample = run_cost["train_bytes"] + run_cost["step_bytes"] / batch_size
+    seconds = max(run_cost["train_flops"] / floor["matmul_flops_per_s"], bytes_per_sample / floor["copy_bytes_per_s"])
+    r["floor_train_samples_per_s"] = 1 / seconds
+    r["fraction_of_floor"] = r["train_samples_per_s"] * seconds
+    r["floor_eval_samples_per_s"] = 1 / max(run_cost["eval_flops"] / floor["matmul_flops_per_s"],
+                                            run_cost["eval_bytes"] / floor["copy_bytes_per_s"])
+
+
+def print_table(results, cost, floor):
+    print(f"\n{'device':<6} {'precision':<16} {'batch':>9} {'accum':>5} {'train/s':>12} {'epoch/s':>12} "
+          f"{'eval/s':>12} {'peak GB':>8} {'floor/s':>10} {'of floor':>8}")
+    for r in results:
+        line = (f"{r['device']:<6} {r['precision']:<16} {r['batch_size']:>9,} {r['grads_accumulated']:>5} "
+                f"{r['train_samples_per_s']:>12,.0f} {r['epoch_samples_per_s']:>12,.0f} "
+                f"{r['eval_samples_per_s']:>12,.0f} {r['peak_memory_bytes'] / 1e9:>8.2f}")
+        if floor:
+            line += f" {r['floor_train_samples_per_s']:>10,.0f} {r['fraction_of_floor']:>8.1%}"
+        print(line)
+    print(f"\nper training sample: {cost['recipe_train_flops'] / 1e3:.0f} kFLOP in the per-sample model, "
+          f"{cost['train_bytes'] / 1e3:.1f} kB of activations; per eval sample {cost['eval_flops'] / 1e3:.0f} "
+          f"kFLOP (factored); per optimizer step {cost['step_bytes'] / 1e9:.2f} GB (dense Adam over "
+          f"{cost['params'] / 1e6:.1f}M parameters)")
+    for r in results:
+        if floor and r["train_flops_per_sample"] != cost["recipe_train_flops"]:
+            print(f"batch {r['batch_size']:,}: first MLP layer factored per table row, "
+                  f"{r['train_flops_per_sample'] / 1e3:.0f} kFLOP per training sample")
+    if floor:
+        print(f"measured: fp32 matmul {floor['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s, copy bandwidth "
+              f"{floor['copy_bytes_per_s'] / 1e9:.1f} GB/s")
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -237,39 +287,10 @@ def main(argv=None):
                 sys.exit(f"throughput.py: error: batch {batch_size} {precision} failed (exit {proc.returncode})")
             r = json.loads(proc.stdout.strip().splitlines()[-1])
             if floor:
-                # Lower bound on the time per sample: the larger of its matmul time and its memory
-                # time, with the dense optimizer step's traffic shared by the batch's samples.
-                run_cost = per_sample_cost(args, batch_size // args.grads_accumulated, args.device)
-                r["train_flops_per_sample"] = run_cost["train_flops"]
-                bytes_per_sample = run_cost["train_bytes"] + run_cost["step_bytes"] / batch_size
-                seconds = max(run_cost["train_flops"] / floor["matmul_flops_per_s"],
-                              bytes_per_sample / floor["copy_bytes_per_s"])
-                r["floor_train_samples_per_s"] = 1 / seconds
-                r["fraction_of_floor"] = r["train_samples_per_s"] * seconds
-                r["floor_eval_samples_per_s"] = 1 / max(run_cost["eval_flops"] / floor["matmul_flops_per_s"],
-                                                        run_cost["eval_bytes"] / floor["copy_bytes_per_s"])
+                add_floor(r, args, floor, batch_size)
             results.append(r)
             print(json.dumps(r), flush=True)
-    print(f"\n{'device':<6} {'precision':<16} {'batch':>9} {'accum':>5} {'train/s':>12} {'epoch/s':>12} "
-          f"{'eval/s':>12} {'peak GB':>8} {'floor/s':>10} {'of floor':>8}")
-    for r in results:
-        line = (f"{r['device']:<6} {r['precision']:<16} {r['batch_size']:>9,} {r['grads_accumulated']:>5} "
-                f"{r['train_samples_per_s']:>12,.0f} {r['epoch_samples_per_s']:>12,.0f} "
-                f"{r['eval_samples_per_s']:>12,.0f} {r['peak_memory_bytes'] / 1e9:>8.2f}")
-        if floor:
-            line += f" {r['floor_train_samples_per_s']:>10,.0f} {r['fraction_of_floor']:>8.1%}"
-        print(line)
-    print(f"\nper training sample: {cost['recipe_train_flops'] / 1e3:.0f} kFLOP in the per-sample model, "
-          f"{cost['train_bytes'] / 1e3:.1f} kB of activations; per eval sample {cost['eval_flops'] / 1e3:.0f} "
-          f"kFLOP (factored); per optimizer step {cost['step_bytes'] / 1e9:.2f} GB (dense Adam over "
-          f"{cost['params'] / 1e6:.1f}M parameters)")
-    for r in results:
-        if floor and r["train_flops_per_sample"] != cost["recipe_train_flops"]:
-            print(f"batch {r['batch_size']:,}: first MLP layer factored per table row, "
-                  f"{r['train_flops_per_sample'] / 1e3:.0f} kFLOP per training sample")
-    if floor:
-        print(f"measured: fp32 matmul {floor['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s, copy bandwidth "
-              f"{floor['copy_bytes_per_s'] / 1e9:.1f} GB/s")
+    print_table(results, cost, floor)
     summary = {"floor": {**cost, **floor}, "results": results}
     print(json.dumps({"floor": summary["floor"]}))
     if args.json_out:

@@ -1,4 +1,10 @@
-"""Shared fixtures: run a command line of the project and check the one-line user-error contract."""
+"""The one shared fixture module: run a command line of the project, check the one-line user-error
+contract, and make tiny synthetic datasets and checkpoints.
+
+Two sizes of data: `make_synthetic_cache` (799 users, converted by the command line, for end-to-end
+runs) and `make_tiny_cache` (300 users x 200 items, converted in-process: on a busy 2-core machine a fresh
+interpreter spends seconds importing torch, which the tests of the command lines already pay for).
+"""
 import os
 import subprocess
 import sys
@@ -103,3 +109,23 @@ def make_tiny_cache(folder, users=300, items=200, seed=0):
     convert.main(["--path", str(csv), "--output", str(cache), "--negatives", "50", "--min_ratings", "20",
                   "--no_progress"])
     return cache
+
+
+# The tiny cache's model: factors 8, layers 32 16 8, batch 4096 (one epoch is ~45k samples).
+TINY_MODEL = ["--factors", "8", "--layers", "32", "16", "8", "-b", "4096", "--opt_level", "O0", "--no_progress"]
+
+
+def run_script(*args):
+    """Run a script of the repository in a fresh interpreter; raise with its output when it fails."""
+    result = _run(list(args))
+    assert result.returncode == 0, (args, result.stdout, result.stderr)
+    return result
+
+
+def train_tiny(cache, checkpoint_dir, epochs=2, *extra):
+    """Train the tiny model in-process (ncf.main); returns the path of the best-epoch checkpoint."""
+    import ncf
+
+    ncf.main(["--data", str(cache), "-e", str(epochs), "--checkpoint_dir", str(checkpoint_dir), *TINY_MODEL,
+              *map(str, extra)])
+    return Path(checkpoint_dir) / "model.pth"

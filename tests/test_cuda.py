@@ -6,6 +6,7 @@ from conftest import epochs_of, event_of, train
 import dataloading
 import ncf
 from dataloading import EpochSampler, load_cache
+from devices import choose_precision
 from neumf import NeuMF
 
 pytestmark = [pytest.mark.cuda,
@@ -31,11 +32,10 @@ def test_gpu_evaluation_matches_the_cpu(tiny_cache):
     cache = load_cache(tiny_cache)
     torch.manual_seed(0)
     model = NeuMF(cache.num_users, cache.num_items, 8, (16, 8)).eval()
-    args = type("Args", (), {"valid_batch_size": 4096, "topk": 10})()
     results = {}
     for device in (torch.device("cpu"), CUDA):
         ctx = ncf.DistContext(0, 0, 1, device)
-        precision = ncf.choose_precision("O0", "auto", device)
+        precision = choose_precision("O0", "auto", device)
         test_data = dataloading.TestData.from_cache(cache, device)
-        results[device.type] = ncf.evaluate(model.to(device), test_data, args, precision, ctx)
+        results[device.type] = ncf.evaluate(model.to(device), test_data, 10, 4096, precision, ctx)
     assert results["cuda"] == pytest.approx(results["cpu"], abs=2e-3)

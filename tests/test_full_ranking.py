@@ -5,17 +5,19 @@ their training items is a candidate; the rank of the test item is the number of 
 scored greater than or equal to it (ties count against the model, SPEC §6.3).
 """
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import tiny_data
 import torch
+from conftest import make_tiny_cache, run_script, train_tiny
 from torch import nn
 
 import ncf
+from checkpoint import load_model
 from dataloading import Cache, FullRankingData, load_cache
+from devices import choose_precision
 from logger import read_log
+from neumf import build_model
 
 CPU = torch.device("cpu")
 
@@ -66,9 +68,8 @@ def hand_made_cache(rng, users, items):
 
 def evaluate(model, cache, k, valid_batch_size, rank=0, world_size=1):
     data = FullRankingData.from_cache(cache, CPU, rank, world_size)
-    args = SimpleNamespace(valid_batch_size=valid_batch_size, topk=k)
     ctx = ncf.DistContext(rank=rank, local_rank=rank, world_size=1, device=CPU)
-    return ncf.evaluate_full_ranking(model, data, args, ncf.choose_precision("O0", "auto", CPU), ctx)
+    return ncf.evaluate_full_ranking(model, data, k, valid_batch_size, choose_precision("O0", "auto", CPU), ctx)
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -134,16 +135,14 @@ def score_table(model, cache):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     folder = tmp_path_factory.mktemp("full_ranking")
-    cache = tiny_data.make_cache(folder)
-    return cache, tiny_data.train(cache, folder / "checkpoints", 2)
+    cache = make_tiny_cache(folder)
+    return cache, train_tiny(cache, folder / "checkpoints", 2)
 
 
 def test_trained_model_matches_brute_force(trained):
     cache_dir, checkpoint = trained
     cache = load_cache(str(cache_dir))
-    ckpt = ncf.load_checkpoint(str(checkpoint), cache)
-    model = ncf.build_model(ckpt["config"], CPU).eval()
-    ncf.load_model_weights(model, ckpt, str(checkpoint))
+    model, _ = load_model(str(checkpoint), cache, CPU)
     scores = score_table(model, cache)
     expected = brute_force(scores, cache.train.tolist(), cache.test[:, 1].tolist(), 10)
     assert 0.0 < expected[0] < 1.0  # a trained model: some hits, not all
@@ -154,13 +153,13 @@ def test_trained_model_matches_brute_force(trained):
 def test_mode_test_logs_brute_force_figures(trained, tmp_path):
     cache_dir, checkpoint = trained
     log_path = tmp_path / "test.json"
-    tiny_data.run("ncf.py", "--data", cache_dir, "--mode", "test", "--load_checkpoint_path", checkpoint,
+    run_script("ncf.py", "--data", cache_dir, "--mode", "test", "--load_checkpoint_path", checkpoint,
                   "--full_ranking", "--valid_batch_size", 1000, "--opt_level", "O0", "--log_path", log_path)
     (record,) = [r for r in read_log(log_path) if r["event"] == "test"]
 
     cache = load_cache(str(cache_dir))
     ckpt = torch.load(checkpoint, weights_only=True)
-    model = ncf.build_model(ckpt["config"], CPU).eval()
+    model = build_model(ckpt["config"], CPU).eval()
     model.load_state_dict(ckpt["model"])
     scores = score_table(model, cache)
     full_hr, full_ndcg = brute_force(scores, cache.train.tolist(), cache.test[:, 1].tolist(), 10)

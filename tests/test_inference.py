@@ -3,13 +3,13 @@ import json
 
 import numpy as np
 import pytest
-import tiny_data
 import torch
+from conftest import make_tiny_cache, train_tiny
 
 import inference
-import ncf
 from cli import UserError
 from dataloading import load_cache
+from neumf import build_model
 
 pytestmark = pytest.mark.slow
 
@@ -17,8 +17,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     folder = tmp_path_factory.mktemp("inference")
-    cache_dir = tiny_data.make_cache(folder)
-    return cache_dir, tiny_data.train(cache_dir, folder / "checkpoints", 2)
+    cache_dir = make_tiny_cache(folder)
+    return cache_dir, train_tiny(cache_dir, folder / "checkpoints", 2)
 
 
 def test_recommendations_skip_training_items_in_original_ids(trained, run_cli):
@@ -32,7 +32,7 @@ def test_recommendations_skip_training_items_in_original_ids(trained, run_cli):
     out = json.loads(result.stdout)
     assert [r["user"] for r in out["recommendations"]] == original_users
 
-    model = ncf.build_model(torch.load(checkpoint, weights_only=True)["config"], torch.device("cpu")).eval()
+    model = build_model(torch.load(checkpoint, weights_only=True)["config"], torch.device("cpu")).eval()
     model.load_state_dict(torch.load(checkpoint, weights_only=True)["model"])
     dense_of_item = {int(original): dense for dense, original in enumerate(cache.item_ids.tolist())}
     for dense_user, rec in zip(dense_users, out["recommendations"], strict=True):

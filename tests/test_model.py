@@ -4,7 +4,6 @@ import math
 import pytest
 import torch
 
-import neumf
 from neumf import ItemPopularity, NeuMF
 
 
@@ -75,28 +74,3 @@ def test_logits_stay_fp32_under_autocast():
 def test_item_popularity_scores_by_training_count():
     model = ItemPopularity(torch.tensor([2, 2, 0, 2, 1]), nb_items=4)
     assert model(torch.zeros(4), torch.arange(4)).tolist() == [1.0, 1.0, 3.0, 0.0]
-
-
-@pytest.mark.parametrize("dropout", [0.5, 0.25, 0.3, 0.0])
-def test_factored_first_layer_matches_the_per_sample_forward_and_gradients(monkeypatch, dropout):
-    torch.manual_seed(0)
-    model = NeuMF(40, 25, mf_dim=8, mlp_layer_sizes=(16, 12, 8), dropout=dropout)
-    users = torch.randint(0, 40, (300,), dtype=torch.int32)
-    items = torch.randint(0, 25, (300,), dtype=torch.int32)
-    assert model._factor_first_layer(users) and not model._factor_first_layer(users[:60])
-    results = []
-    # The CPU applies ReLU+dropout piece by piece: one piece, and pieces of 32 rows (10 of them). The
-    # masks must not depend on the pieces, nor on the path.
-    for piece_elements in (neumf.PIECE_ELEMENTS, 1):
-        monkeypatch.setattr(neumf, "PIECE_ELEMENTS", piece_elements)
-        for forward in (model._forward_per_sample, model._forward_factored):
-            model.zero_grad()
-            torch.manual_seed(1)  # the same dropout masks
-            logits = forward(users, items)
-            logits.square().sum().backward()
-            results.append((logits.detach(), [p.grad.clone() for p in model.parameters()]))
-    plain, plain_grads = results[0]
-    for logits, grads in results[1:]:
-        torch.testing.assert_close(logits, plain, rtol=1e-5, atol=1e-6)
-        for a, b in zip(plain_grads, grads, strict=True):
-            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)

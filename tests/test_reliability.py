@@ -261,11 +261,12 @@ def test_grad_scaler_skips_overflowing_steps(tiny_cache):
     halves the loss scale; the next finite step trains. (A CPU stand-in: large embeddings and a
     huge scale make the scaled fp32 gradients overflow, as fp16 gradients do on a GPU.)"""
     from dataloading import EpochSampler, load_cache
+    from devices import choose_precision
     from neumf import NeuMF
 
     cache = load_cache(tiny_cache)
     ctx = ncf.DistContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-    precision = ncf.choose_precision("O0", "auto", ctx.device)
+    precision = choose_precision("O0", "auto", ctx.device)
     model = NeuMF(cache.num_users, cache.num_items, mf_dim=8, mlp_layer_sizes=(16, 8), dropout=0.0)
     with torch.no_grad():
         model.user_embed.weight.mul_(1e6)

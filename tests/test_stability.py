@@ -4,22 +4,22 @@ import sys
 
 import numpy as np
 import pytest
-import tiny_data
+from conftest import ROOT, TINY_MODEL, make_tiny_cache
 
 from cli import UserError
 from logger import read_log
 
-sys.path.insert(0, str(tiny_data.ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 import stability
 
 pytestmark = pytest.mark.slow
 
 
 def test_two_seeds_summary_and_histogram(tmp_path, run_cli):
-    cache = tiny_data.make_cache(tmp_path)
+    cache = make_tiny_cache(tmp_path)
     output = tmp_path / "stability"
     result = run_cli(["benchmarks/stability.py", "--data", cache, "--seeds", 2, "--first_seed", 3, "--jobs", 2,
-                      "--output", output, "--", "-e", 1, *tiny_data.TINY_MODEL])
+                      "--output", output, "--", "-e", 1, *TINY_MODEL])
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads((output / "stability.json").read_text())
     assert [r["seed"] for r in report["runs"]] == [3, 4]

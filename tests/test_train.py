@@ -1,5 +1,4 @@
 """End-to-end runs of `ncf.py` on the tiny synthetic dataset, asserting the figures it logs."""
-import argparse
 import itertools
 import re
 
@@ -9,6 +8,7 @@ from conftest import epochs_of, event_of, make_synthetic_cache, train
 
 import ncf
 from dataloading import EpochSampler, load_cache
+from devices import choose_precision, cpu_has_native_bf16
 from neumf import NeuMF
 
 pytestmark = pytest.mark.slow
@@ -111,11 +111,9 @@ def step_losses(cache, grads_accumulated, steps=6):
     """Losses of the first optimizer steps, computed with ncf.train_epoch's own code path."""
     torch.manual_seed(0)
     model = NeuMF(cache.num_users, cache.num_items, mf_dim=16, mlp_layer_sizes=(64, 32, 16), dropout=0.0)
-    args = argparse.Namespace(learning_rate=0.01, beta1=0.25, beta2=0.5, eps=1e-8, batch_size=2048,
-                              grads_accumulated=grads_accumulated)
-    optimizer, _ = ncf.make_optimizer(model, args, torch.device("cpu"))
+    optimizer, _ = ncf.make_optimizer(model, 0.01, (0.25, 0.5), 1e-8)
     ctx = ncf.DistContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-    precision = ncf.choose_precision("O0", "auto", ctx.device)
+    precision = choose_precision("O0", "auto", ctx.device)
     scaler = precision.grad_scaler()
     sampler = EpochSampler(cache.train, cache.num_items, 4, "cpu", seed=1)
     losses = []
@@ -150,16 +148,14 @@ def test_no_host_sync_per_batch(tiny_cache):
     """Host reads of device values during an epoch do not grow with its number of batches."""
     cache = load_cache(tiny_cache)
     ctx = ncf.DistContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-    precision = ncf.choose_precision("O0", "auto", ctx.device)
+    precision = choose_precision("O0", "auto", ctx.device)
 
     def reads(batch_size):
         model = NeuMF(cache.num_users, cache.num_items, mf_dim=8, mlp_layer_sizes=(16, 8), dropout=0.5)
-        args = argparse.Namespace(learning_rate=0.01, beta1=0.25, beta2=0.5, eps=1e-8, batch_size=batch_size,
-                                  grads_accumulated=1)
-        optimizer, _ = ncf.make_optimizer(model, args, ctx.device)
+        optimizer, _ = ncf.make_optimizer(model, 0.01, (0.25, 0.5), 1e-8)
         sampler = EpochSampler(cache.train, cache.num_items, 4, "cpu", seed=1)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            ncf.train_epoch(model, optimizer, precision.grad_scaler(), precision, sampler, 1, args, ctx)
+            ncf.train_epoch(model, optimizer, precision.grad_scaler(), precision, sampler, 1, batch_size, 1, ctx)
         return sampler.steps_per_epoch(batch_size, 1), host_reads(prof)
 
     few_steps, few_reads = reads(16384)
@@ -187,7 +183,7 @@ def test_amp_bf16_matches_fp32(tiny_cache, tmp_path):
 
 
 def test_o2_without_native_bf16_falls_back_with_a_warning(tiny_cache, tmp_path):
-    if ncf.cpu_has_native_bf16():
+    if cpu_has_native_bf16():
         pytest.skip("this CPU has native bf16, so O2 really runs bf16")
     result, _, _ = train(tiny_cache, tmp_path, "-e", "1", "--opt_level", "O2")
     assert "no native bf16" in result.stderr

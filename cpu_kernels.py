@@ -1,0 +1,224 @@
+"""CPU kernels: the same functions as plain torch ops, computed with fewer passes over memory.
+
+Nothing here knows NeuMF: these are tensor functions (ReLU + dropout, a gather-add-ReLU-dropout, an MLP
+scoring loop) that neumf.py switches on in one place when a model is built for a CPU. Each one equals
+its plain-torch counterpart up to float rounding, with dropout masks of the same distribution, and
+tests/test_cpu_kernels.py checks them against it. Why each exists, with its measured gain, is in
+benchmarks/README.md ("What each speed-up gave").
+
+Dropout masks are drawn from random bits by table lookup (torch's CPU bernoulli_ draws one random
+number per element on one thread), and activations are worked on in cache-sized pieces of rows,
+written into reused buffers (fresh 1M-row temporaries cost page faults every step).
+"""
+import functools
+import math
+
+import torch
+
+PIECE_ELEMENTS = 1 << 19  # 2 MiB of fp32: a piece and its mask stay in the CPU's cache
+
+
+def relu_dropout(x, p):
+    """dropout(relu(x), p), leaving x as it is. Its backward overwrites the output."""
+    return relu_dropout_(x.clone(), p)
+
+
+def relu_dropout_(x, p):
+    """dropout(relu(x), p) computed in place in x, which must be an intermediate result (not a leaf).
+    The backward then writes the input gradient over the output (see _ReluDropout)."""
+    if p == 0.0:
+        return x.relu_()
+    return _ReluDropout.apply(x, p)
+
+
+class _ReluDropout(torch.autograd.Function):
+    """relu then dropout in place, saving only the output for backward.
+
+    torch's pair keeps relu's output and a float mask of the same size for backward; the backward here
+    rebuilds the mask from the output: an element gets gradient iff relu let it through and dropout
+    kept it, which is iff the output is positive.
+    """
+
+    @staticmethod
+    def forward(ctx, x, p):
+        ctx.mark_dirty(x)
+        y = _apply_relu_dropout_(x, p)
+        ctx.save_for_backward(y)
+        ctx.scale = 1.0 / (1.0 - p)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return _relu_dropout_grad_(grad, y, ctx.scale), None
+
+
+def gather_add_relu_dropout(a, b, a_index, b_index, p):
+    """dropout(relu(a[a_index] + b[b_index]), p) for row tables a [A, D] and b [B, D].
+
+    Each piece of rows is gathered, added, rectified and masked while it is in cache, and written
+    once, where the plain ops write two gathered tensors, their sum and a mask to memory and read them
+    back. The masks are those relu_dropout draws for the same shape. The backward scatters the
+    per-row gradients into gradients of a and b.
+    """
+    return _GatherAddReluDropout.apply(a, b, a_index, b_index, p)
+
+
+class _GatherAddReluDropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, a_index, b_index, p):
+        y = a.new_empty(a_index.shape[0], a.shape[1])
+        b_rows = y.new_empty(_row_pieces(y)[0])
+
+        def fill(rows, piece):
+            torch.index_select(a, 0, a_index[rows], out=piece)
+            piece.add_(torch.index_select(b, 0, b_index[rows], out=b_rows[: piece.numel()].view(piece.shape)))
+
+        y = _apply_relu_dropout_(y, p, fill)
+        ctx.save_for_backward(y, a_index, b_index)
+        ctx.scale = 1.0 / (1.0 - p)
+        ctx.rows = (a.shape[0], b.shape[0])
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, a_index, b_index = ctx.saved_tensors
+        grad = _relu_dropout_grad_(grad, y, ctx.scale)
+        scatter = torch.ops.aten.embedding_dense_backward
+        return (scatter(grad, a_index, ctx.rows[0], -1, False), scatter(grad, b_index, ctx.rows[1], -1, False),
+                None, None, None)
+
+
+def _row_pieces(x):
+    """(elements of the largest piece, slices of x's rows) for pieces of PIECE_ELEMENTS elements or so,
+    in whole rows, a multiple of 32 of them (the elements of one random word at one bit each, so that
+    pieces draw the same bits as the whole would)."""
+    rows = min(x.shape[0], max(32, PIECE_ELEMENTS // max(1, x.shape[1]) // 32 * 32))
+    return rows * x.shape[1], [slice(lo, lo + rows) for lo in range(0, x.shape[0], max(1, rows))]
+
+
+def _apply_relu_dropout_(x, p, fill=None):
+    """x = dropout(relu(x), p) in place, piece by piece: each piece's mask is drawn and applied while the
+    piece is in cache. fill(rows, piece), when given, first writes each piece's values (x's rows)."""
+    piece_elements, pieces = _row_pieces(x)
+    drawer = _MaskDrawer(piece_elements, p) if p and _mask_bits(p) else None
+    for rows in pieces:
+        piece = x[rows]
+        if fill:
+            fill(rows, piece)
+        if drawer:
+            piece.clamp_min_(0.0).mul_(drawer.draw(piece.shape))
+    if drawer:
+        return x
+    if p == 0.0:
+        return x.relu_()
+    # p is not a multiple of 1/256: torch's own mask, as its dropout draws it.
+    return x.clamp_min_(0.0).mul_(torch.empty_like(x).bernoulli_(1.0 - p).div_(1.0 - p))
+
+
+def _relu_dropout_grad_(grad, y, scale):
+    """The input gradient of y = dropout(relu(x)): grad where y > 0, else 0, times the dropout scale.
+
+    threshold_backward is ReLU's own vectorised backward kernel (much faster than torch.where with a
+    boolean mask), and the scaling happens while each piece is in cache. The result is written over y,
+    which nothing needs any more: every node that saved y consumed it, so has run its backward before
+    this one (and autograd's version check would stop a retained graph from reading it again).
+    """
+    for rows in _row_pieces(y)[1]:
+        torch.ops.aten.threshold_backward(grad[rows], y[rows], 0.0, grad_input=y[rows]).mul_(scale)
+    return y
+
+
+# Run eagerly under torch.compile: AOT autograd mishandles the dtype view in random_bytes, and eager
+# draws are what the compiled model must reproduce anyway (throughput.py --compile, fallback_random).
+@torch.compiler.disable
+def dropout_mask(shape, p):
+    """A float dropout mask of `shape`: 1 / (1 - p) with probability 1 - p, else 0; None unless 256 p is
+    an integer.
+
+    Each element takes the fewest random bits that express p exactly: one bit for the default p = 0.5,
+    two for 0.25 or 0.75, four or eight for other multiples of 1/256; an element is kept iff its bits,
+    read as an integer, are >= p 2^bits. Each random byte then becomes its 8 / bits mask values in one
+    table lookup (an embedding gather of a [256, 8 / bits] table): for p = 0.5 the mask costs 1/32 of a
+    random draw and about 1.5 memory passes an element.
+    """
+    if _mask_bits(p) is None:
+        return None
+    return _MaskDrawer(math.prod(shape), p).draw(shape)
+
+
+class _MaskDrawer:
+    """Draws dropout masks (see dropout_mask) of up to `elements` elements into buffers it keeps, so
+    that masks drawn piece by piece allocate (and page-fault) nothing per piece."""
+
+    def __init__(self, elements, p):
+        self.bits = _mask_bits(p)
+        self.per_byte = 8 // self.bits
+        self.table = _mask_table(self.bits, int(p * (1 << self.bits)), 1.0 / (1.0 - p))
+        codes = (elements + self.per_byte - 1) // self.per_byte
+        self.words = torch.empty((codes + 3) // 4, dtype=torch.int32)
+        self.codes = torch.empty(codes, dtype=torch.int32)
+        self.mask = torch.empty(codes, self.per_byte)
+
+    @torch.compiler.disable
+    def draw(self, shape):
+        count = math.prod(shape)
+        codes = (count + self.per_byte - 1) // self.per_byte
+        self.codes[:codes].copy_(random_bytes(codes, self.words))
+        mask = torch.index_select(self.table, 0, self.codes[:codes], out=self.mask[:codes])
+        return mask.view(-1)[:count].view(shape)
+
+
+def _mask_bits(p):
+    """The fewest random bits per element (1, 2, 4 or 8) that express p exactly, or None."""
+    return next((bits for bits in (1, 2, 4, 8) if (p * (1 << bits)).is_integer()), None)
+
+
+@functools.lru_cache(maxsize=16)
+def _mask_table(bits, threshold, scale):
+    """[256, 8 // bits] float: for each byte value, the masks of its bit fields, lowest bits first."""
+    fields = torch.arange(0, 8, bits)
+    values = (torch.arange(256)[:, None] >> fields) & ((1 << bits) - 1)
+    return torch.where(values >= threshold, scale, 0.0).float()
+
+
+def random_bytes(count, words=None):
+    """`count` uniform random bytes from torch's default CPU generator, four per random draw, drawn into
+    the int32 buffer `words` (at least (count + 3) // 4 long) when given."""
+    needed = (count + 3) // 4
+    words = torch.empty(needed, dtype=torch.int32) if words is None else words[:needed]
+    # The full int32 range: random_() alone would leave each word's top bit 0.
+    return words.random_(-(2**31), 2**31).view(torch.uint8)[:count]
+
+
+@torch.no_grad()
+def mlp_scores_in_place(row_term, row_vec, table_term, table_vec, candidates, layers, out_weights, out_bias,
+                        piece_rows):
+    """Scores [n, c] of each row's c candidates, in pieces of `piece_rows` rows (fp32, no autograd):
+
+        h = relu(table_term[candidates] + row_term[row])     then h = relu(h W^T + b) per (W, b) in layers
+        score = h w_h^T + (table_vec[candidates] * row_vec[row]) w_v^T + out_bias,  (w_h, w_v) = out_weights
+
+    Every piece is written into the same buffers (out= arguments): allocating each piece's activations
+    afresh costs page faults that make the gathers much slower.
+    """
+    n, c = candidates.shape
+    rows = min(piece_rows, n) * c
+    hidden_buf = table_term.new_empty(rows, table_term.shape[1])
+    vec_buf = table_vec.new_empty(rows, table_vec.shape[1])
+    layer_bufs = [table_term.new_empty(rows, weight.shape[0]) for weight, _ in layers]
+    weight_h, weight_v = out_weights
+    scores = torch.empty(n, c, dtype=torch.float32)
+    for lo in range(0, n, piece_rows):
+        flat = candidates[lo : lo + piece_rows].reshape(-1)
+        count = flat.shape[0]
+        hidden = torch.index_select(table_term, 0, flat, out=hidden_buf[:count])
+        hidden.view(-1, c, hidden.shape[1]).add_(row_term[lo : lo + piece_rows, None, :])
+        x = hidden.relu_()
+        for (weight, bias), buf in zip(layers, layer_bufs, strict=True):
+            x = torch.addmm(bias, x, weight.t(), out=buf[:count]).relu_()
+        vec = torch.index_select(table_vec, 0, flat, out=vec_buf[:count])
+        vec.view(-1, c, vec.shape[1]).mul_(row_vec[lo : lo + piece_rows, None, :])
+        logits = scores[lo : lo + piece_rows].view(-1, 1)
+        torch.addmm(out_bias, x, weight_h.t(), out=logits).addmm_(vec, weight_v.t())
+    return scores

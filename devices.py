@@ -1,0 +1,67 @@
+"""Device and precision choice, shared by ncf.py, inference.py and the benchmarks.
+
+Mixed precision is two objects, so training and evaluation loops have no branches: an autocast
+context and a GradScaler that is enabled only where the chosen type needs loss scaling.
+"""
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from cli import UserError
+
+
+def pick_device(flag, index=0):
+    """torch.device for --device {auto,cpu,cuda}: auto takes CUDA when available; `index` is the local rank."""
+    use_cuda = flag == "cuda" or (flag == "auto" and torch.cuda.is_available())
+    if not use_cuda:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA device is available: use --device cpu")
+    if index >= torch.cuda.device_count():
+        raise UserError(f"local rank {index} has no GPU ({torch.cuda.device_count()} visible): "
+                        f"use --nproc_per_node <= {torch.cuda.device_count()}")
+    return torch.device("cuda", index)
+
+
+def cpu_has_native_bf16():
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str
+    dtype: torch.dtype  # None for fp32
+    device_type: str
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype is not None)
+
+    def grad_scaler(self):
+        # Only fp16 needs loss scaling; bf16 has fp32's exponent range.
+        return torch.amp.GradScaler(self.device_type, enabled=self.dtype == torch.float16)
+
+
+def choose_precision(opt_level, amp_dtype, device, native_bf16=None):
+    """The recipe's --opt_level (O0 fp32, O2 mixed) and --amp_dtype on `device`.
+
+    O2 with amp_dtype auto is fp16 on CUDA (the recipe's choice) and bf16 on a CPU with native bf16
+    (`native_bf16`, default: this CPU's); a CPU without it falls back to fp32 with a warning, since
+    emulated bf16 is slower there.
+    """
+    if opt_level == "O0":
+        return Precision("fp32", None, device.type)
+    if amp_dtype == "auto":
+        if device.type == "cuda":
+            amp_dtype = "float16"
+        elif cpu_has_native_bf16() if native_bf16 is None else native_bf16:
+            amp_dtype = "bfloat16"
+        else:
+            warnings.warn("--opt_level O2: this CPU has no native bf16 (AVX512-BF16 or AMX), where bf16 is "
+                          "slower than fp32; training in fp32. Use --amp_dtype bfloat16 to force bf16.",
+                          stacklevel=2)
+            return Precision("fp32", None, device.type)
+    dtype = getattr(torch, amp_dtype)
+    if dtype == torch.float16 and device.type == "cpu":
+        raise UserError("--amp_dtype float16 is for CUDA; on CPU use --amp_dtype bfloat16 or auto")
+    return Precision({torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype] + " autocast", dtype, device.type)

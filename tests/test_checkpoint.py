@@ -1,0 +1,70 @@
+"""checkpoint.py: the round trip of what ncf.py saves, and checkpoints written before the restructuring."""
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, make_tiny_cache
+
+import checkpoint
+import dataloading
+import ncf
+from dataloading import load_cache
+from devices import choose_precision
+from neumf import build_model
+
+CPU = torch.device("cpu")
+OLD_CHECKPOINT = ROOT / "tests" / "data" / "neumf_before_restructuring.pth"
+# Written at commit 3460a33 by `ncf.py -e 3 --factors 8 --layers 32 16 8 -b 4096 --opt_level O0` on
+# make_tiny_cache's data (its best epoch, 1); these scores were computed by that commit's code.
+OLD_SCORES = [[-0.32500192523002625, -0.30417537689208984, -0.297514408826828, -0.2481742948293686],
+              [-0.263312429189682, -0.302076518535614, -0.2842312753200531, -0.28986436128616333],
+              [-0.28572043776512146, -0.31629708409309387, -0.285431832075119, -0.25382304191589355]]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return load_cache(str(make_tiny_cache(tmp_path_factory.mktemp("checkpoint"))))
+
+
+def test_a_checkpoint_written_before_the_restructuring_loads_and_scores_the_same(tiny):
+    model, ckpt = checkpoint.load_model(str(OLD_CHECKPOINT), tiny, CPU)
+    assert ckpt["config"] == {"nb_users": 300, "nb_items": 200, "mf_dim": 8, "mlp_layer_sizes": [32, 16, 8],
+                              "dropout": 0.5}
+    data = dataloading.TestData.from_cache(tiny, CPU)
+    scores = model.score_candidates(data.users[:3], data.candidates[:3, :4])
+    torch.testing.assert_close(scores, torch.tensor(OLD_SCORES), rtol=1e-5, atol=1e-6)
+    ctx = ncf.DistContext(rank=0, local_rank=0, world_size=1, device=CPU)
+    hr, ndcg = ncf.evaluate(model, data, 10, 1 << 20, choose_precision("O0", "auto", CPU), ctx)
+    assert (hr, ndcg) == pytest.approx((ckpt["hr"], ckpt["ndcg"]), abs=1e-6)
+
+
+def test_payload_round_trip(tiny, tmp_path):
+    torch.manual_seed(0)
+    model = build_model({"nb_users": tiny.num_users, "nb_items": tiny.num_items, "mf_dim": 4,
+                         "mlp_layer_sizes": [8, 4], "dropout": 0.25}, CPU)
+    path = tmp_path / "sub" / "model.pth"
+    saved = checkpoint.payload(model, {"factors": 4}, checkpoint.dataset_identity(tiny), 3, {"hr": 0.5, "ndcg": 0.25})
+    checkpoint.save_atomic(saved, str(path))
+    assert [p.name for p in path.parent.iterdir()] == ["model.pth"]  # no temporary left
+    loaded, ckpt = checkpoint.load_model(str(path), tiny, CPU)
+    assert not loaded.training and loaded.config == model.config
+    for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert (ckpt["epoch"], ckpt["hr"], ckpt["ndcg"], ckpt["args"]) == (3, 0.5, 0.25, {"factors": 4})
+    assert ckpt["dataset"] == {"num_users": tiny.num_users, "num_items": tiny.num_items,
+                               "source_sha256": tiny.metadata["source_sha256"]}
+
+
+def test_rng_states_round_trip():
+    ctx = ncf.DistContext(rank=0, local_rank=0, world_size=1, device=CPU)
+    states = checkpoint.rng_states(ctx)
+    expected = torch.rand(5)
+    checkpoint.restore_rng_states(states, ctx)
+    assert torch.equal(torch.rand(5), expected)
+
+
+def test_inference_does_not_import_the_trainer():
+    code = "import sys, inference; print('ncf' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
