@@ -1,7 +1,98 @@
 """The dataset cache's layout, shared by its writer (convert.py) and its reader (dataloading.py).
 
 No torch or pandas here: `convert.py --check` and the shell scripts stay instant.
+
+metadata.json records each tensor file's size and SHA-256 (under "files"), so a file that was
+truncated, edited or swapped with another dataset's is refused. A folder is taken for a cache of ours,
+which convert.py may replace, only if metadata.json says convert.py wrote it and the folder holds
+nothing but the cache's files.
 """
-FORMAT_VERSION = 1
+import hashlib
+import json
+import os
+
+FORMAT_VERSION = 2  # 2: metadata.json records each tensor file's size and SHA-256
 METADATA_FILE = "metadata.json"  # written last: a cache without it is incomplete
 TENSOR_FILES = ("train_ratings.pt", "test_ratings.pt", "test_negatives.pt", "user_ids.pt", "item_ids.pt")
+CACHE_FILES = (*TENSOR_FILES, METADATA_FILE)
+CREATED_BY = "convert.py"
+
+
+def sha256_of(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_record(path):
+    """What metadata.json records of one tensor file."""
+    return {"bytes": os.path.getsize(path), "sha256": sha256_of(path)}
+
+
+def read_metadata(folder):
+    """metadata.json of `folder` as a dict; raises ValueError (with the reason) or OSError."""
+    with open(os.path.join(folder, METADATA_FILE)) as f:
+        try:
+            metadata = json.load(f)
+        except RecursionError:
+            raise ValueError("nested too deeply") from None
+    if not isinstance(metadata, dict):
+        raise ValueError(f"it holds a JSON {type(metadata).__name__}, not an object")
+    return metadata
+
+
+def files_problem(folder, metadata):
+    """Why the tensor files of `folder` are not the ones metadata.json records, or None if they are.
+
+    Sizes are compared first, so a truncated file costs nothing to find; then the SHA-256 of each file.
+    """
+    records = metadata.get("files")
+    if not isinstance(records, dict):
+        return f"{METADATA_FILE} lacks the checksums of the tensor files"
+    for name in TENSOR_FILES:
+        record = records.get(name)
+        if not isinstance(record, dict):
+            return f"{METADATA_FILE} lacks the checksum of {name}"
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            return f"{name} is missing"
+        if os.path.getsize(path) != record.get("bytes"):
+            return f"{name} has {os.path.getsize(path)} bytes, not the {record.get('bytes')} {METADATA_FILE} records"
+    for name in TENSOR_FILES:
+        if sha256_of(os.path.join(folder, name)) != records[name].get("sha256"):
+            return (f"{name} does not match the SHA-256 {METADATA_FILE} records "
+                    "(changed, or swapped with another cache's, since convert.py wrote it)")
+    return None
+
+
+def cache_problem(folder):
+    """Why `folder` is not a complete, intact cache of this format version, or None if it is."""
+    if not os.path.isdir(folder):
+        return "no such folder"
+    try:
+        metadata = read_metadata(folder)
+    except FileNotFoundError:
+        return f"no {METADATA_FILE}"
+    except (OSError, ValueError) as err:
+        return f"cannot read {METADATA_FILE} ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+    if metadata.get("format_version") != FORMAT_VERSION:
+        return f"format version {metadata.get('format_version')}, not {FORMAT_VERSION}"
+    return files_problem(folder, metadata)
+
+
+def is_replaceable(folder):
+    """True iff convert.py may replace `folder`: it is empty, or provably a cache convert.py wrote
+    (metadata.json says so, and there is nothing but regular files named as the cache's, so that
+    replacing it loses nothing else: a cache of an older format or with a damaged file qualifies)."""
+    entries = os.listdir(folder)
+    if not entries:
+        return True
+    if not all(name in CACHE_FILES and os.path.isfile(os.path.join(folder, name))
+               and not os.path.islink(os.path.join(folder, name)) for name in entries):
+        return False
+    try:
+        return read_metadata(folder).get("created_by") == CREATED_BY
+    except (OSError, ValueError):
+        return False

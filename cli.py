@@ -27,27 +27,46 @@ def _one_line_warning(message, category, filename, lineno, line=None):
 warnings.formatwarning = _one_line_warning
 
 EXIT_USER_ERROR = 2
+EXIT_ENVIRONMENT_FAILURE = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a command ended by Ctrl-C
 
 
 class UserError(Exception):
     """A problem with the user's input: reported as one line on stderr with exit status 2."""
 
+    exit_status = EXIT_USER_ERROR
+
+
+class EnvironmentFailure(UserError):
+    """A failure of the machine, not of the input (a disk that fills up during a write): one stderr
+    line, exit status 1. Raise it only after the partial output has been removed."""
+
+    exit_status = EXIT_ENVIRONMENT_FAILURE
+
 
 def main_guard(main):
-    """Wrap an entrypoint so a UserError becomes one stderr line and exit status 2, no traceback."""
+    """Wrap an entrypoint so a UserError becomes one stderr line and exit status 2 (1 for an
+    EnvironmentFailure), and Ctrl-C one line `PROG: interrupted` and exit status 130, no traceback."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
         except UserError as err:
-            # Under torchrun every rank meets the same bad input: only global rank 0 says so.
-            if os.environ.get("RANK", "0") == "0":
-                prog = os.path.basename(sys.argv[0]) or "ncf"
-                print(f"{prog}: error: {err}", file=sys.stderr)
-            sys.exit(EXIT_USER_ERROR)
+            _report(f"error: {err}")
+            sys.exit(err.exit_status)
+        except KeyboardInterrupt:
+            _report("interrupted")
+            sys.exit(EXIT_INTERRUPTED)
 
     return wrapper
+
+
+def _report(message):
+    # Under torchrun every rank meets the same bad input: only global rank 0 says so.
+    if os.environ.get("RANK", "0") == "0":
+        prog = os.path.basename(sys.argv[0]) or "ncf"
+        print(f"{prog}: {message}", file=sys.stderr)
 
 
 @contextlib.contextmanager
@@ -95,3 +114,41 @@ def _alive(pid):
     except PermissionError:
         return True
     return True
+
+
+def check_output_path(path, flag, folder=False):
+    """Raise a UserError unless `path` can be written as a file (a folder with folder=True).
+
+    Run before any work: what is at `path` must be of the right kind (a folder where a file goes,
+    a file where a folder goes, or a device such as /dev/full are refused), and the nearest existing
+    folder above it must be a writable folder (the missing ones below it are created later). Whether
+    an existing `path` may be replaced is the caller's rule.
+    """
+    full = os.path.abspath(path)
+    if os.path.lexists(full):
+        if folder and not os.path.isdir(full):
+            what = "a file" if os.path.isfile(full) else "a device or other special file"
+            raise UserError(f"{flag} {path} is {what}, not a folder: choose another folder")
+        if not folder and os.path.isdir(full):
+            raise UserError(f"{flag} {path} is a folder: pass the path of a file to write, "
+                            f"e.g. {os.path.join(path, 'NAME')}")
+        if not folder and not os.path.isfile(full):
+            raise UserError(f"{flag} {path} exists and is not a regular file: choose another path")
+        if folder and not os.access(full, os.W_OK | os.X_OK):
+            raise UserError(f"{flag} {path} is not writable: choose another folder or fix its permissions")
+    above = os.path.dirname(full)
+    while not os.path.lexists(above):
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        raise UserError(f"{flag} {path} cannot be created: {above} is a file, not a folder; "
+                        "choose another path")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path} cannot be created: the folder {above} is not writable; "
+                        "choose another path or fix its permissions")
+    return full
+
+
+def holds(folder, path):
+    """True iff `path` is `folder` or lies inside it (symbolic links resolved)."""
+    folder, path = os.path.realpath(folder), os.path.realpath(path)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)

@@ -2,7 +2,7 @@
 
     python convert.py --path data/ml-20m/ratings.csv --output data/cache/ml-20m
     python convert.py --path data/ml-1m/ratings.dat --output data/cache/ml-1m --min_ratings 20
-    python convert.py --check data/cache/ml-20m     # exit 0 iff the cache is complete
+    python convert.py --check data/cache/ml-20m     # exit 0 iff the cache is complete and intact
 
 Protocol: every interaction is a positive; users with fewer than --min_ratings interactions (counted
 before de-duplication, as the recipe does) are dropped; ids become dense in file order; after a
@@ -12,12 +12,19 @@ uniformly from the items they never interacted with. Everything is vectorised: n
 per user or per row.
 
 The cache is written into a sibling temporary folder with metadata.json last, then renamed into
-place, so an interrupted run never leaves a folder that `cache_is_complete` accepts.
+place, so an interrupted run (Ctrl-C, a full disk, a kill) never leaves a folder that `cache_is_complete`
+accepts, and a cache it was replacing stays in place until the new one is complete. metadata.json
+records each tensor file's size and SHA-256; `--check` verifies them and the format version, so
+prepare_dataset.sh rebuilds a damaged or outdated cache instead of calling it complete.
+
+What --output may be, checked before any work: a new folder, an empty one, or a cache convert.py
+wrote (see cache_format.is_replaceable: nothing but the cache's files, metadata.json saying
+convert.py), which is then replaced. Never a folder holding anything else, nor the folder of the
+input or any folder above it. `--check_output DIR [--path FILE]` runs only these checks.
 """
 import cli  # noqa: F401, I001  (sets the OpenMP wait policy before numpy/torch start their thread pools)
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -27,8 +34,9 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from cache_format import FORMAT_VERSION, METADATA_FILE
-from cli import UserError, main_guard, remove_stale_temporaries
+from cache_format import (CREATED_BY, FORMAT_VERSION, METADATA_FILE, cache_problem, file_record, is_replaceable,
+                          sha256_of)
+from cli import EnvironmentFailure, UserError, check_output_path, holds, main_guard, remove_stale_temporaries
 
 FORMATS = ("ml-20m", "ml-1m", "ml-100k", "custom")
 ML20M_COLUMNS = ("userId", "movieId", "timestamp")
@@ -43,7 +51,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--path", help="ratings file: ratings.csv, ratings.dat, u.data or a custom CSV")
-    parser.add_argument("--output", help="cache folder to create (replaced atomically if it is a cache)")
+    parser.add_argument("--output", help="cache folder to create (replaced atomically if it is a cache "
+                                         "convert.py wrote; any other non-empty folder is refused)")
     parser.add_argument("--negatives", type=int, default=100, help="test negatives per user")
     parser.add_argument("--seed", type=int, default=0, help="seed of the test-negative generator")
     parser.add_argument("--min_ratings", type=int, default=20,
@@ -52,7 +61,11 @@ def parse_args(argv=None):
                         help="input format; auto detects it from the file name or header")
     parser.add_argument("--no_progress", action="store_true", help="no tqdm display of the stages")
     parser.add_argument("--check", metavar="DIR",
-                        help="only check whether DIR is a complete cache: exit 0 if so, 1 if not")
+                        help="only check whether DIR is a complete, intact cache of this version: exit 0 if "
+                             "so, 1 (saying why) if not")
+    parser.add_argument("--check_output", metavar="DIR",
+                        help="only check that DIR may be written as --output (with --path, that it does not "
+                             "hold the input): exit 0 if so, 2 (saying why) if not")
     return parser.parse_args(argv)
 
 
@@ -68,20 +81,26 @@ def validate_args(args):
         raise UserError(f"--negatives {args.negatives}: must be at least 1")
     if args.min_ratings < 1:
         raise UserError(f"--min_ratings {args.min_ratings}: must be at least 1")
-    output = os.path.abspath(args.output)
-    if os.path.exists(output) and not (os.path.isdir(output) and
-                                       (cache_is_complete(output) or not os.listdir(output))):
-        raise UserError(f"--output {args.output} exists and is not a convert cache; "
-                        "remove it or choose another folder")
+    if args.seed < 0:
+        raise UserError(f"--seed {args.seed}: must be 0 or more")
+    check_output(args.output, args.path)
+
+
+def check_output(output, path=None):
+    """Refuse, before any work, an --output that cannot be written or must not be replaced."""
+    check_output_path(output, "--output", folder=True)
+    if path is not None and holds(output, path):
+        raise UserError(f"--output {output} holds the input --path {path}, and the cache would replace it: "
+                        "choose another folder, e.g. data/cache/NAME")
+    if os.path.isdir(output) and not is_replaceable(output):
+        raise UserError(f"--output {output} exists and is not a convert cache (it holds other files, or no "
+                        f"{METADATA_FILE} saying convert.py wrote it), so it is not replaced: "
+                        "move it away or choose another folder")
 
 
 def cache_is_complete(path):
-    """True iff `path` holds a finished cache: metadata.json is written last and must parse."""
-    try:
-        with open(os.path.join(path, METADATA_FILE)) as f:
-            return isinstance(json.load(f), dict)
-    except (OSError, ValueError):
-        return False
+    """True iff `path` holds a finished, intact cache of this format version (see cache_problem)."""
+    return cache_problem(path) is None
 
 
 def detect_format(path):
@@ -132,8 +151,12 @@ def read_ratings(path, fmt):
             columns = [frame[0], frame[1], frame[3]]
     except pd.errors.EmptyDataError:
         raise UserError(f"--path {path} has no data; download it again or pass another file") from None
-    except (ValueError, pd.errors.ParserError) as err:
+    except (ValueError, OverflowError, pd.errors.ParserError) as err:
         reason = str(err).splitlines()[0]
+        # pandas reads 2**63 .. 2**64-1 as uint64 and refuses to cast it, and overflows above that.
+        if isinstance(err, OverflowError) or "uint64" in reason:
+            raise UserError(f"--path {path} has an id or timestamp too large for a 64-bit integer "
+                            f"(above {np.iinfo(np.int64).max}); renumber the ids or check the file") from None
         raise UserError(f"--path {path} is not a valid {fmt} file ({reason}); ids and timestamps "
                         "must be integers; check the file or pass the right --format") from None
     if len(frame) == 0:
@@ -257,41 +280,56 @@ def sample_negatives(positive_keys, num_users, num_items, negatives, seed):
     return out
 
 
-def sha256_of(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_cache(output, tensors, metadata):
-    """Write into a sibling temp folder (metadata.json last), then rename it into place."""
+    """Write into a sibling temp folder (metadata.json last, with each file's size and SHA-256), then
+    rename it into place. On any failure or interruption the temp folder goes and a cache that was
+    at `output` stays; an OSError (a full disk) becomes an EnvironmentFailure."""
     # torch takes seconds to import; keeping it here lets `--check` and cache_is_complete stay instant.
     import torch
 
     output = os.path.abspath(output)
-    os.makedirs(os.path.dirname(output), exist_ok=True)
-    remove_stale_temporaries(output)
     tmp = f"{output}.tmp-{os.getpid()}"
     old = f"{output}.old-{os.getpid()}"
     try:
+        os.makedirs(os.path.dirname(output), exist_ok=True)
+        remove_stale_temporaries(output)
         os.makedirs(tmp)
+        files = {}
         for name, array in tensors.items():
-            torch.save(torch.from_numpy(np.ascontiguousarray(array)), os.path.join(tmp, name))
+            path = os.path.join(tmp, name)
+            with open(path, "wb") as f:
+                try:
+                    torch.save(torch.from_numpy(np.ascontiguousarray(array)), f)
+                except RuntimeError as err:
+                    # torch's zip writer hides a failed write (a full disk) behind its own error.
+                    if isinstance(err.__context__, OSError):
+                        raise err.__context__ from None
+                    raise
+                f.flush()
+                os.fsync(f.fileno())
+            files[name] = file_record(path)
         with open(os.path.join(tmp, METADATA_FILE), "w") as f:
-            json.dump(metadata, f, indent=2)
-        if os.path.exists(output):
-            os.rename(output, old)
+            json.dump({**metadata, "files": files}, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.isdir(output) and not is_replaceable(output):  # something else appeared meanwhile
+            raise UserError(f"--output {output} was filled with other files while converting; "
+                            "nothing was replaced: move them away and rerun")
         try:
+            if os.path.exists(output):
+                os.rename(output, old)
             os.rename(tmp, output)
-        except OSError:
-            if os.path.exists(old):
+        except BaseException:  # Ctrl-C between the two renames included
+            if os.path.exists(old) and not os.path.exists(output):
                 os.rename(old, output)  # put the previous cache back rather than lose it
             raise
+    except OSError as err:
+        raise EnvironmentFailure(f"cannot write the cache {output} ({err.strerror or err}); nothing was left "
+                                 "behind: free some space or fix the folder, and rerun") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+        if os.path.isdir(output):  # the previous cache is kept until the new one is in place
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def convert(args):
@@ -313,6 +351,10 @@ def convert(args):
     stages.update()
     stage("split")
     positive_keys, train_keys, test_items = split_train_test(user, item, timestamps, num_items)
+    if len(train_keys) == 0:
+        raise UserError(f"--path {args.path}: no training pairs are left, because each of the {num_users} "
+                        "user(s) kept has a single distinct item, which becomes their test item; pass a file "
+                        "where users have at least two distinct items")
     stages.update()
     stage("negatives")
     test_negatives = sample_negatives(positive_keys, num_users, num_items, args.negatives, args.seed)
@@ -342,7 +384,7 @@ def convert(args):
         "min_ratings": args.min_ratings,
         "negatives": args.negatives,
         "seed": args.seed,
-        "created_by": "convert.py",
+        "created_by": CREATED_BY,
     }
     write_cache(args.output, tensors, metadata)
     stages.update()
@@ -354,7 +396,13 @@ def convert(args):
 def main(argv=None):
     args = parse_args(argv)
     if args.check is not None:
-        sys.exit(0 if cache_is_complete(args.check) else 1)
+        problem = cache_problem(args.check)
+        if problem:
+            print(f"{args.check} is not a complete cache: {problem}")
+        sys.exit(1 if problem else 0)
+    if args.check_output is not None:
+        check_output(args.check_output, args.path)
+        return
     validate_args(args)
     metadata = convert(args)
     print(f"wrote {args.output}: {metadata['num_users']} users, {metadata['num_items']} items, "

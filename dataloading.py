@@ -3,13 +3,12 @@
 The cache is written by convert.py (see its docstring for the protocol). Everything here works on
 whatever device it is given; nothing assumes CUDA.
 """
-import json
 import os
 from dataclasses import dataclass
 
 import torch
 
-from cache_format import FORMAT_VERSION, METADATA_FILE, TENSOR_FILES
+from cache_format import FORMAT_VERSION, METADATA_FILE, TENSOR_FILES, files_problem, is_replaceable, read_metadata
 from checkpoint import safe_load
 from cli import UserError
 
@@ -32,29 +31,38 @@ class Cache:
         return self.metadata["num_items"]
 
 
-def load_tensor(path, what):
-    return safe_load(path, what, "recreate it with ./prepare_dataset.sh or convert.py")
+COUNT_FIELDS = ("num_users", "num_items", "num_train", "negatives")
+INTEGER_DTYPES = (torch.int32, torch.int64)
 
 
 def load_cache(path):
-    """Load and check a cache folder written by convert.py."""
-    fix = "run ./prepare_dataset.sh NAME (or convert.py) to (re)create it, or pass --data with the right folder"
+    """Load and check a cache folder written by convert.py: its format version, each file's size and
+    SHA-256 against metadata.json, shapes against its counts, and (cheap, vectorised) that ids are in
+    range and training pairs sorted. A problem is a UserError naming the file and a fix that works."""
     if not os.path.isdir(path):
-        raise UserError(f"no dataset cache at {path}: {fix}")
+        raise UserError(f"no dataset cache at {path}: run ./prepare_dataset.sh NAME (or convert.py) to create it, "
+                        "or pass --data with the right folder")
+    fix = _rebuild_advice(path)
     meta_path = os.path.join(path, METADATA_FILE)
     if not os.path.isfile(meta_path):
         raise UserError(f"dataset cache {path} is incomplete (no metadata.json): {fix}")
     try:
-        with open(meta_path) as f:
-            metadata = json.load(f)
+        metadata = read_metadata(path)
     except (OSError, ValueError) as err:
-        raise UserError(f"cannot read {meta_path} ({err}): {fix}") from None
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"cannot read {meta_path} ({reason}): {fix}") from None
     if metadata.get("format_version") != FORMAT_VERSION:
         raise UserError(
             f"dataset cache {path} has format version {metadata.get('format_version')}, "
             f"this code reads version {FORMAT_VERSION}: {fix}"
         )
-    tensors = {name: load_tensor(os.path.join(path, name), "cache file") for name in TENSOR_FILES}
+    for key in COUNT_FIELDS:
+        if key not in metadata:
+            raise UserError(f"{meta_path} lacks the field '{key}': {fix}")
+        value = metadata[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise UserError(f"{meta_path}: the field '{key}' is {value!r:.60}, not a count: {fix}")
+    tensors = {name: safe_load(os.path.join(path, name), "cache file", fix) for name in TENSOR_FILES}
     cache = Cache(
         train=tensors["train_ratings.pt"],
         test=tensors["test_ratings.pt"],
@@ -64,21 +72,30 @@ def load_cache(path):
         metadata=metadata,
     )
     _check_cache(cache, path, fix)
+    problem = files_problem(path, metadata)
+    if problem:
+        raise UserError(f"dataset cache {path}: {problem}: {fix}")
+    _check_ids(cache, path, fix)
     return cache
+
+
+def _rebuild_advice(path):
+    """The fix for a broken cache at `path`: one that works, since convert.py replaces only its own caches."""
+    if is_replaceable(path):
+        return f"rebuild it with ./prepare_dataset.sh NAME (or convert.py --path RATINGS --output {path})"
+    return (f"move {path} away (it holds files convert.py did not write, so nothing replaces it), then rebuild it "
+            f"with ./prepare_dataset.sh NAME (or convert.py --path RATINGS --output {path})")
 
 
 def _check_cache(cache, path, fix):
     meta = cache.metadata
-    try:
-        expected = {
-            "train_ratings.pt": (meta["num_train"], 2),
-            "test_ratings.pt": (meta["num_users"], 2),
-            "test_negatives.pt": (meta["num_users"], meta["negatives"]),
-            "user_ids.pt": (meta["num_users"],),
-            "item_ids.pt": (meta["num_items"],),
-        }
-    except KeyError as err:
-        raise UserError(f"{path}/metadata.json lacks the field {err}: {fix}") from None
+    expected = {
+        "train_ratings.pt": (meta["num_train"], 2),
+        "test_ratings.pt": (meta["num_users"], 2),
+        "test_negatives.pt": (meta["num_users"], meta["negatives"]),
+        "user_ids.pt": (meta["num_users"],),
+        "item_ids.pt": (meta["num_items"],),
+    }
     actual = {
         "train_ratings.pt": cache.train,
         "test_ratings.pt": cache.test,
@@ -91,8 +108,37 @@ def _check_cache(cache, path, fix):
         if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape:
             got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
             raise UserError(f"{path}/{name} has shape {got} but metadata.json says {shape}: {fix}")
+        if tensor.dtype not in INTEGER_DTYPES:
+            raise UserError(f"{path}/{name} holds {tensor.dtype} values, not integer ids: {fix}")
     if meta["num_users"] == 0 or meta["num_train"] == 0:
         raise UserError(f"dataset cache {path} is empty: {fix}")
+
+
+def _check_ids(cache, path, fix):
+    """What indexing and the CSR of training pairs rely on; one pass over each tensor."""
+    users, items = cache.num_users, cache.num_items
+
+    def outside(values, count):
+        return bool(((values < 0) | (values >= count)).any())
+
+    problems = (
+        ("train_ratings.pt", lambda: outside(cache.train[:, 0], users), f"user ids outside 0..{users - 1}"),
+        ("train_ratings.pt", lambda: outside(cache.train[:, 1], items), f"item ids outside 0..{items - 1}"),
+        ("train_ratings.pt", lambda: not _sorted_unique_pairs(cache.train, items),
+         "pairs that are not sorted by (user, item) or that repeat"),
+        ("test_ratings.pt", lambda: not torch.equal(cache.test[:, 0].long(), torch.arange(users)),
+         "rows that are not users 0..U-1 in order"),
+        ("test_ratings.pt", lambda: outside(cache.test[:, 1], items), f"item ids outside 0..{items - 1}"),
+        ("test_negatives.pt", lambda: outside(cache.test_negatives, items), f"item ids outside 0..{items - 1}"),
+    )
+    for name, broken, what in problems:
+        if broken():
+            raise UserError(f"{path}/{name} has {what}: {fix}")
+
+
+def _sorted_unique_pairs(train, num_items):
+    keys = train[:, 0].long() * num_items + train[:, 1].long()
+    return bool((keys[1:] > keys[:-1]).all())
 
 
 def train_positives_csr(train, num_users):

@@ -4,6 +4,8 @@
 # DATA_DIR defaults to $DATA_DIR, then ./data. MOVIELENS_URL replaces the GroupLens base URL.
 # The zip is downloaded to a temporary name and renamed only once verified, and the folder is unzipped
 # elsewhere and renamed into place, so a failed run leaves nothing a rerun would take as good.
+# It never deletes what it did not write: a DATA_DIR/NAME folder without the ratings file, or a
+# DATA_DIR/NAME.zip that fails its MD5 check, is reported (exit 2) for the user to move away.
 # MovieLens data must never be committed: its licence forbids redistribution.
 set -euo pipefail
 
@@ -29,7 +31,22 @@ if [ -f "$folder/$ratings" ]; then
   exit 0
 fi
 
-mkdir -p "$data_dir"
+if [ -e "$folder" ] && [ -n "$(ls -A "$folder" 2>/dev/null || echo unreadable)" ]; then
+  echo "$prog: error: $folder exists but holds no $ratings, and it is not replaced: move it away and rerun" >&2
+  exit 2
+fi
+if ! mkdir -p "$data_dir" 2>/dev/null || [ ! -w "$data_dir" ]; then
+  echo "$prog: error: cannot write to the data folder $data_dir: choose another DATA_DIR or fix its permissions" >&2
+  exit 2
+fi
+if [ -e "$zip" ] && [ ! -f "$zip" ]; then
+  echo "$prog: error: $zip is in the way (not a file): move it away and rerun" >&2
+  exit 2
+fi
+if [ -f "$zip" ] && ! "$here/verify_dataset.sh" "$name" "$zip" >/dev/null 2>&1; then
+  echo "$prog: error: $zip fails its MD5 check (cut short, or another file), and it is not replaced: delete it and rerun to download it again" >&2
+  exit 2
+fi
 part="$zip.part-$$"
 unzip_dir="$data_dir/.unzip-$name-$$"
 trap 'rm -rf "$part" "$unzip_dir"' EXIT
@@ -44,13 +61,9 @@ download() {
   fi
 }
 
-if [ -f "$zip" ] && "$here/verify_dataset.sh" "$name" "$zip" >/dev/null 2>&1; then
+if [ -f "$zip" ]; then
   echo "$prog: $zip is already downloaded and verified; skipping download"
 else
-  if [ -f "$zip" ]; then
-    echo "$prog: $zip fails its checksum; downloading it again"
-    rm -f "$zip"
-  fi
   if ! download; then
     echo "$prog: error: could not download $base_url/$name.zip; check the network or MOVIELENS_URL and rerun" >&2
     exit 1
@@ -68,6 +81,6 @@ if ! unzip -q "$zip" -d "$unzip_dir" || [ ! -f "$unzip_dir/$name/$ratings" ]; th
   echo "$prog: error: $zip does not unzip to $name/$ratings; delete $zip and rerun" >&2
   exit 1
 fi
-rm -rf "$folder"
+rmdir "$folder" 2>/dev/null || true  # an empty folder only; anything else was refused above
 mv "$unzip_dir/$name" "$folder"
 echo "$prog: $folder/$ratings is ready"

@@ -2,8 +2,11 @@
 # Download (or generate) a dataset and convert it into the cache ncf.py trains on.
 #   ./prepare_dataset.sh [NAME]     NAME: ml-20m (default, as the recipe) ml-25m ml-32m ml-1m ml-100k synthetic
 #   DATA_DIR=/data ./prepare_dataset.sh ml-1m      the cache lands in $DATA_DIR/cache/NAME/
-# Returns at once when the cache is already complete. PYTHON picks the interpreter; without it the
-# project's .venv is used when present, else python3.
+# Returns at once when the cache is already complete and intact (convert.py --check verifies its format
+# version and each file's SHA-256); an incomplete, outdated or damaged cache is rebuilt. Before any
+# download or generation, convert.py --check_output refuses a cache folder it may not replace (one
+# holding other files, or the input). PYTHON picks the interpreter; without it the project's .venv is
+# used when present, else python3.
 set -euo pipefail
 
 prog=$(basename "$0")
@@ -27,9 +30,14 @@ case "$name" in
 esac
 
 cache="$data_dir/cache/$name"
-if "$python" "$here/convert.py" --check "$cache"; then
+if [ -e "$cache" ] && "$python" "$here/convert.py" --check "$cache"; then
   echo "$prog: cache $cache is already complete; nothing to do"
   exit 0
+fi
+# Exits 2 with convert.py's one-line reason when the cache folder may not be written or replaced.
+"$python" "$here/convert.py" --check_output "$cache" --path "$ratings"
+if [ -e "$cache" ]; then
+  echo "$prog: rebuilding $cache"
 fi
 
 if [ "$name" = synthetic ]; then

@@ -12,17 +12,25 @@ than popularity alone, and a model that learns the factors clearly beats an item
 The file is ml-20m style: header userId,movieId,rating,timestamp, 1-based userIds, and movieIds with
 gaps so that convert.py's id maps are exercised. Generation streams user chunks, so memory stays
 bounded at any size.
+
+--output must not exist yet: synthetic.py never replaces a file, because nothing in a ratings.csv
+proves who wrote it (ours has the same header as MovieLens's own ml-20m file, which it must not
+overwrite). Remove the old file to regenerate it; prepare_dataset.sh reuses one that exists. The path
+is checked before generation (a folder, a device such as /dev/full, an unwritable or uncreatable
+folder are refused), and the file is written to a temporary name and renamed when complete, so a
+full disk or Ctrl-C leaves nothing behind.
 """
 import cli  # noqa: F401, I001  (sets the OpenMP wait policy before numpy starts its thread pool)
 
 import argparse
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 
-from cli import UserError, atomic_file, main_guard
+from cli import EnvironmentFailure, UserError, atomic_file, check_output_path, main_guard
 
 # (users, items, mean interactions per user) of the shapes the benchmarks and the quick start use.
 PRESETS = {
@@ -71,7 +79,7 @@ def parse_args(argv=None):
     return args
 
 
-def validate(users, items, interactions_per_user_mean, factors):
+def validate(users, items, interactions_per_user_mean, factors, seed=0):
     if users < 1:
         raise UserError(f"--users {users}: must be at least 1")
     if items < 2 * MIN_INTERACTIONS:
@@ -82,6 +90,16 @@ def validate(users, items, interactions_per_user_mean, factors):
                         f"{MIN_INTERACTIONS} and items/4 = {items / 4:g}")
     if factors < 1:
         raise UserError(f"--factors {factors}: must be at least 1")
+    if seed < 0:
+        raise UserError(f"--seed {seed}: must be 0 or more")
+
+
+def check_output(output):
+    """A new file whose folder can be written (SPEC §9: never replace what we cannot prove we wrote)."""
+    check_output_path(output, "--output")
+    if os.path.lexists(output):
+        raise UserError(f"--output {output} already exists, and synthetic.py never replaces a file: "
+                        "remove it to regenerate it, or choose another path")
 
 
 def planted_model(users, items, factors=8, seed=0):
@@ -164,7 +182,7 @@ def rating_chunks(users, items, interactions_per_user_mean, factors, seed):
     Each block has its own generator spawned from the seed, so two worker threads (numpy releases
     the GIL in the heavy kernels) give the same data as one, and memory stays bounded at any size.
     """
-    validate(users, items, interactions_per_user_mean, factors)
+    validate(users, items, interactions_per_user_mean, factors, seed)
     model = planted_model(users, items, factors, seed)
     counts = interactions_per_user(users, items, interactions_per_user_mean, np.random.default_rng([seed, 1]))
     chunk = max(1, CHUNK_CELLS // items)
@@ -231,8 +249,14 @@ def write_ratings_csv(path, users=6000, items=3000, interactions_per_user_mean=5
 @main_guard
 def main(argv=None):
     args = parse_args(argv)
-    rows = write_ratings_csv(args.output, args.users, args.items, args.interactions_per_user_mean,
-                             args.factors, args.seed)
+    validate(args.users, args.items, args.interactions_per_user_mean, args.factors, args.seed)
+    check_output(args.output)
+    try:
+        rows = write_ratings_csv(args.output, args.users, args.items, args.interactions_per_user_mean,
+                                 args.factors, args.seed)
+    except OSError as err:  # atomic_file has removed its temporary file
+        raise EnvironmentFailure(f"cannot write --output {args.output} ({err.strerror or err}); nothing was "
+                                 "left behind: free some space or fix the folder, and rerun") from None
     print(f"wrote {args.output}: {rows} ratings, {args.users} users, {args.items} items")
 
 

@@ -10,10 +10,15 @@ max of the best HR@10. Each seed is one `ncf.py` process (its flags after `--`, 
 splitting the CPU threads between them. Writes OUTPUT/stability.json (per seed and summary; the
 standard deviation is the sample one, ddof=1) and OUTPUT/stability_hr.png (histogram), prints a
 table and the summary as one JSON line.
+
+OUTPUT is checked before any training: it must be new, empty, or an output of this script (its
+stability.json, written first, says so, and it holds nothing but the names this script writes), and
+never the --data folder or one above it; a rerun then replaces the results of the seeds it trains.
 """
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,11 +29,23 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from cli import UserError, main_guard  # noqa: E402  (sets OMP_WAIT_POLICY, which every ncf.py inherits)
+from cli import (  # noqa: E402  (sets OMP_WAIT_POLICY, which every ncf.py inherits)
+    EnvironmentFailure,
+    UserError,
+    atomic_file,
+    check_output_path,
+    holds,
+    main_guard,
+)
 from logger import read_log  # noqa: E402
 
 # Set per seed by this script; not to be passed after --.
 OWN_FLAGS = ("--seed", "-s", "--log_path", "--checkpoint_dir", "--mode", "--resume")
+REPORT = "stability.json"
+HISTOGRAM = "stability_hr.png"
+CREATED_BY = "benchmarks/stability.py"
+# Every name this script (or an ncf.py it runs) puts in OUTPUT, temporaries of atomic writes included.
+OWN_NAMES = re.compile(r"(stability\.json|stability_hr\.png)(\.tmp-\d+)?|seed_\d+(\.json|\.out)?")
 
 
 def parse_args(argv=None):
@@ -58,10 +75,36 @@ def validate(args):
     for flag in args.ncf_args:
         if flag.split("=")[0] in OWN_FLAGS:
             raise UserError(f"{flag} after -- is set by stability.py per seed: remove it")
+    check_output(args.output, args.data)
     try:
         import matplotlib  # noqa: F401  (checked before hours of training, not after)
     except ImportError:
         raise UserError("matplotlib is not installed, and the histogram needs it: pip install matplotlib") from None
+
+
+def check_output(output, data):
+    check_output_path(output, "--output", folder=True)
+    if holds(output, data):
+        raise UserError(f"--output {output} holds the --data folder {data}: choose another folder, e.g. "
+                        "runs/stability")
+    if os.path.isdir(output) and os.listdir(output) and not is_own_output(output):
+        raise UserError(f"--output {output} is a folder this script did not write (it holds other files, or no "
+                        f"{REPORT} of stability.py), so nothing in it is replaced: move it away or choose another "
+                        "folder")
+
+
+def is_own_output(folder):
+    try:
+        with open(os.path.join(folder, REPORT)) as f:
+            ours = json.load(f).get("created_by") == CREATED_BY
+    except (OSError, ValueError, AttributeError):
+        return False
+    return ours and all(OWN_NAMES.fullmatch(name) for name in os.listdir(folder))
+
+
+def write_report(folder, report):
+    with atomic_file(os.path.join(folder, REPORT)) as f:
+        f.write(json.dumps({"created_by": CREATED_BY, **report}, indent=1).encode())
 
 
 def train_seed(seed, args, threads):
@@ -83,7 +126,10 @@ def train_seed(seed, args, threads):
         with open(out_path) as f:
             last = (f.read().strip().splitlines() or ["(no output)"])[-1]
         raise UserError(f"seed {seed}: ncf.py exited with status {status} ({last}); its output is in {out_path}")
-    summary = [r for r in read_log(log_path) if r["event"] == "summary"][-1]
+    summaries = [r for r in read_log(log_path) if r.get("event") == "summary"]
+    if not summaries:
+        raise UserError(f"seed {seed}: ncf.py wrote no summary to {log_path}; its output is in {out_path}")
+    summary = summaries[-1]
     return {"seed": seed, "best_hr": summary["best_hr"], "best_ndcg": summary["best_ndcg"],
             "best_epoch": summary["best_epoch"], "wall_s": time.perf_counter() - start, "log": log_path}
 
@@ -110,15 +156,23 @@ def histogram(runs, summary, path, k):
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(f"{len(hr)} seeds: std {summary['std']:.4f}, min {summary['min']:.4f}, max {summary['max']:.4f}")
     ax.legend()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_file(path) as f:
+            fig.savefig(f, format="png", dpi=110)
+    finally:
+        plt.close(fig)
 
 
 @main_guard
 def main(argv=None):
     args = parse_args(argv)
     validate(args)
-    os.makedirs(args.output, exist_ok=True)
+    try:
+        os.makedirs(args.output, exist_ok=True)
+        # Written first, so that a rerun into this folder can tell it is ours.
+        write_report(args.output, {"data": args.data, "ncf_args": args.ncf_args, "complete": False})
+    except OSError as err:
+        raise EnvironmentFailure(f"cannot write to --output {args.output} ({err.strerror or err})") from None
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     print(f"{args.seeds} seeds, {args.jobs} at a time, {threads} threads each, OMP_WAIT_POLICY "
@@ -130,10 +184,14 @@ def main(argv=None):
               f"at epoch {r['best_epoch']} ({r['wall_s']:.0f} s)")
     summary = summarise(runs)
     k = read_log(runs[0]["log"])[0].get("args", {}).get("topk", 10)
-    report = {"data": args.data, "ncf_args": args.ncf_args, "topk": k, "summary": summary, "runs": runs}
-    with open(os.path.join(args.output, "stability.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    histogram(runs, summary, os.path.join(args.output, "stability_hr.png"), k)
+    report = {"data": args.data, "ncf_args": args.ncf_args, "complete": True, "topk": k, "summary": summary,
+              "runs": runs}
+    try:
+        write_report(args.output, report)
+        histogram(runs, summary, os.path.join(args.output, HISTOGRAM), k)
+    except OSError as err:
+        raise EnvironmentFailure(f"cannot write the report into --output {args.output} ({err.strerror or err}); "
+                                 "the per-seed logs are there: free some space and rerun") from None
     print(f"best HR@{k} over {summary['seeds']} seeds: mean {summary['mean']:.4f} | std {summary['std']:.4f} | "
           f"min {summary['min']:.4f} | max {summary['max']:.4f}")
     print(json.dumps(summary))

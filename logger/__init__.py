@@ -77,3 +77,28 @@ def read_log(path):
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 
+
+_INTEGER_FIELDS = ("epoch", "best_epoch")
+_JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number",
+               type(None): "null"}
+
+
+def record_problem(record):
+    """Why `record` (one parsed JSON line) is not a log record as RunLogger writes them, or None.
+
+    Checked: an object with a string "event", and every metric field of _FIELDS a number (an integer
+    for epochs) or null, so that readers (logger.plot) never meet a string where they plot a number.
+    """
+    if not isinstance(record, dict):
+        return f"is a JSON {_JSON_TYPES.get(type(record), 'value')}, not an object"
+    if not isinstance(record.get("event"), str):
+        return 'has no "event" field naming its kind'
+    for key in _FIELDS:
+        value = record.get(key)
+        if value is None:
+            continue
+        integer = key in _INTEGER_FIELDS
+        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+            return f'has "{key}": {json.dumps(value)[:40]}, not {"an integer" if integer else "a number"}'
+    return None
+

@@ -6,12 +6,24 @@
 Several logs are overlaid (e.g. fp32 against AMP, as the recipe's accuracy-curve figure does). A log
 that holds several runs appended one after another (the epoch count starts again) is split into
 them; a resumed run, whose epochs carry on, stays one curve. Needs matplotlib (optional dependency).
+
+-o names the file written, and the path printed is that file: an existing folder gets FOLDER/run.png,
+a name without a suffix gets .png (matplotlib's own rule, now said). It must be .png, .pdf or .svg;
+it is checked before any work, and an existing file there is replaced only if it is an image of that
+format (never a log, nor another file), written to a temporary name then renamed. A log line that is
+not a JSON object of the kind ncf.py writes (a truncated line, a number where an object goes, a
+string where a figure goes) is a one-line error naming the file and line.
 """
 import argparse
 import json
 import os
 
-from cli import UserError, main_guard
+from cli import EnvironmentFailure, UserError, atomic_file, check_output_path, holds, main_guard
+from logger import record_problem
+
+# Suffix -> (matplotlib format, how a file of that format starts).
+FORMATS = {".png": ("png", b"\x89PNG\r\n\x1a\n"), ".pdf": ("pdf", b"%PDF-"), ".svg": ("svg", b"<?xml")}
+DEFAULT_NAME = "run.png"
 
 # Per panel: y-axis label and its series (JSON key, legend suffix, line style). Keys are those of
 # logger/__init__.py's epoch records.
@@ -26,7 +38,8 @@ PANELS = (
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m logger.plot", description=__doc__.split("\n\n")[0])
     parser.add_argument("logs", nargs="+", help="JSON-lines logs written by ncf.py --log_path")
-    parser.add_argument("-o", "--output", default="run.png", help="PNG file to write")
+    parser.add_argument("-o", "--output", default=DEFAULT_NAME,
+                        help=f"image to write (.png, .pdf or .svg); a folder gets FOLDER/{DEFAULT_NAME}")
     parser.add_argument("--labels", nargs="+", help="one legend label per log (default: file name and precision)")
     parser.add_argument("--title", default=None, help="figure title")
     return parser.parse_args(argv)
@@ -36,25 +49,72 @@ def read_runs(path):
     """[(precision, topk, [epoch records])] of the runs in one log."""
     if not os.path.isfile(path):
         raise UserError(f"log {path} does not exist: pass the --log_path of an ncf.py training run")
+    fix = "pass a log written by ncf.py --log_path"
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) else "not UTF-8 text"
+        raise UserError(f"cannot read log {path} ({reason}): {fix}") from None
     runs, config = [], {}
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                raise UserError(f"{path} line {number} is not JSON: pass a log written by ncf.py --log_path") from None
-            if record.get("event") == "config":
-                config = record
-            elif record.get("event") == "epoch":
-                if not runs or record["epoch"] <= runs[-1][2][-1]["epoch"]:
-                    runs.append((config.get("precision"), config.get("args", {}).get("topk", 10), []))
-                runs[-1][2].append(record)
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):
+            raise UserError(f"{path} line {number} is not JSON (cut short or edited?): {fix}") from None
+        problem = record_problem(record) or _plot_problem(record)
+        if problem:
+            raise UserError(f"{path} line {number} {problem}: {fix}")
+        if record["event"] == "config":
+            config = record
+        elif record["event"] == "epoch":
+            if not runs or record["epoch"] <= runs[-1][2][-1]["epoch"]:
+                runs.append((config.get("precision"), config.get("args", {}).get("topk", 10), []))
+            runs[-1][2].append(record)
     if not runs:
         raise UserError(f"{path} has no epoch records: pass the --log_path of an ncf.py training run "
                         f"(--mode test logs have none)")
     return runs
+
+
+def _plot_problem(record):
+    """What this plot needs beyond record_problem: an epoch number, and a config it can read."""
+    if record["event"] == "epoch" and record.get("epoch") is None:
+        return 'is an epoch record without "epoch"'
+    if record["event"] == "config":
+        args = record.get("args", {})
+        if not isinstance(args, dict):
+            return 'has "args" that is not an object'
+        topk = args.get("topk", 10)
+        if isinstance(topk, bool) or not isinstance(topk, int):
+            return f'has "topk": {json.dumps(topk)[:40]}, not an integer'
+        if not isinstance(record.get("precision", ""), str | None):
+            return 'has "precision" that is not a string'
+    return None
+
+
+def resolve_output(output, logs):
+    """The file that -o names, checked before any work (see the module docstring)."""
+    if os.path.isdir(output) or output.endswith(os.sep):
+        output = os.path.join(output, DEFAULT_NAME)
+    elif not os.path.lexists(output) and not os.path.splitext(output)[1]:
+        output += ".png"
+    check_output_path(output, "-o/--output")
+    suffix = os.path.splitext(output)[1].lower()
+    if suffix not in FORMATS:
+        raise UserError(f"-o/--output {output}: plots are written as .png, .pdf or .svg, not "
+                        f"{suffix or 'a file without a suffix'}: choose a name with one of these suffixes")
+    if any(holds(log, output) for log in logs):
+        raise UserError(f"-o/--output {output} is one of the logs to plot: choose another name")
+    if os.path.exists(output):
+        with open(output, "rb") as f:
+            is_image = f.read(16).startswith(FORMATS[suffix][1])
+        if not is_image:
+            raise UserError(f"-o/--output {output} exists and is not a {suffix[1:]} image, so it is not replaced: "
+                            "move it away or choose another name")
+    return output
 
 
 def label_runs(paths, labels):
@@ -100,10 +160,13 @@ def plot(curves, output, title=None):
             ax.legend(fontsize="small")
     if title:
         fig.suptitle(title)
+    fmt = FORMATS.get(os.path.splitext(output)[1].lower(), FORMATS[".png"])[0]
     try:
-        fig.savefig(output, dpi=110)
-    except OSError as err:
-        raise UserError(f"cannot write {output} ({err.strerror}): choose a writable -o/--output") from None
+        with atomic_file(output) as f:
+            fig.savefig(f, format=fmt, dpi=110)
+    except OSError as err:  # atomic_file has removed its temporary file
+        raise EnvironmentFailure(f"cannot write {output} ({err.strerror or err}); nothing was left behind: "
+                                 "free some space and rerun") from None
     finally:
         plt.close(fig)
 
@@ -111,9 +174,10 @@ def plot(curves, output, title=None):
 @main_guard
 def main(argv=None):
     args = parse_args(argv)
+    output = resolve_output(args.output, args.logs)
     curves = label_runs(args.logs, args.labels)
-    plot(curves, args.output, args.title)
-    print(f"wrote {args.output}: {len(curves)} run(s), "
+    plot(curves, output, args.title)
+    print(f"wrote {output}: {len(curves)} run(s), "
           f"{sum(len(records) for _, _, records in curves)} epochs")
 
 

@@ -94,8 +94,11 @@ def test_dtypes_and_metadata(tmp_path):
     for name in ("user_ids.pt", "item_ids.pt"):
         assert cache[name].dtype == torch.int64
     metadata = load_metadata(tmp_path / "cache")
+    files = metadata.pop("files")
+    assert files == {name: {"bytes": (tmp_path / "cache" / name).stat().st_size,
+                            "sha256": convert.sha256_of(tmp_path / "cache" / name)} for name in TENSOR_FILES}
     assert metadata == {
-        "format_version": 1,
+        "format_version": 2,
         "source_file": "ratings.csv",
         "source_sha256": convert.sha256_of(path),
         "format": "ml-20m",
@@ -185,6 +188,7 @@ def test_rerun_replaces_a_complete_cache(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["cache", "ratings.csv"]
 
 
+@pytest.mark.slow
 def test_cache_is_complete_only_with_metadata(tmp_path, run_cli):
     assert not convert.cache_is_complete(tmp_path / "missing")
     (tmp_path / "partial").mkdir()
@@ -210,9 +214,12 @@ BAD_INPUTS = {
     "non-numeric ids": ("ratings.csv", "userId,movieId,rating,timestamp\nalice,2,3.0,4\n", ["integers"]),
     "non-numeric ml-1m ids": ("ratings.dat", "1::x::3::4\n", ["integers"]),
     "no user left": ("ratings.csv", "userId,movieId,rating,timestamp\n1,2,3.0,4\n", ["--min_ratings"]),
+    "id too large for int64": ("ratings.csv", "userId,movieId,rating,timestamp\n99999999999999999999,2,3.0,4\n",
+                               ["64-bit"]),
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
 def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, run_cli, assert_user_error, case):
     name, text, words = BAD_INPUTS[case]
@@ -222,12 +229,14 @@ def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, run_cli, assert_user
     assert sorted(os.listdir(tmp_path)) == [name]
 
 
+@pytest.mark.slow
 def test_missing_file(tmp_path, run_cli, assert_user_error):
     result = run_cli(["convert.py", "--path", tmp_path / "nope.csv", "--output", tmp_path / "cache"])
     assert_user_error(result, "nope.csv", "download_dataset.sh")
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_more_negatives_than_unseen_items(tmp_path, run_cli, assert_user_error):
     path = write_ml20m(tmp_path)
     result = run_cli(["convert.py", "--path", path, "--output", tmp_path / "cache",
@@ -236,6 +245,7 @@ def test_more_negatives_than_unseen_items(tmp_path, run_cli, assert_user_error):
     assert os.listdir(tmp_path) == ["ratings.csv"]
 
 
+@pytest.mark.slow
 def test_refuses_to_overwrite_a_folder_that_is_not_a_cache(tmp_path, run_cli, assert_user_error):
     path = write_ml20m(tmp_path)
     (tmp_path / "precious").mkdir()
@@ -249,3 +259,44 @@ def test_refuses_to_overwrite_a_folder_that_is_not_a_cache(tmp_path, run_cli, as
 def test_stable_order_matches_stable_argsort(high):
     values = np.random.default_rng(0).integers(0, high, size=1000)
     np.testing.assert_array_equal(convert.stable_order(values), np.argsort(values, kind="stable"))
+
+
+def fails(capsys, argv):
+    """convert.main(argv) in-process: exit status 2, one stderr line without a traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        convert.main([str(a) for a in argv])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2, lines
+    assert len(lines) == 1 and "Traceback" not in lines[0], lines
+    return lines[0]
+
+
+def test_no_training_pair_left_is_a_clear_error(tmp_path, capsys):
+    """Every user's only item becomes their test item: a cache with 0 training pairs is refused here,
+    not written for ncf.py to reject."""
+    path = _write(tmp_path / "ratings.csv", ["userId,movieId,rating,timestamp",
+                                             "1,10,4.0,1", "1,10,5.0,2", "2,11,3.0,1", "3,12,3.0,1"])
+    line = fails(capsys, ["--path", path, "--output", tmp_path / "cache", "--min_ratings", 1, "--negatives", 1])
+    assert "no training pairs" in line and "3 user(s)" in line and "two distinct items" in line
+    assert os.listdir(tmp_path) == ["ratings.csv"]
+
+
+@pytest.mark.parametrize("fmt", sorted(WRITERS))
+@pytest.mark.parametrize("value", [2**63, 10**20])
+def test_an_id_too_large_for_int64_is_a_clear_error(tmp_path, capsys, fmt, value):
+    rows = [(value if n == 3 else u, i, r, t) for n, (u, i, r, t) in enumerate(ROWS)]
+    writer = WRITERS[fmt]
+    original = ROWS[:]
+    ROWS[:] = rows
+    try:
+        path = writer(tmp_path)
+    finally:
+        ROWS[:] = original
+    line = fails(capsys, ["--path", path, "--output", tmp_path / "cache", "--min_ratings", 1])
+    assert "too large for a 64-bit integer" in line and str(path) in line
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_negative_seed_is_a_clear_error(tmp_path, capsys):
+    line = fails(capsys, ["--path", write_ml20m(tmp_path), "--output", tmp_path / "cache", "--seed", -1])
+    assert "--seed -1" in line

@@ -11,6 +11,8 @@ import pytest
 import convert
 from cache_format import TENSOR_FILES
 
+pytestmark = pytest.mark.slow  # every test here runs the shell scripts
+
 
 def test_prepare_synthetic_then_rerun_returns_at_once(tmp_path, run_cli):
     data_dir = tmp_path / "elsewhere"
@@ -124,3 +126,69 @@ def test_verify_reports_a_mismatch(tmp_path, run_cli):
     ok = run_cli(["verify_dataset.sh", "ml-20m", path],
                  env={"MOVIELENS_MD5": hashlib.md5(b"not the real thing").hexdigest()})
     assert ok.returncode == 0, ok.stderr
+
+
+def synthetic_data_dir(data_dir):
+    """DATA_DIR holding a small synthetic ratings.csv and its cache, as prepare_dataset.sh leaves them."""
+    import synthetic
+
+    csv = data_dir / "synthetic" / "ratings.csv"
+    synthetic.write_ratings_csv(csv, users=300, items=200, interactions_per_user_mean=30)
+    cache = data_dir / "cache" / "synthetic"
+    convert.main(["--path", str(csv), "--output", str(cache), "--no_progress"])
+    return cache
+
+
+def old_format(cache):
+    metadata = json.loads((cache / "metadata.json").read_text())
+    del metadata["files"]
+    metadata["format_version"] = 1
+    (cache / "metadata.json").write_text(json.dumps(metadata))
+
+
+def damaged_file(cache):
+    path = cache / "test_negatives.pt"
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def missing_file(cache):
+    (cache / "user_ids.pt").unlink()
+
+
+@pytest.mark.parametrize("damage", [old_format, damaged_file, missing_file], ids=lambda f: f.__name__)
+def test_prepare_rebuilds_the_cache_the_loader_refuses(tmp_path, run_cli, damage):
+    """The loader's message says to run ./prepare_dataset.sh NAME; doing so must repair the cache, not
+    report it complete (convert.py --check verifies the version and checksums)."""
+    from cli import UserError
+    from dataloading import load_cache
+
+    cache = synthetic_data_dir(tmp_path / "data")
+    damage(cache)
+    with pytest.raises(UserError, match=r"\./prepare_dataset\.sh NAME"):
+        load_cache(str(cache))
+    result = run_cli(["prepare_dataset.sh", "synthetic"], env={"DATA_DIR": str(tmp_path / "data")}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "already complete" not in result.stdout and "rebuilding" in result.stdout
+    assert load_cache(str(cache)).num_users == 300
+    assert sorted(p.name for p in cache.iterdir()) == sorted([*TENSOR_FILES, "metadata.json"])
+
+
+def test_a_folder_without_metadata_is_moved_away_then_rebuilt(tmp_path, run_cli, assert_user_error):
+    """Nothing proves convert.py wrote a folder without metadata.json: prepare refuses to replace it, and
+    the loader's advice (move it away, then prepare) works."""
+    from cli import UserError
+    from dataloading import load_cache
+
+    cache = synthetic_data_dir(tmp_path / "data")
+    (cache / "metadata.json").unlink()
+    with pytest.raises(UserError, match=r"move .* away") as error:
+        load_cache(str(cache))
+    assert "./prepare_dataset.sh NAME" in str(error.value)
+    env = {"DATA_DIR": str(tmp_path / "data")}
+    refused = run_cli(["prepare_dataset.sh", "synthetic"], env=env, cwd=tmp_path)
+    assert_user_error(refused, str(cache), "move it away")
+    assert sorted(p.name for p in cache.iterdir()) == sorted(TENSOR_FILES)  # untouched
+    cache.rename(tmp_path / "moved-away")
+    rebuilt = run_cli(["prepare_dataset.sh", "synthetic"], env=env, cwd=tmp_path)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert load_cache(str(cache)).num_users == 300

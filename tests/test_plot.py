@@ -50,9 +50,15 @@ def test_runs_appended_to_one_log_are_split_and_labelled(tmp_path):
     assert label == "resumed (fp32)" and [r["epoch"] for r in records] == [1, 2, 3]
 
 
-def test_bad_inputs_are_user_errors(tmp_path, run_cli, assert_user_error):
+@pytest.mark.slow
+def test_a_missing_log_is_one_line_from_the_command_line(tmp_path, run_cli, assert_user_error):
     assert_user_error(run_cli([sys.executable, "-m", "logger.plot", str(tmp_path / "missing.json")]),
                       "missing.json", "--log_path")
+
+
+def test_bad_inputs_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="--log_path"):
+        plot.label_runs([str(tmp_path / "missing.json")], None)
     test_only = tmp_path / "test.json"
     test_only.write_text(json.dumps({"event": "test", "hr": 0.5}) + "\n")
     with pytest.raises(UserError, match="no epoch records"):

@@ -43,7 +43,8 @@ def test_convert_keeps_the_protocol(tmp_path_factory, table, min_ratings, negati
     interacted = {}
     for u, i, _ in kept:
         interacted.setdefault(u, set()).add(i)
-    if not kept or any(len(items_kept) - len(s) < negatives for s in interacted.values()):
+    if not kept or any(len(items_kept) - len(s) < negatives for s in interacted.values()) \
+            or all(len(s) == 1 for s in interacted.values()):
         return  # a user error, covered by the error tests
     cache, meta = run_convert(tmp_path, table, min_ratings, negatives)
     user_ids, item_ids = cache["user_ids.pt"], cache["item_ids.pt"]

@@ -36,6 +36,10 @@ def test_two_seeds_summary_and_histogram(tmp_path, run_cli):
     assert 0 < summary["min"] < 1
     png = (output / "stability_hr.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5_000
+    # What it wrote is provably its own, so a rerun into the same folder is accepted.
+    assert report["created_by"] == stability.CREATED_BY and report["complete"]
+    assert stability.is_own_output(str(output))
+    stability.validate(stability.parse_args(["--data", str(cache), "--output", str(output)]))
 
 
 def test_flags_it_sets_itself_are_user_errors(run_cli, assert_user_error, tmp_path):

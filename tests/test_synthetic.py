@@ -63,6 +63,7 @@ def test_last_items_follow_planted_preferences_more_than_popularity(ratings):
     assert planted > 3 * by_popularity, (planted, by_popularity)
 
 
+@pytest.mark.slow
 def test_command_line_writes_the_csv(tmp_path, run_cli):
     out = tmp_path / "synthetic" / "ratings.csv"
     result = run_cli(["synthetic.py", "--output", out, "--users", 50, "--items", 200, "--seed", 1])
@@ -72,6 +73,7 @@ def test_command_line_writes_the_csv(tmp_path, run_cli):
     assert [p.name for p in out.parent.iterdir()] == ["ratings.csv"]  # no temp file left
 
 
+@pytest.mark.slow
 def test_command_line_rejects_impossible_sizes(tmp_path, run_cli, assert_user_error):
     out = tmp_path / "ratings.csv"
     result = run_cli(["synthetic.py", "--output", out, "--items", 30])
