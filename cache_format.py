@@ -14,7 +14,10 @@ import os
 FORMAT_VERSION = 2  # 2: metadata.json records each tensor file's size and SHA-256
 METADATA_FILE = "metadata.json"  # written last: a cache without it is incomplete
 TENSOR_FILES = ("train_ratings.pt", "test_ratings.pt", "test_negatives.pt", "user_ids.pt", "item_ids.pt")
-CACHE_FILES = (*TENSOR_FILES, METADATA_FILE)
+# Written only by `convert.py --validation` (metadata "validation": true): each user's held-out
+# second-to-last item (-1 for a user with too few items to spare one) and its negatives.
+VALIDATION_FILES = ("valid_ratings.pt", "valid_negatives.pt")
+CACHE_FILES = (*TENSOR_FILES, *VALIDATION_FILES, METADATA_FILE)
 CREATED_BY = "convert.py"
 
 
@@ -24,6 +27,11 @@ def sha256_of(path):
         while block := f.read(1 << 22):
             digest.update(block)
     return digest.hexdigest()
+
+
+def tensor_files(metadata):
+    """The tensor files a cache with this metadata holds."""
+    return (*TENSOR_FILES, *VALIDATION_FILES) if metadata.get("validation") is True else TENSOR_FILES
 
 
 def file_record(path):
@@ -51,7 +59,7 @@ def files_problem(folder, metadata):
     records = metadata.get("files")
     if not isinstance(records, dict):
         return f"{METADATA_FILE} lacks the checksums of the tensor files"
-    for name in TENSOR_FILES:
+    for name in tensor_files(metadata):
         record = records.get(name)
         if not isinstance(record, dict):
             return f"{METADATA_FILE} lacks the checksum of {name}"
@@ -60,7 +68,7 @@ def files_problem(folder, metadata):
             return f"{name} is missing"
         if os.path.getsize(path) != record.get("bytes"):
             return f"{name} has {os.path.getsize(path)} bytes, not the {record.get('bytes')} {METADATA_FILE} records"
-    for name in TENSOR_FILES:
+    for name in tensor_files(metadata):
         if sha256_of(os.path.join(folder, name)) != records[name].get("sha256"):
             return (f"{name} does not match the SHA-256 {METADATA_FILE} records "
                     "(changed, or swapped with another cache's, since convert.py wrote it)")

@@ -10,8 +10,8 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from cli import UserError, atomic_file
-from neumf import build_model
+from cli import EnvironmentFailure, UserError, atomic_file
+from neumf import MODELS, build_model
 
 
 def safe_load(path, what, fix):
@@ -35,8 +35,13 @@ def safe_load(path, what, fix):
 
 def save_atomic(obj, path):
     """torch.save through a temporary file renamed into place: a crash never leaves half a checkpoint."""
-    with atomic_file(path) as f:
-        torch.save(obj, f)
+    try:
+        with atomic_file(path) as f:
+            torch.save(obj, f)
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise EnvironmentFailure(f"cannot write {path} ({reason}): free some space or choose another "
+                                 f"--checkpoint_dir; the previous file, if any, is intact") from None
 
 
 def payload(model, args, dataset, epoch, record):
@@ -49,23 +54,69 @@ def payload(model, args, dataset, epoch, record):
 
 
 def dataset_identity(cache):
-    return {"num_users": cache.num_users, "num_items": cache.num_items,
-            "source_sha256": cache.metadata.get("source_sha256")}
+    """What identifies the data a model was trained on: the source file's checksum and the convert
+    settings that decide the training split, besides the counts."""
+    meta = cache.metadata
+    return {"num_users": cache.num_users, "num_items": cache.num_items, "source_sha256": meta.get("source_sha256"),
+            "min_ratings": meta.get("min_ratings")}
 
 
-def load_checkpoint(path, cache, what="checkpoint"):
-    """Load a checkpoint (tensors and plain data only) and check it matches the dataset, if given."""
-    ckpt = safe_load(path, what, "pass a checkpoint written by ncf.py (--load_checkpoint_path), or train first")
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise UserError(f"{what} {path} is not a checkpoint written by ncf.py (no model or config)")
+CONFIG_TYPES = {"nb_users": int, "nb_items": int, "mf_dim": int, "mlp_layer_sizes": list, "dropout": (int, float)}
+RESUME_KEYS = ("optimizer", "scaler", "state", "rng", "args")
+
+
+def load_checkpoint(path, cache, what="checkpoint", resume=False):
+    """Load a checkpoint (tensors and plain data only), check its content, and that it was trained on
+    `cache`'s dataset when one is given. `resume`: it must also hold what --resume needs."""
+    fix = "pass a checkpoint written by ncf.py (--load_checkpoint_path), or train first"
+    ckpt = safe_load(path, what, fix)
+    _check_content(ckpt, path, what, fix)
+    if resume and not all(key in ckpt for key in RESUME_KEYS):
+        raise UserError(f"{what} {path} lacks the optimizer and progress state of a last.pth (it is a model-only "
+                        f"checkpoint?): resume from the last.pth that ncf.py wrote, or train without --resume")
+    if cache is not None:
+        _check_dataset(ckpt, cache, path, what)
+    return ckpt
+
+
+def _check_content(ckpt, path, what, fix):
+    """A dict with a model of finite tensors and a config of the right types: anything else is refused
+    before it can be built, trusted or trained on."""
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or not isinstance(ckpt.get("config"),
+                                                                                                dict):
+        raise UserError(f"{what} {path} is not a checkpoint written by ncf.py (no model or config): {fix}")
     config = ckpt["config"]
-    if cache is not None and (config["nb_users"], config["nb_items"]) != (cache.num_users, cache.num_items):
+    for key, kind in CONFIG_TYPES.items():
+        if not isinstance(config.get(key), kind) or isinstance(config.get(key), bool):
+            raise UserError(f"{what} {path} has a broken config ({key}: {config.get(key)!r}): {fix}")
+    sizes, model = config["mlp_layer_sizes"], config.get("model", "neumf")
+    if model not in MODELS or not all(isinstance(size, int) and size > 0 for size in sizes) or \
+            min(config["nb_users"], config["nb_items"]) <= 0 or config["mf_dim"] < 0 or \
+            (config["mf_dim"] == 0) != (model == "mlp") or (not sizes) != (model == "gmf"):
+        raise UserError(f"{what} {path} has a broken config ({str(config)[:200]}): {fix}")
+    tensors = ckpt["model"].values()
+    if not all(isinstance(t, torch.Tensor) for t in tensors):
+        raise UserError(f"{what} {path} holds model weights that are not tensors: {fix}")
+    if not all(torch.isfinite(t).all() for t in tensors if t.is_floating_point()):
+        raise UserError(f"{what} {path} holds non-finite weights (NaN or inf): the run that wrote it diverged; "
+                        f"use a checkpoint of an earlier epoch, or train again with a lower --learning_rate")
+
+
+def _check_dataset(ckpt, cache, path, what):
+    config = ckpt["config"]
+    if (config["nb_users"], config["nb_items"]) != (cache.num_users, cache.num_items):
         raise UserError(
             f"{what} {path} was trained on {config['nb_users']} users and {config['nb_items']} items, but "
             f"the dataset has {cache.num_users} users and {cache.num_items} items: "
             f"use the checkpoint with the dataset it was trained on"
         )
-    return ckpt
+    trained_on = ckpt.get("dataset") if isinstance(ckpt.get("dataset"), dict) else {}
+    here = dataset_identity(cache)
+    for key in ("source_sha256", "min_ratings"):
+        if trained_on.get(key) is not None and here[key] is not None and trained_on[key] != here[key]:
+            raise UserError(f"{what} {path} was trained on another dataset of the same shape ({key} "
+                            f"{str(trained_on[key])[:16]} there, {str(here[key])[:16]} here): use the checkpoint "
+                            f"with the dataset it was trained on")
 
 
 def load_model_weights(model, ckpt, path):

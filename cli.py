@@ -63,10 +63,18 @@ def main_guard(main):
 
 
 def _report(message):
-    # Under torchrun every rank meets the same bad input: only global rank 0 says so.
-    if os.environ.get("RANK", "0") == "0":
+    # Under torchrun every rank meets the same bad input: only global rank 0 says so. A RANK left in
+    # the environment outside a launch (WORLD_SIZE unset or 1) must not silence the one process.
+    if not _secondary_rank():
         prog = os.path.basename(sys.argv[0]) or "ncf"
         print(f"{prog}: {message}", file=sys.stderr)
+
+
+def _secondary_rank():
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0
+    except ValueError:
+        return False
 
 
 @contextlib.contextmanager

@@ -57,6 +57,9 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="seed of the test-negative generator")
     parser.add_argument("--min_ratings", type=int, default=20,
                         help="drop users with fewer interactions (counted before de-duplication)")
+    parser.add_argument("--validation", action="store_true",
+                        help="also hold out each user's second-to-last item, with its own negatives, for model "
+                             "selection (users with fewer than 3 distinct items get none)")
     parser.add_argument("--format", choices=("auto", *FORMATS), default="auto",
                         help="input format; auto detects it from the file name or header")
     parser.add_argument("--no_progress", action="store_true", help="no tqdm display of the stages")
@@ -188,10 +191,12 @@ def stable_order(values):
     return packed & ((1 << bits) - 1)
 
 
-def split_train_test(user, item, timestamps, num_items):
-    """Return (positive keys, train keys, test items) where key = user * num_items + item.
+def split_train_test(user, item, timestamps, num_items, validation=False):
+    """Return (positive keys, train keys, test items, validation items) where key = user * num_items + item.
 
-    Positive keys are sorted and unique: every (user, item) the user interacted with.
+    Positive keys are sorted and unique: every (user, item) the user interacted with. With `validation`
+    each user's latest remaining pair after the test item is held out too (item -1 for a user with fewer
+    than 3 distinct items, who keeps it for training); else validation items is None.
     """
     by_time = stable_order(timestamps)
     keys = user[by_time] * num_items + item[by_time]
@@ -201,12 +206,25 @@ def split_train_test(user, item, timestamps, num_items):
     keys = keys[first]
     earliest = np.r_[True, keys[1:] != keys[:-1]]
     positive_keys, first = keys[earliest], first[earliest]
-    key_user = positive_keys // num_items
-    starts = np.flatnonzero(np.r_[True, key_user[1:] != key_user[:-1]])
-    latest = np.maximum.reduceat(first, starts)
-    is_test = first == np.repeat(latest, np.diff(np.r_[starts, len(first)]))
+    is_test = latest_of_each_user(positive_keys, first, num_items)
     test_items = positive_keys[is_test] % num_items
-    return positive_keys, positive_keys[~is_test], test_items
+    train_keys, train_first = positive_keys[~is_test], first[~is_test]
+    if not validation:
+        return positive_keys, train_keys, test_items, None
+    is_valid = latest_of_each_user(train_keys, train_first, num_items)
+    users = train_keys // num_items
+    is_valid &= np.bincount(users, minlength=len(test_items))[users] >= 2  # keep one pair to train on
+    valid_items = np.full(len(test_items), -1, dtype=np.int64)
+    valid_items[users[is_valid]] = train_keys[is_valid] % num_items
+    return positive_keys, train_keys[~is_valid], test_items, valid_items
+
+
+def latest_of_each_user(keys, rank_in_time, num_items):
+    """Mask of the entry of each user with the highest rank in time, for keys sorted by (user, item)."""
+    key_user = keys // num_items
+    starts = np.flatnonzero(np.r_[True, key_user[1:] != key_user[:-1]])
+    latest = np.maximum.reduceat(rank_in_time, starts)
+    return rank_in_time == np.repeat(latest, np.diff(np.r_[starts, len(rank_in_time)]))
 
 
 def is_positive(positive_keys, keys):
@@ -350,7 +368,8 @@ def convert(args):
     num_users, num_items = len(user_ids), len(item_ids)
     stages.update()
     stage("split")
-    positive_keys, train_keys, test_items = split_train_test(user, item, timestamps, num_items)
+    positive_keys, train_keys, test_items, valid_items = split_train_test(user, item, timestamps, num_items,
+                                                                          args.validation)
     if len(train_keys) == 0:
         raise UserError(f"--path {args.path}: no training pairs are left, because each of the {num_users} "
                         "user(s) kept has a single distinct item, which becomes their test item; pass a file "
@@ -358,6 +377,9 @@ def convert(args):
     stages.update()
     stage("negatives")
     test_negatives = sample_negatives(positive_keys, num_users, num_items, args.negatives, args.seed)
+    if args.validation:
+        # Its own stream, so that the test negatives are those of a cache without --validation.
+        valid_negatives = sample_negatives(positive_keys, num_users, num_items, args.negatives, [args.seed, 1])
     stages.update()
     stage("hash")
     source_sha256 = sha256_of(args.path)
@@ -372,6 +394,9 @@ def convert(args):
         "user_ids.pt": np.asarray(user_ids, dtype=np.int64),
         "item_ids.pt": np.asarray(item_ids, dtype=np.int64),
     }
+    if args.validation:
+        tensors["valid_ratings.pt"] = np.stack([np.arange(num_users), valid_items], axis=1).astype(np.int32)
+        tensors["valid_negatives.pt"] = valid_negatives.astype(np.int32)
     metadata = {
         "format_version": FORMAT_VERSION,
         "source_file": os.path.basename(args.path),
@@ -386,6 +411,8 @@ def convert(args):
         "seed": args.seed,
         "created_by": CREATED_BY,
     }
+    if args.validation:
+        metadata.update(validation=True, num_valid=int((valid_items >= 0).sum()))
     write_cache(args.output, tensors, metadata)
     stages.update()
     stages.close()

@@ -163,7 +163,7 @@ class _MaskDrawer:
     @torch.compiler.disable
     def draw(self, shape):
         count = math.prod(shape)
-        codes = (count + self.per_byte - 1) // self.per_byte
+        codes = count // self.per_byte
         self.codes[:codes].copy_(random_bytes(codes, self.words))
         mask = torch.index_select(self.table, 0, self.codes[:codes], out=self.mask[:codes])
         return mask.view(-1)[:count].view(shape)
@@ -213,12 +213,12 @@ def mlp_scores_in_place(row_term, row_vec, table_term, table_vec, candidates, la
         flat = candidates[lo : lo + piece_rows].reshape(-1)
         count = flat.shape[0]
         hidden = torch.index_select(table_term, 0, flat, out=hidden_buf[:count])
-        hidden.view(-1, c, hidden.shape[1]).add_(row_term[lo : lo + piece_rows, None, :])
+        hidden.view(count // c, c, hidden.shape[1]).add_(row_term[lo : lo + piece_rows, None, :])
         x = hidden.relu_()
         for (weight, bias), buf in zip(layers, layer_bufs, strict=True):
             x = torch.addmm(bias, x, weight.t(), out=buf[:count]).relu_()
         vec = torch.index_select(table_vec, 0, flat, out=vec_buf[:count])
-        vec.view(-1, c, vec.shape[1]).mul_(row_vec[lo : lo + piece_rows, None, :])
+        vec.view(count // c, c, vec.shape[1]).mul_(row_vec[lo : lo + piece_rows, None, :])  # may be 0 wide
         logits = scores[lo : lo + piece_rows].view(-1, 1)
         torch.addmm(out_bias, x, weight_h.t(), out=logits).addmm_(vec, weight_v.t())
     return scores

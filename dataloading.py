@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cache_format import FORMAT_VERSION, METADATA_FILE, TENSOR_FILES, files_problem, is_replaceable, read_metadata
+from cache_format import FORMAT_VERSION, METADATA_FILE, files_problem, is_replaceable, read_metadata, tensor_files
 from checkpoint import safe_load
 from cli import UserError
 
@@ -21,6 +21,12 @@ class Cache:
     user_ids: torch.Tensor  # [U] original id of each dense user id
     item_ids: torch.Tensor  # [I] original id of each dense item id
     metadata: dict
+    valid: torch.Tensor = None  # [U, 2] with --validation: row u is (u, validation item of u or -1)
+    valid_negatives: torch.Tensor = None  # [U, negatives]
+
+    @property
+    def has_validation(self):
+        return self.valid is not None
 
     @property
     def num_users(self):
@@ -62,7 +68,7 @@ def load_cache(path):
         value = metadata[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise UserError(f"{meta_path}: the field '{key}' is {value!r:.60}, not a count: {fix}")
-    tensors = {name: safe_load(os.path.join(path, name), "cache file", fix) for name in TENSOR_FILES}
+    tensors = {name: safe_load(os.path.join(path, name), "cache file", fix) for name in tensor_files(metadata)}
     cache = Cache(
         train=tensors["train_ratings.pt"],
         test=tensors["test_ratings.pt"],
@@ -70,6 +76,8 @@ def load_cache(path):
         user_ids=tensors["user_ids.pt"],
         item_ids=tensors["item_ids.pt"],
         metadata=metadata,
+        valid=tensors.get("valid_ratings.pt"),
+        valid_negatives=tensors.get("valid_negatives.pt"),
     )
     _check_cache(cache, path, fix)
     problem = files_problem(path, metadata)
@@ -103,6 +111,10 @@ def _check_cache(cache, path, fix):
         "user_ids.pt": cache.user_ids,
         "item_ids.pt": cache.item_ids,
     }
+    if cache.has_validation:
+        expected.update({"valid_ratings.pt": (meta["num_users"], 2),
+                         "valid_negatives.pt": (meta["num_users"], meta["negatives"])})
+        actual.update({"valid_ratings.pt": cache.valid, "valid_negatives.pt": cache.valid_negatives})
     for name, shape in expected.items():
         tensor = actual[name]
         if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape:
@@ -131,6 +143,14 @@ def _check_ids(cache, path, fix):
         ("test_ratings.pt", lambda: outside(cache.test[:, 1], items), f"item ids outside 0..{items - 1}"),
         ("test_negatives.pt", lambda: outside(cache.test_negatives, items), f"item ids outside 0..{items - 1}"),
     )
+    if cache.has_validation:
+        problems += (
+            ("valid_ratings.pt", lambda: not torch.equal(cache.valid[:, 0].long(), torch.arange(users)),
+             "rows that are not users 0..U-1 in order"),
+            ("valid_ratings.pt", lambda: outside(cache.valid[:, 1] + 1, items + 1),
+             f"item ids outside -1..{items - 1}"),
+            ("valid_negatives.pt", lambda: outside(cache.valid_negatives, items), f"item ids outside 0..{items - 1}"),
+        )
     for name, broken, what in problems:
         if broken():
             raise UserError(f"{path}/{name} has {what}: {fix}")
@@ -209,20 +229,24 @@ class EpochSampler:
 
 @dataclass(frozen=True)
 class TestData:
-    """Evaluation candidates on the device: column 0 is the test item, the rest its negatives."""
+    """Evaluation candidates on the device: column 0 is the held-out item, the rest its negatives."""
 
-    users: torch.Tensor  # [U_rank] int32, this rank's share of the test users
+    users: torch.Tensor  # [U_rank] int32, this rank's share of the evaluated users
     candidates: torch.Tensor  # [U_rank, 1 + negatives] int32
     total_samples: int  # user-item pairs scored over all ranks
 
     @classmethod
-    def from_cache(cls, cache, device, rank=0, world_size=1):
+    def from_cache(cls, cache, device, rank=0, world_size=1, split="test"):
+        """The test items, or with split="valid" the validation items (users who have one)."""
+        held_out, negatives = (cache.test, cache.test_negatives) if split == "test" else \
+            (cache.valid, cache.valid_negatives)
         users = rank_share(cache.num_users, rank, world_size)
-        candidates = torch.cat((cache.test[users, 1:2], cache.test_negatives[users]), dim=1)
+        users = users[held_out[users, 1] >= 0]
+        candidates = torch.cat((held_out[users, 1:2], negatives[users]), dim=1)
         return cls(
             users=users.to(device=device, dtype=torch.int32),
             candidates=candidates.to(device=device, dtype=torch.int32),
-            total_samples=cache.num_users * candidates.shape[1],
+            total_samples=int((held_out[:, 1] >= 0).sum()) * candidates.shape[1],
         )
 
     @property

@@ -3,8 +3,14 @@
 A positive's rank is the number of OTHER candidates scored greater than or equal to it: ties count
 against the model, so a model that scores every item the same has rank = #candidates - 1 and never
 hits (the recipe's strict `>` would let a constant model hit every time).
+
+A non-finite score (NaN or +-inf, from a diverged model) ranks last: a non-finite positive is never a
+hit, and a non-finite candidate never outranks the positive. NaN compares false to everything, so
+without this rule a model of NaNs would score HR@10 = 1.
 """
 import torch
+
+UNRANKED = 2**62  # the rank of a non-finite positive: below every candidate, a miss at any k
 
 
 def rank_metric_sums(rank, k):
@@ -16,7 +22,9 @@ def rank_metric_sums(rank, k):
 
 def sampled_ranks(scores):
     """Ranks of column 0 of `scores` [users, candidates] among the other columns."""
-    return (scores[:, 1:] >= scores[:, :1]).sum(dim=1)
+    positive, others = scores[:, :1], scores[:, 1:]
+    beaten_by = ((others >= positive) & others.isfinite()).sum(dim=1)
+    return torch.where(positive.squeeze(1).isfinite(), beaten_by, UNRANKED)
 
 
 def full_ranks(scores, positive_items, excluded_rows, excluded_items):
@@ -29,4 +37,5 @@ def full_ranks(scores, positive_items, excluded_rows, excluded_items):
     scores = scores.float()
     positive = scores.gather(1, positive_items.long().unsqueeze(1))
     scores.index_put_((excluded_rows.long(), excluded_items.long()), torch.tensor(float("-inf"), device=scores.device))
-    return (scores >= positive).sum(dim=1) - 1
+    beaten_by = ((scores >= positive) & scores.isfinite()).sum(dim=1) - 1  # the positive ties with itself
+    return torch.where(positive.squeeze(1).isfinite(), beaten_by, UNRANKED)

@@ -15,9 +15,11 @@ import cli  # noqa: F401, I001  (first: sets the OpenMP wait policy before torch
 import argparse
 import contextlib
 import datetime
+import fcntl
 import math
 import os
 import signal
+import socket
 import sys
 import time
 import warnings
@@ -29,22 +31,23 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import checkpoint
-from cli import UserError, main_guard, remove_stale_temporaries
+from cli import UserError, check_output_path, main_guard, remove_stale_temporaries
 from dataloading import EpochSampler, FullRankingData, TestData, load_cache
 from devices import Precision, choose_precision, pick_device
 from logger import RunLogger
 from metrics import full_ranks, rank_metric_sums, sampled_ranks
-from neumf import DROPOUT, FACTORS, LAYERS, ItemPopularity, build_model
+from neumf import DROPOUT, FACTORS, LAYERS, MODELS, ItemPopularity, NeuMF, build_model, load_pretrained
 
 DATA_DIR = os.environ.get("DATA_DIR", "./data")
 BEST_CHECKPOINT = "model.pth"  # the best epoch's model
 LAST_CHECKPOINT = "last.pth"  # the last epoch's full state, for --resume
+LOCK_FILE = ".lock"  # held by the run writing the folder (see hold_lock)
 # Flags that define the model's shape: on --resume the checkpoint's values win.
-ARCHITECTURE_FLAGS = ("factors", "layers")
+ARCHITECTURE_FLAGS = ("model", "factors", "layers")
 # Flags that change the optimisation: on --resume a difference is allowed, with a warning.
 TRAINING_FLAGS = (
     "batch_size", "negative_samples", "learning_rate", "beta1", "beta2", "eps", "dropout",
-    "grads_accumulated", "opt_level", "amp_dtype", "seed",
+    "grads_accumulated", "opt_level", "amp_dtype", "seed", "weight_decay", "lr_schedule", "warmup_epochs",
 )
 
 
@@ -53,6 +56,18 @@ TRAINING_FLAGS = (
 
 
 def parse_args(argv=None):
+    return build_parser().parse_args(argv)
+
+
+def given_flags(argv=None):
+    """The names of the flags given on the command line, as opposed to left at their defaults."""
+    parser = build_parser()
+    for action in parser._actions:  # argparse's own way to leave unseen flags out of the namespace
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def build_parser():
     p = argparse.ArgumentParser(
         description="Train a Neural Collaborative Filtering (NeuMF) model",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -97,9 +112,22 @@ def parse_args(argv=None):
     p.add_argument("--full_ranking", action="store_true",
                    help="also report HR@k/NDCG@k against every item the user has not trained on")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    p.add_argument("--model", choices=MODELS, default="neumf",
+                   help="neumf, or one of its branches alone (gmf, mlp) to pretrain it (He et al. 2017, 3.4.1)")
+    p.add_argument("--init_gmf", default=None, help="NeuMF starts from this GMF checkpoint (with --init_mlp)")
+    p.add_argument("--init_mlp", default=None, help="NeuMF starts from this MLP checkpoint (with --init_gmf)")
+    p.add_argument("--patience", type=int, default=0,
+                   help="stop after this many epochs without a better selection HR@k (validation HR@k when the "
+                        "cache has a validation split); 0: never")
+    p.add_argument("--weight_decay", type=float, default=0.0,
+                   help="decoupled weight decay (AdamW) over all parameters; 0: the recipe's Adam")
+    p.add_argument("--lr_schedule", choices=("constant", "cosine"), default="constant",
+                   help="learning rate after the warm-up: constant, or cosine decay to 0 at the last epoch")
+    p.add_argument("--warmup_epochs", type=float, default=0.0,
+                   help="linear learning-rate warm-up from 0 over this many epochs")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None,
                    help="set by torch.distributed.launch; the LOCAL_RANK environment variable wins")
-    return p.parse_args(argv)
+    return p
 
 
 def validate_args(args):
@@ -110,7 +138,7 @@ def validate_args(args):
         "--grads_accumulated": args.grads_accumulated, "--learning_rate": args.learning_rate, "--eps": args.eps,
     }
     for flag, value in positive.items():
-        if value <= 0:
+        if not value > 0 or not math.isfinite(value):  # NaN compares false both ways
             raise UserError(f"{flag} must be positive, got {value}")
     if any(size <= 0 for size in args.layers):
         raise UserError(f"--layers sizes must be positive, got {args.layers}")
@@ -122,20 +150,69 @@ def validate_args(args):
             raise UserError(f"{flag} must be in [0, 1), got {value}")
     if not 0.0 <= args.dropout < 1.0:
         raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if math.isnan(args.threshold):
+        raise UserError("--threshold must be a number (HR@k to stop at; 1.0 never stops early), got nan")
+    if not 0 <= args.seed < 2**32:
+        raise UserError(f"--seed must be in [0, 2^32), got {args.seed}")
+    for flag, value in (("--weight_decay", args.weight_decay), ("--warmup_epochs", args.warmup_epochs),
+                        ("--patience", args.patience)):
+        if not value >= 0 or not math.isfinite(value):
+            raise UserError(f"{flag} must be 0 or more, got {value}")
+    if (args.init_gmf is None) != (args.init_mlp is None) or (args.init_gmf and args.model != "neumf"):
+        raise UserError("--init_gmf and --init_mlp go together, with --model neumf: pass a GMF and an MLP "
+                        "checkpoint (train them with --model gmf and --model mlp)")
     if args.batch_size % args.grads_accumulated:
         raise UserError(f"--batch_size {args.batch_size} is not divisible by --grads_accumulated "
                         f"{args.grads_accumulated}: choose sizes that divide")
 
 
-def check_writable(folder, flag):
-    """Fail early if `folder` could not be created or written; creates nothing (no partial output)."""
-    existing = os.path.abspath(folder)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise UserError(f"{flag} {folder} cannot be created: {existing} is a file; choose another {flag}")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {folder} is not writable ({existing} refuses new files); choose another {flag}")
+def hold_lock(path, what, holder_note=True):
+    """An exclusive lock on `path` (created if needed) for as long as the returned file stays open.
+
+    Two runs writing one checkpoint folder or one log would each report the other's files as their
+    own; the second is refused, naming the holder. flock locks die with their process, so a killed
+    run never leaves a stale lock.
+    """
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() if holder_note else ""
+        handle.close()
+        raise UserError(f"{what} is in use by another run{f' ({holder})' if holder else ''}: wait for it to end, "
+                        f"or choose another {what.split()[0]}") from None
+    if holder_note:
+        handle.truncate(0)
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+    return handle
+
+
+def hold_run_locks(args):
+    """Rank 0's locks on the checkpoint folder (train mode) and the log, and the paths that taking them
+    created, so that a run that fails before writing anything leaves nothing behind."""
+    locks, created = [], []
+    if args.mode == "train":
+        if not os.path.exists(args.checkpoint_dir):
+            created.append(args.checkpoint_dir)
+        os.makedirs(args.checkpoint_dir, exist_ok=True)
+        locks.append(hold_lock(os.path.join(args.checkpoint_dir, LOCK_FILE), f"--checkpoint_dir {args.checkpoint_dir}"))
+    if args.log_path:
+        if not os.path.exists(args.log_path):
+            created.append(args.log_path)
+        locks.append(hold_lock(args.log_path, f"--log_path {args.log_path}", holder_note=False))
+    return locks, created
+
+
+def remove_if_unused(created):
+    """Remove the folders and files that hold_run_locks created and nothing has written to since."""
+    for path in created:
+        if os.path.isdir(path) and os.listdir(path) == [LOCK_FILE]:
+            os.remove(os.path.join(path, LOCK_FILE))
+            os.rmdir(path)
+        elif os.path.isfile(path) and os.path.getsize(path) == 0:
+            os.remove(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,11 +235,29 @@ class DistContext:
         return self.world_size > 1
 
 
+def launch_environment(local_rank_flag):
+    """(rank, local rank, world size) from the launcher's environment variables.
+
+    Outside a launch (no WORLD_SIZE above 1) leftover RANK or LOCAL_RANK variables are ignored: they
+    would otherwise silence rank 0's output or pick another GPU.
+    """
+    try:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size <= 1:
+            return 0, local_rank_flag or 0, 1
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", local_rank_flag or 0))
+    except (KeyError, ValueError):
+        raise UserError("WORLD_SIZE, RANK and LOCAL_RANK must be integers set by the launcher: start with torchrun, "
+                        "or unset them for one process") from None
+    if not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
+        raise UserError(f"WORLD_SIZE={world_size} is set but MASTER_ADDR and MASTER_PORT are not: start the job "
+                        f"with torchrun (which sets them), or unset WORLD_SIZE for one process")
+    return rank, local_rank, world_size
+
+
 def setup_distributed(device_flag, local_rank_flag):
     """One set-up for one process and for torchrun: reads the launcher's environment."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", local_rank_flag or 0))
+    rank, local_rank, world_size = launch_environment(local_rank_flag)
     device = pick_device(device_flag, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -176,18 +271,40 @@ def setup_distributed(device_flag, local_rank_flag):
     return DistContext(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 
-def make_optimizer(model, learning_rate, betas, eps):
-    """Adam with the fused kernel where this torch has it for the device, else the foreach one."""
-    kwargs = dict(lr=learning_rate, betas=betas, eps=eps)
+def make_optimizer(model, learning_rate, betas, eps, weight_decay=0.0):
+    """Adam with the fused kernel where this torch has it for the device, else the foreach one.
+
+    With weight_decay, AdamW: decay decoupled from the gradient, over whole tables every step. L2 in the
+    loss over each batch's rows would weigh a row by how often it is sampled and need a per-batch
+    gather; decoupled decay keeps the fused kernel and the step free of host syncs (README).
+    """
+    kind = torch.optim.AdamW if weight_decay else torch.optim.Adam
+    kwargs = dict(lr=learning_rate, betas=betas, eps=eps, **({"weight_decay": weight_decay} if weight_decay else {}))
     try:
-        return torch.optim.Adam(model.parameters(), fused=True, **kwargs), "torch.optim.Adam(fused=True)"
+        return kind(model.parameters(), fused=True, **kwargs), f"torch.optim.{kind.__name__}(fused=True)"
     except RuntimeError:
-        return torch.optim.Adam(model.parameters(), foreach=True, **kwargs), "torch.optim.Adam(foreach=True)"
+        return kind(model.parameters(), foreach=True, **kwargs), f"torch.optim.{kind.__name__}(foreach=True)"
+
+
+def make_schedule(optimizer, schedule, warmup_epochs, epochs, steps_per_epoch):
+    """Per-step learning-rate factor: linear warm-up over warmup_epochs, then constant or cosine to 0."""
+    warmup, total = warmup_epochs * steps_per_epoch, epochs * steps_per_epoch
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1.0, total - warmup))))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def model_config(args, cache):
-    return {"nb_users": cache.num_users, "nb_items": cache.num_items, "mf_dim": args.factors,
-            "mlp_layer_sizes": list(args.layers), "dropout": args.dropout}
+    """The model these flags ask for; a branch alone ignores the other branch's flag (NeuMF zeroes it)."""
+    config = {"nb_users": cache.num_users, "nb_items": cache.num_items, "mf_dim": args.factors,
+              "mlp_layer_sizes": list(args.layers), "dropout": args.dropout}
+    return config if args.model == "neumf" else {**config, "model": args.model}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,7 +333,7 @@ def train_step(model, optimizer, scaler, precision, micro_batches, global_size, 
 
 
 def train_epoch(model, optimizer, scaler, precision, sampler, epoch, batch_size, grads_accumulated, ctx,
-                progress=False):
+                progress=False, scheduler=None):
     """One epoch of training; returns (mean loss of the global batches, samples trained on).
 
     The loss is summed on the device and read once at the end: no host round trip per batch.
@@ -229,6 +346,8 @@ def train_epoch(model, optimizer, scaler, precision, sampler, epoch, batch_size,
     for micro_batches, global_size in tqdm(batches, total=total, desc=f"epoch {epoch}", disable=not progress,
                                            leave=False, unit="step"):
         loss_sum += train_step(model, optimizer, scaler, precision, micro_batches, global_size, ctx)
+        if scheduler is not None:
+            scheduler.step()
         steps += 1
         samples += global_size
     if ctx.distributed:
@@ -285,14 +404,16 @@ def _all_reduce_means(sums, ctx):
     return hr, ndcg
 
 
-def run_evaluation(model, test_data, full_data, topk, batch_size, precision, ctx):
-    """Timed evaluation; returns a record of the figures (full-ranking ones when asked for)."""
+def run_evaluation(model, test_data, full_data, topk, batch_size, precision, ctx, valid_data=None):
+    """Timed evaluation; returns a record of the figures (full-ranking and validation ones when asked for)."""
+    record = {}
+    if valid_data is not None:
+        record["valid_hr"], record["valid_ndcg"] = evaluate(model, valid_data, topk, batch_size, precision, ctx)
     start = time.perf_counter()
     hr, ndcg = evaluate(model, test_data, topk, batch_size, precision, ctx)
     seconds = time.perf_counter() - start
     # Ranks score their shares at the same time, so the global count over one rank's time.
-    record = {"hr": hr, "ndcg": ndcg, "eval_time_s": seconds,
-              "eval_throughput": test_data.total_samples / seconds}
+    record.update(hr=hr, ndcg=ndcg, eval_time_s=seconds, eval_throughput=test_data.total_samples / seconds)
     if full_data is not None:
         record["full_hr"], record["full_ndcg"] = evaluate_full_ranking(model, full_data, topk, batch_size,
                                                                        precision, ctx)
@@ -304,10 +425,11 @@ def resolved_resume_args(args, saved_args):
     last.pth's saying which value wins (the checkpoint's for the model's shape, this command line's else)."""
     resolved = vars(args).copy()
     for name in ARCHITECTURE_FLAGS:
-        if getattr(args, name) != saved_args[name]:
-            warnings.warn(f"--resume: --{name} is {getattr(args, name)} here but {saved_args[name]} in last.pth; "
+        saved = saved_args.get(name, "neumf" if name == "model" else None)  # before --model, all were NeuMF
+        if saved is not None and getattr(args, name) != saved:
+            warnings.warn(f"--resume: --{name} is {getattr(args, name)} here but {saved} in last.pth; "
                           f"the checkpoint's value wins (the model's shape cannot change)", stacklevel=2)
-            resolved[name] = saved_args[name]
+            resolved[name] = saved
     for name in TRAINING_FLAGS:
         if getattr(args, name) != saved_args.get(name):
             warnings.warn(f"--resume: --{name} is {getattr(args, name)} here but {saved_args.get(name)} in "
@@ -350,23 +472,37 @@ def print_setup(log, ctx, precision, optimizer_name, cache, args, steps):
     )
 
 
-def evaluation_data(cache, full_ranking, ctx):
-    """This rank's sampled-evaluation data, and its full-ranking data when asked for (else None)."""
+def evaluation_data(cache, full_ranking, ctx, validation=False):
+    """This rank's sampled-evaluation data, its full-ranking data when asked for (else None), and with
+    `validation` its validation data (else None)."""
     test_data = TestData.from_cache(cache, ctx.device, ctx.rank, ctx.world_size)
     full_data = FullRankingData.from_cache(cache, ctx.device, ctx.rank, ctx.world_size) if full_ranking else None
-    return test_data, full_data
+    valid_data = TestData.from_cache(cache, ctx.device, ctx.rank, ctx.world_size, "valid") if validation else None
+    return test_data, full_data, valid_data
 
 
-def test_mode(args, ctx, cache, log):
+def test_precision(args, given, saved_args, device):
+    """--mode test evaluates in the precision the checkpoint was trained in, so that it reproduces the
+    checkpoint's figures, unless --opt_level, --amp or --amp_dtype is given on this command line."""
+    opt_level, amp_dtype = args.opt_level, args.amp_dtype
+    if isinstance(saved_args, dict):
+        if "opt_level" not in given and saved_args.get("opt_level") in ("O0", "O2"):
+            opt_level = saved_args["opt_level"]
+        if "amp_dtype" not in given and saved_args.get("amp_dtype") in ("auto", "float16", "bfloat16"):
+            amp_dtype = saved_args["amp_dtype"]
+    return choose_precision(opt_level, amp_dtype, device)
+
+
+def test_mode(args, given, ctx, cache, log):
     path = args.load_checkpoint_path or os.path.join(args.checkpoint_dir, BEST_CHECKPOINT)
     if not os.path.isfile(path):
         raise UserError(f"--mode test needs a checkpoint, and {path} does not exist: pass --load_checkpoint_path "
                         f"(or train first)")
     model, ckpt = checkpoint.load_model(path, cache, ctx.device)
-    precision = choose_precision(args.opt_level, args.amp_dtype, ctx.device)
+    precision = test_precision(args, given, ckpt.get("args"), ctx.device)
     log.info(f"device {ctx.device} | world size {ctx.world_size} | precision {precision.name} | checkpoint {path} "
              f"(epoch {ckpt.get('epoch')})")
-    test_data, full_data = evaluation_data(cache, args.full_ranking, ctx)
+    test_data, full_data, _ = evaluation_data(cache, args.full_ranking, ctx)
     log.log("test", **run_evaluation(model, test_data, full_data, args.topk, args.valid_batch_size, precision, ctx))
 
 
@@ -380,37 +516,77 @@ class Training:
     optimizer_name: str
     precision: Precision
     scaler: torch.amp.GradScaler
+    scheduler: torch.optim.lr_scheduler.LRScheduler
     state: dict  # progress: epoch done, best figures, throughputs, elapsed time
 
 
-def build_training(args, ctx, cache, last_path):
+def initial_weights(model, args, cache):
+    """Start from --load_checkpoint_path's weights, or NeuMF from a GMF and an MLP (--init_gmf/--init_mlp)."""
+    if args.load_checkpoint_path:
+        start = checkpoint.load_checkpoint(args.load_checkpoint_path, cache)
+        checkpoint.load_model_weights(model, start, args.load_checkpoint_path)
+    if args.init_gmf:
+        branches = []
+        for flag, path, kind in (("--init_gmf", args.init_gmf, "gmf"), ("--init_mlp", args.init_mlp, "mlp")):
+            branch, _ = checkpoint.load_model(path, cache, torch.device("cpu"), flag)
+            expected = NeuMF(1, 1, model.mf_dim, model.mlp_layer_sizes, model=kind)  # a 1x1 stand-in for its shape
+            if [branch.model, branch.mf_dim, branch.mlp_layer_sizes] != [kind, expected.mf_dim,
+                                                                          expected.mlp_layer_sizes]:
+                raise UserError(f"{flag} {path} is a {branch.model} with factors {branch.mf_dim} and layers "
+                                f"{list(branch.mlp_layer_sizes)}, but this NeuMF needs a {kind} with factors "
+                                f"{expected.mf_dim} and layers {list(expected.mlp_layer_sizes)}: pass matching "
+                                f"--factors/--layers, or checkpoints of that shape")
+            branches.append(branch.to(next(model.parameters()).device))
+        load_pretrained(model, *branches)
+
+
+def restore_scaler(scaler, state):
+    """A last.pth written without loss scaling (CPU, O0, bf16) holds an empty scaler state, which an
+    enabled GradScaler cannot load: start a fresh scale then."""
+    if state:
+        scaler.load_state_dict(state)
+    elif scaler.is_enabled():
+        warnings.warn("--resume: last.pth was written without loss scaling (fp32 or bf16); fp16 starts with a "
+                      "fresh loss scale", stacklevel=2)
+
+
+def build_training(args, ctx, cache, last_path, steps_per_epoch):
     torch.manual_seed(args.seed)
     resumed = None
     if args.resume:
         if not os.path.isfile(last_path):
             raise UserError(f"--resume: {last_path} does not exist: run without --resume, or pass the "
                             f"--checkpoint_dir of the run to continue")
-        resumed = checkpoint.load_checkpoint(last_path, cache, "--resume checkpoint")
+        resumed = checkpoint.load_checkpoint(last_path, cache, "--resume checkpoint", resume=True)
         args = resolved_resume_args(args, resumed["args"])
     model = build_model(model_config(args, cache), ctx.device)
-    if args.load_checkpoint_path and not resumed:
-        start = checkpoint.load_checkpoint(args.load_checkpoint_path, cache)
-        checkpoint.load_model_weights(model, start, args.load_checkpoint_path)
+    if not resumed:
+        initial_weights(model, args, cache)
     precision = choose_precision(args.opt_level, args.amp_dtype, ctx.device)
-    optimizer, optimizer_name = make_optimizer(model, args.learning_rate, (args.beta1, args.beta2), args.eps)
+    optimizer, optimizer_name = make_optimizer(model, args.learning_rate, (args.beta1, args.beta2), args.eps,
+                                               args.weight_decay)
+    scheduler = make_schedule(optimizer, args.lr_schedule, args.warmup_epochs, args.epochs, steps_per_epoch)
     scaler = precision.grad_scaler()
     state = {"epoch": 0, "best_hr": -1.0, "best_ndcg": 0.0, "best_epoch": 0, "time_to_target_s": None,
              "best_train_throughput": 0.0, "best_eval_throughput": 0.0, "elapsed_s": 0.0}
     if resumed:
         checkpoint.load_model_weights(model, resumed, last_path)
         optimizer.load_state_dict(resumed["optimizer"])
-        scaler.load_state_dict(resumed["scaler"])
+        restore_scaler(scaler, resumed["scaler"])
+        if resumed.get("scheduler"):
+            scheduler.load_state_dict(resumed["scheduler"])
         state.update(resumed["state"])
         checkpoint.restore_rng_states(resumed["rng"], ctx)
     else:
         # Same initial weights on every rank (DDP also broadcasts them), then per-rank dropout streams.
         torch.manual_seed(args.seed + ctx.rank)
-    return Training(args, model, optimizer, optimizer_name, precision, scaler, state)
+    return Training(args, model, optimizer, optimizer_name, precision, scaler, scheduler, state)
+
+
+def selection_metric(record):
+    """The figure that picks the best epoch, --threshold and --patience: the validation HR@k when the cache
+    has a validation split (never select on test figures), else the test HR@k, as the recipe does."""
+    return record.get("valid_hr", record["hr"])
 
 
 def update_progress(state, record, epoch, elapsed_s, threshold):
@@ -419,10 +595,11 @@ def update_progress(state, record, epoch, elapsed_s, threshold):
     state["elapsed_s"] = elapsed_s
     state["best_train_throughput"] = max(state["best_train_throughput"], record["train_throughput"])
     state["best_eval_throughput"] = max(state["best_eval_throughput"], record["eval_throughput"])
-    improved = record["hr"] > state["best_hr"]
+    selection = selection_metric(record)
+    improved = selection > state.get("best_selection", state["best_hr"])
     if improved:
-        state.update(best_hr=record["hr"], best_ndcg=record["ndcg"], best_epoch=epoch)
-    reached = record["hr"] >= threshold
+        state.update(best_selection=selection, best_hr=record["hr"], best_ndcg=record["ndcg"], best_epoch=epoch)
+    reached = selection >= threshold
     if reached and state["time_to_target_s"] is None:
         state["time_to_target_s"] = elapsed_s
     return improved, reached
@@ -437,7 +614,7 @@ def save_checkpoints(run, cache, ctx, epoch, record, improved, folder):
     if improved:
         checkpoint.save_atomic(best, os.path.join(folder, BEST_CHECKPOINT))
     last = {**best, "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
-            "state": dict(run.state), "rng": rngs}
+            "scheduler": run.scheduler.state_dict(), "state": dict(run.state), "rng": rngs}
     checkpoint.save_atomic(last, os.path.join(folder, LAST_CHECKPOINT))
 
 
@@ -446,14 +623,25 @@ def train_one_epoch_and_evaluate(run, train_model, sampler, eval_data, epoch, ct
     args = run.args
     start = time.perf_counter()
     loss, samples = train_epoch(train_model, run.optimizer, run.scaler, run.precision, sampler, epoch,
-                                args.batch_size, args.grads_accumulated, ctx, progress)
+                                args.batch_size, args.grads_accumulated, ctx, progress, run.scheduler)
     train_time = time.perf_counter() - start
-    if not math.isfinite(loss):
-        raise UserError(f"training diverged: the mean loss of epoch {epoch} is {loss}; lower --learning_rate "
-                        f"(now {args.learning_rate}) or resume from an earlier last.pth")
+    # Checked before any figure is computed: a diverged model's NaN scores must never be reported,
+    # saved as the best epoch, or stop the run as if it had reached --threshold.
+    if not math.isfinite(loss) or not weights_are_finite(run.model):
+        what = f"the mean loss of epoch {epoch} is {loss}" if not math.isfinite(loss) else \
+            f"epoch {epoch} left non-finite weights"
+        raise UserError(f"training diverged: {what}; lower --learning_rate (now {args.learning_rate}) or resume "
+                        f"from an earlier last.pth")
     record = {"epoch": epoch, "loss": loss, "train_time_s": train_time, "train_throughput": samples / train_time}
-    record.update(run_evaluation(run.model, *eval_data, args.topk, args.valid_batch_size, run.precision, ctx))
+    test_data, full_data, valid_data = eval_data
+    record.update(run_evaluation(run.model, test_data, full_data, args.topk, args.valid_batch_size, run.precision,
+                                 ctx, valid_data))
     return record
+
+
+def weights_are_finite(model):
+    """One host read per epoch: every parameter free of NaN and inf."""
+    return bool(torch.stack([p.isfinite().all() for p in model.parameters()]).all())
 
 
 def log_start(log, run, ctx, cache, sampler, test_data):
@@ -472,17 +660,33 @@ def log_start(log, run, ctx, cache, sampler, test_data):
               popularity_ndcg=popularity_ndcg)
 
 
-def train_mode(args, ctx, cache, log):
-    last_path = os.path.join(args.checkpoint_dir, LAST_CHECKPOINT)
+def stop_reason(run, record, epoch, reached, stop, ctx):
+    """Why training stops after this epoch (a line for the log), or None to go on."""
+    args, state = run.args, run.state
+    chosen_by = "validation HR" if "valid_hr" in record else "HR"
+    if reached:
+        return f"{chosen_by}@{args.topk} {selection_metric(record):.4f} reached --threshold {args.threshold}: stopping"
+    if args.patience and epoch - state["best_epoch"] >= args.patience:
+        return (f"{chosen_by}@{args.topk} has not improved for {args.patience} epochs (--patience; best "
+                f"{state['best_selection']:.4f} at epoch {state['best_epoch']}): stopping")
+    if stop.agreed(ctx):
+        return (f"stopped by SIGTERM after epoch {epoch}; {os.path.join(args.checkpoint_dir, LAST_CHECKPOINT)} is "
+                f"saved: continue with --resume")
+    return None
+
+
+def train_mode(args, ctx, cache, log, on_epoch=None):
+    """Train; `on_epoch(record)` is called with every epoch's figures (tune.py prunes trials with it)."""
     if ctx.is_main:
         for name in (LAST_CHECKPOINT, BEST_CHECKPOINT):
             remove_stale_temporaries(os.path.join(args.checkpoint_dir, name))
-    run = build_training(args, ctx, cache, last_path)
+    sampler = EpochSampler(cache.train, cache.num_items, args.negative_samples, ctx.device, args.seed)
+    steps = sampler.steps_per_epoch(args.batch_size, ctx.world_size * args.grads_accumulated)
+    run = build_training(args, ctx, cache, os.path.join(args.checkpoint_dir, LAST_CHECKPOINT), steps)
     args, state = run.args, run.state
     train_model = DistributedDataParallel(run.model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None) \
         if ctx.distributed else run.model
-    sampler = EpochSampler(cache.train, cache.num_items, args.negative_samples, ctx.device, args.seed)
-    eval_data = evaluation_data(cache, args.full_ranking, ctx)
+    eval_data = evaluation_data(cache, args.full_ranking, ctx, cache.has_validation)
     log_start(log, run, ctx, cache, sampler, eval_data[0])
 
     stop = StopRequest()
@@ -493,23 +697,31 @@ def train_mode(args, ctx, cache, log):
         log.log("epoch", **record)
         improved, reached = update_progress(state, record, epoch, time.perf_counter() - run_start, args.threshold)
         save_checkpoints(run, cache, ctx, epoch, record, improved, args.checkpoint_dir)
-        if reached:
-            log.info(f"HR@{args.topk} {record['hr']:.4f} reached --threshold {args.threshold}: stopping")
+        if on_epoch is not None:
+            on_epoch(record)
+        reason = stop_reason(run, record, epoch, reached, stop, ctx)
+        if reason:
+            log.info(reason)
             break
-        if stop.agreed(ctx):
-            log.info(f"stopped by SIGTERM after epoch {epoch}; {last_path} is saved: continue with --resume")
-            break
-    log.log("summary", best_hr=state["best_hr"], best_ndcg=state["best_ndcg"], best_epoch=state["best_epoch"],
-            time_to_target_s=state["time_to_target_s"], best_train_throughput=state["best_train_throughput"],
-            best_eval_throughput=state["best_eval_throughput"])
+    selected_by = f"validation HR@{args.topk}" if cache.has_validation else f"test HR@{args.topk}"
+    summary = {"best_hr": state["best_hr"], "best_ndcg": state["best_ndcg"], "best_epoch": state["best_epoch"],
+               "selected_by": selected_by, "time_to_target_s": state["time_to_target_s"],
+               "best_train_throughput": state["best_train_throughput"],
+               "best_eval_throughput": state["best_eval_throughput"]}
+    if cache.has_validation:
+        summary["best_valid_hr"] = state["best_selection"]
+    log.log("summary", **summary)
+    return summary
 
 
-@main_guard
-def main(argv=None):
+def run(argv=None, on_epoch=None):
+    """What `python ncf.py ARGS` does, errors raised rather than reported (tune.py runs trials with it);
+    returns the training summary (None in --mode test)."""
     args = parse_args(argv)
     validate_args(args)
     ctx = setup_distributed(args.device, args.local_rank)
     log = None
+    locks, created = [], []
     try:
         if args.batch_size % (ctx.world_size * args.grads_accumulated):
             raise UserError(f"--batch_size {args.batch_size} is not divisible by world size {ctx.world_size} x "
@@ -517,26 +729,37 @@ def main(argv=None):
                             f"{ctx.world_size * args.grads_accumulated}")
         if ctx.is_main:
             if args.mode == "train":
-                check_writable(args.checkpoint_dir, "--checkpoint_dir")
+                check_output_path(args.checkpoint_dir, "--checkpoint_dir", folder=True)
             if args.log_path:
-                check_writable(os.path.dirname(os.path.abspath(args.log_path)), "--log_path")
-                if os.path.isdir(args.log_path):
-                    raise UserError(f"--log_path {args.log_path} is a folder: give a file name")
+                check_output_path(args.log_path, "--log_path")
         cache = load_cache(args.data)
         candidates = cache.test_negatives.shape[1] + 1
         if args.topk > candidates and not args.full_ranking:
             raise UserError(f"--topk {args.topk} is larger than the {candidates} candidates per test user: "
                             f"choose --topk <= {candidates}")
+        if ctx.is_main:
+            locks, created = hold_run_locks(args)
         log = RunLogger(args.log_path, enabled=ctx.is_main, k=args.topk)
         if args.mode == "test":
-            test_mode(args, ctx, cache, log)
+            test_mode(args, given_flags(argv), ctx, cache, log)
+            result = None
         else:
-            train_mode(args, ctx, cache, log)
+            result = train_mode(args, ctx, cache, log, on_epoch)
+        created = []  # the run got through: what it made stays
+        return result
     finally:
         if log is not None:
             log.close()
+        for lock in locks:
+            lock.close()
+        remove_if_unused(created)
         if ctx.distributed:
             dist.destroy_process_group()
+
+
+@main_guard
+def main(argv=None):
+    run(argv)
 
 
 if __name__ == "__main__":

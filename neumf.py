@@ -5,6 +5,11 @@ A GMF branch (element-wise product of user and item embeddings of size `mf_dim`)
 with dropout) are concatenated and projected to one logit. Initialisation as the recipe's: embeddings
 N(0, 0.01), MLP layers Glorot-uniform, output layer LeCun-uniform, biases zero.
 
+`model="gmf"` and `model="mlp"` are the paper's two branches alone (GMF: its embeddings and an output
+layer; MLP: its tower and an output layer), trained to initialise NeuMF (§3.4.1, `load_pretrained`).
+In this implementation a branch alone is NeuMF with the other branch zero-wide, so every path below
+serves all three.
+
 The model is plain PyTorch and runs on any device. On a CPU, `build_model` switches on faster kernels
 for the same functions (cpu_kernels.py): that is the only place they are chosen.
 """
@@ -20,35 +25,44 @@ import cpu_kernels
 FACTORS = 64
 LAYERS = (256, 256, 128, 64)
 DROPOUT = 0.5
+MODELS = ("neumf", "gmf", "mlp")
+PRETRAIN_ALPHA = 0.5  # the paper's weight of the GMF output layer when NeuMF starts from both branches
 SCORE_PIECE_SAMPLES = 4096  # CPU evaluation works on pieces of this many candidates (they stay in cache)
 
 
 class NeuMF(nn.Module):
-    def __init__(self, nb_users, nb_items, mf_dim=FACTORS, mlp_layer_sizes=LAYERS, dropout=DROPOUT):
+    def __init__(self, nb_users, nb_items, mf_dim=FACTORS, mlp_layer_sizes=LAYERS, dropout=DROPOUT, model="neumf"):
         super().__init__()
-        if mlp_layer_sizes[0] % 2 != 0:
+        if model not in MODELS:
+            raise ValueError(f"model must be one of {MODELS}, got {model!r}")
+        mf_dim, mlp_layer_sizes = (0, mlp_layer_sizes) if model == "mlp" else \
+            (mf_dim, () if model == "gmf" else mlp_layer_sizes)
+        if mlp_layer_sizes and mlp_layer_sizes[0] % 2 != 0:
             raise ValueError(f"mlp_layer_sizes[0] must be even (user and item get half each), got {mlp_layer_sizes[0]}")
+        self.model = model
         self.nb_users = nb_users
         self.nb_items = nb_items
         self.mf_dim = mf_dim
         self.mlp_layer_sizes = tuple(mlp_layer_sizes)
         self.dropout = dropout
-        self.mlp_half = mlp_layer_sizes[0] // 2
+        self.mlp_half = mlp_layer_sizes[0] // 2 if mlp_layer_sizes else 0
         # One table per side holding [GMF | MLP] columns: a single gather (and a single sparse
         # gradient scatter) per side instead of two. Same initialisation and maths as the recipe's
         # four separate tables, and the checkpoints' format.
         self.user_embed = nn.Embedding(nb_users, mf_dim + self.mlp_half)
         self.item_embed = nn.Embedding(nb_items, mf_dim + self.mlp_half)
         self.mlp = nn.ModuleList(nn.Linear(n_in, n_out) for n_in, n_out in itertools.pairwise(mlp_layer_sizes))
-        self.final = nn.Linear(mf_dim + mlp_layer_sizes[-1], 1)
+        self.final = nn.Linear(mf_dim + (mlp_layer_sizes[-1] if mlp_layer_sizes else 0), 1)
         self.cpu_kernels = False  # set by build_model
         self._init_weights()
 
     @property
     def config(self):
         """Everything needed to rebuild this model (stored in checkpoints)."""
-        return {"nb_users": self.nb_users, "nb_items": self.nb_items, "mf_dim": self.mf_dim,
-                "mlp_layer_sizes": list(self.mlp_layer_sizes), "dropout": self.dropout}
+        config = {"nb_users": self.nb_users, "nb_items": self.nb_items, "mf_dim": self.mf_dim,
+                  "mlp_layer_sizes": list(self.mlp_layer_sizes), "dropout": self.dropout}
+        # NeuMF's config stays as checkpoints written before the branches existed had it.
+        return config if self.model == "neumf" else {**config, "model": self.model}
 
     def _init_weights(self):
         nn.init.normal_(self.user_embed.weight, std=0.01)
@@ -135,7 +149,7 @@ class NeuMF(nn.Module):
         step = max(1, SCORE_PIECE_SAMPLES // c) if self.cpu_kernels else n
         if self.cpu_kernels and not torch.is_autocast_enabled("cpu"):
             layers = [(layer.weight, layer.bias) for layer in self.mlp[1:]]
-            out_weights = self.final.weight.split((self.mf_dim, self.mlp_layer_sizes[-1]), 1)[::-1]
+            out_weights = self.final.weight.split((self.mf_dim, self.mlp_layer_sizes[-1]), 1)[::-1]  # (mlp, gmf)
             return cpu_kernels.mlp_scores_in_place(user_term, u_mf, item_term, item_mf, candidates, layers,
                                                    out_weights, self.final.bias, step)
         scores = []
@@ -144,13 +158,30 @@ class NeuMF(nn.Module):
             rows = flat.shape[0] // c
             # embedding (index_select) gathers rows in parallel, faster than tensor[flat] indexing; the
             # user terms are then added in place.
-            hidden = nn.functional.embedding(flat, item_term).view(rows, c, -1)
+            hidden = nn.functional.embedding(flat, item_term).view(rows, c, item_term.shape[1])
             hidden.add_(user_term[lo : lo + step, None, :])
-            gmf = nn.functional.embedding(flat, item_mf).view(rows, c, -1)
+            gmf = nn.functional.embedding(flat, item_mf).view(rows, c, item_mf.shape[1])  # 0 wide for MLP alone
             gmf.mul_(u_mf[lo : lo + step, None, :])
-            hidden = self._relu_dropout(hidden.view(rows * c, -1))
-            scores.append(self._output(gmf.view(rows * c, -1), self._mlp(hidden, start=1)).view(rows, c))
+            hidden = self._relu_dropout(hidden.view(rows * c, item_term.shape[1]))
+            gmf = gmf.view(rows * c, item_mf.shape[1])
+            scores.append(self._output(gmf, self._mlp(hidden, start=1)).view(rows, c))
         return torch.cat(scores)
+
+
+@torch.no_grad()
+def load_pretrained(neumf, gmf, mlp, alpha=PRETRAIN_ALPHA):
+    """Initialise NeuMF from a trained GMF and a trained MLP (He et al. 2017, §3.4.1): their embeddings
+    and tower, and an output layer that concatenates theirs weighted alpha and 1 - alpha, so that
+    NeuMF's first logits are alpha * GMF's + (1 - alpha) * MLP's."""
+    assert neumf.model == "neumf" and gmf.model == "gmf" and mlp.model == "mlp"
+    mf = neumf.mf_dim
+    for side in ("user_embed", "item_embed"):
+        getattr(neumf, side).weight[:, :mf] = getattr(gmf, side).weight
+        getattr(neumf, side).weight[:, mf:] = getattr(mlp, side).weight
+    neumf.mlp.load_state_dict(mlp.mlp.state_dict())
+    neumf.final.weight[:, :mf] = alpha * gmf.final.weight
+    neumf.final.weight[:, mf:] = (1 - alpha) * mlp.final.weight
+    neumf.final.bias[:] = alpha * gmf.final.bias + (1 - alpha) * mlp.final.bias
 
 
 def build_model(config, device):

@@ -9,6 +9,7 @@ from conftest import ROOT, make_tiny_cache
 import checkpoint
 import dataloading
 import ncf
+from cli import UserError
 from dataloading import load_cache
 from devices import choose_precision
 from neumf import build_model
@@ -53,7 +54,7 @@ def test_payload_round_trip(tiny, tmp_path):
         assert torch.equal(a, b)
     assert (ckpt["epoch"], ckpt["hr"], ckpt["ndcg"], ckpt["args"]) == (3, 0.5, 0.25, {"factors": 4})
     assert ckpt["dataset"] == {"num_users": tiny.num_users, "num_items": tiny.num_items,
-                               "source_sha256": tiny.metadata["source_sha256"]}
+                               "source_sha256": tiny.metadata["source_sha256"], "min_ratings": 20}
 
 
 def test_rng_states_round_trip():
@@ -68,3 +69,56 @@ def test_inference_does_not_import_the_trainer():
     code = "import sys, inference; print('ncf' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def edited_copy(tmp_path, edit):
+    ckpt = torch.load(OLD_CHECKPOINT, weights_only=True)
+    edit(ckpt)
+    path = tmp_path / "edited.pth"
+    torch.save(ckpt, path)
+    return str(path)
+
+
+def set_weight(value):
+    def edit(ckpt):
+        ckpt["model"]["final.weight"][0, 0] = value
+    return edit
+
+
+def set_config(key, value):
+    def edit(ckpt):
+        ckpt["config"][key] = value
+    return edit
+
+
+def set_dataset(key, value):
+    def edit(ckpt):
+        ckpt["dataset"][key] = value
+    return edit
+
+
+REFUSED = {
+    "NaN weight": (set_weight(float("nan")), "non-finite weights"),
+    "infinite weight": (set_weight(float("inf")), "non-finite weights"),
+    "layers as a string": (set_config("mlp_layer_sizes", "32 16 8"), "broken config"),
+    "users as a float": (set_config("nb_users", 300.0), "broken config"),
+    "no dropout key": (lambda ckpt: ckpt["config"].pop("dropout"), "broken config"),
+    "negative factors": (set_config("mf_dim", -8), "broken config"),
+    "weights not tensors": (lambda ckpt: ckpt["model"].update({"final.bias": [0.0]}), "not tensors"),
+    "model not a dict": (lambda ckpt: ckpt.update(model=[1, 2]), "no model or config"),
+    "another source file": (set_dataset("source_sha256", "0" * 64), "another dataset of the same shape"),
+    "another min_ratings": (set_dataset("min_ratings", 5), "another dataset of the same shape"),
+    "another item count": (set_config("nb_items", 201), "items"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_a_broken_or_foreign_checkpoint_is_refused(tiny, tmp_path, case):
+    edit, words = REFUSED[case]
+    with pytest.raises(UserError, match=words):
+        checkpoint.load_checkpoint(edited_copy(tmp_path, edit), tiny)
+
+
+def test_a_model_only_checkpoint_cannot_be_resumed(tiny):
+    with pytest.raises(UserError, match=r"last\.pth"):
+        checkpoint.load_checkpoint(str(OLD_CHECKPOINT), tiny, resume=True)

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from metrics import full_ranks, rank_metric_sums, sampled_ranks
+from metrics import UNRANKED, full_ranks, rank_metric_sums, sampled_ranks
 
 
 def sampled(scores, k):
@@ -57,3 +57,35 @@ def test_full_ranks_exclude_training_items_and_count_ties():
     scores = torch.tensor([[9.0, 3.0, 1.0, 3.0, 4.0], [0.0, 0.5, 7.0, 7.0, 1.0]])
     ranks = full_ranks(scores, torch.tensor([1, 4]), torch.tensor([0, 1, 1]), torch.tensor([0, 2, 3]))
     assert ranks.tolist() == [2, 0]
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("bad", [NAN, INF, -INF])
+def test_a_non_finite_positive_is_never_a_hit(bad):
+    scores = torch.tensor([[bad, 0.0, -1.0], [bad, bad, bad], [1.0, 0.0, -1.0]])
+    assert sampled_ranks(scores).tolist() == [UNRANKED, UNRANKED, 0]
+    assert sampled(scores.tolist(), k=3) == (pytest.approx(1 / 3), pytest.approx(1 / 3))  # k = every candidate
+
+
+@pytest.mark.parametrize("bad", [NAN, INF])
+def test_a_non_finite_negative_ranks_last(bad):
+    scores = torch.tensor([[1.0, bad, 2.0, bad]])
+    assert sampled_ranks(scores).tolist() == [1]
+
+
+def test_a_model_of_nans_scores_zero_not_one():
+    assert sampled([[NAN] * 101 for _ in range(5)], k=10) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize("bad", [NAN, INF])
+def test_full_ranks_of_non_finite_scores(bad):
+    # User 0's positive is non-finite: ranked last, beyond every item. User 1's positive (item 0) is
+    # finite and only item 2 (finite, higher) beats it; the non-finite item 1 does not.
+    scores = torch.tensor([[bad, 1.0, 2.0], [1.0, bad, 3.0]])
+    ranks = full_ranks(scores, torch.tensor([0, 0]), torch.tensor([], dtype=torch.long),
+                       torch.tensor([], dtype=torch.long))
+    assert ranks.tolist() == [UNRANKED, 1]
+    hits, ndcg = rank_metric_sums(ranks, 10)  # more than the items
+    assert hits.item() == 1 and ndcg.item() <= 1.0

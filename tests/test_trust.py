@@ -1,0 +1,263 @@
+"""No silent wrong answer, no lost file (spec §9), for training and evaluation: every refusal is one
+stderr line with exit status 2 (1 for a failing machine, 130 for Ctrl-C) and changes nothing the user had.
+
+ncf.py runs in-process here (its main(argv), the code its command line runs) on the tiny dataset.
+"""
+import hashlib
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import TINY_MODEL, make_tiny_cache
+
+import checkpoint
+import dataloading
+import ncf
+from dataloading import load_cache
+from devices import choose_precision
+from neumf import build_model
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny cache, a twin of it from another source file (same shape), and a trained run."""
+    root = tmp_path_factory.mktemp("trust")
+    cache = make_tiny_cache(root)
+    twin = root / "twin"
+    shutil.copytree(cache, twin)
+    meta = json.loads((twin / "metadata.json").read_text())
+    meta["source_sha256"] = "f" * 64
+    (twin / "metadata.json").write_text(json.dumps(meta))
+    ck = root / "ck"
+    ncf.main(["--data", str(cache), "-e", "2", "--checkpoint_dir", str(ck), *TINY_MODEL])
+    return {"cache": cache, "twin": twin, "ck": ck}
+
+
+def run_ncf(capsys, *argv):
+    """(exit status, stdout, stderr) of ncf.main(argv)."""
+    try:
+        ncf.main([str(a) for a in argv])
+        status = 0
+    except SystemExit as exit_:
+        status = exit_.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def one_line(err, status, expected_status, *words):
+    lines = err.strip().splitlines()
+    assert status == expected_status, err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+
+
+def snapshot(folder):
+    """The user's files and their checksums (the run's own lock file aside)."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())
+            if p.is_file() and p.name != ncf.LOCK_FILE}
+
+
+def copy_run(world, tmp_path):
+    ck = tmp_path / "ck"
+    shutil.copytree(world["ck"], ck)
+    return ck
+
+
+# -- a diverged model never scores --------------------------------------------------------------------
+
+
+def test_a_model_of_nans_scores_hr_zero(world):
+    cache = load_cache(str(world["cache"]))
+    model = build_model({"nb_users": cache.num_users, "nb_items": cache.num_items, "mf_dim": 4,
+                         "mlp_layer_sizes": [8, 4], "dropout": 0.0}, CPU)
+    with torch.no_grad():
+        model.final.weight.fill_(float("nan"))
+    ctx = ncf.DistContext(rank=0, local_rank=0, world_size=1, device=CPU)
+    data = dataloading.TestData.from_cache(cache, CPU)
+    hr, ndcg = ncf.evaluate(model, data, 10, 1 << 20, choose_precision("O0", "auto", CPU), ctx)
+    assert (hr, ndcg) == (0.0, 0.0)
+
+
+def test_a_diverging_run_stops_before_any_figure_or_checkpoint(world, tmp_path, capsys):
+    status, out, err = run_ncf(capsys, "--data", world["cache"], "-e", "3", "--checkpoint_dir", tmp_path / "ck",
+                               "--log_path", tmp_path / "log.json", *TINY_MODEL, "-l", "1e15")
+    one_line(err, status, 2, "training diverged", "--learning_rate")
+    assert not [line for line in out.splitlines() if line.startswith("epoch")]  # no epoch figures reported
+    assert not (tmp_path / "ck" / "model.pth").exists()
+
+
+def test_non_finite_weights_stop_training_even_with_a_finite_loss(world, tmp_path, capsys, monkeypatch):
+    """A NaN that reaches the weights but not yet the loss is caught before evaluation."""
+    real_epoch = ncf.train_epoch
+
+    def poisoned(model, *args, **kwargs):
+        result = real_epoch(model, *args, **kwargs)
+        with torch.no_grad():
+            next(model.parameters())[0, 0] = float("inf")
+        return result
+
+    monkeypatch.setattr(ncf, "train_epoch", poisoned)
+    status, _, err = run_ncf(capsys, "--data", world["cache"], "-e", "1", "--checkpoint_dir", tmp_path / "ck",
+                             *TINY_MODEL)
+    one_line(err, status, 2, "non-finite weights")
+    assert not (tmp_path / "ck" / "model.pth").exists()
+
+
+def test_mode_test_refuses_a_checkpoint_with_non_finite_weights(world, tmp_path, capsys):
+    ckpt = torch.load(world["ck"] / "model.pth", weights_only=True)
+    ckpt["model"]["final.bias"].fill_(float("nan"))
+    torch.save(ckpt, tmp_path / "nan.pth")
+    status, _, err = run_ncf(capsys, "--data", world["cache"], "--mode", "test", "--load_checkpoint_path",
+                             tmp_path / "nan.pth")
+    one_line(err, status, 2, "non-finite weights")
+
+
+# -- a checkpoint is used only with its dataset ---------------------------------------------------------
+
+
+def test_mode_test_refuses_another_dataset_of_the_same_shape(world, capsys):
+    status, _, err = run_ncf(capsys, "--data", world["twin"], "--mode", "test", "--load_checkpoint_path",
+                             world["ck"] / "model.pth")
+    one_line(err, status, 2, "another dataset of the same shape")
+
+
+def test_resume_refuses_another_dataset_and_changes_nothing(world, tmp_path, capsys):
+    ck = copy_run(world, tmp_path)
+    before = snapshot(ck)
+    status, _, err = run_ncf(capsys, "--data", world["twin"], "-e", "3", "--checkpoint_dir", ck, "--resume",
+                             *TINY_MODEL)
+    one_line(err, status, 2, "another dataset of the same shape")
+    assert snapshot(ck) == before
+
+
+def test_resume_refuses_a_model_only_last_checkpoint(world, tmp_path, capsys):
+    ck = copy_run(world, tmp_path)
+    shutil.copy(ck / "model.pth", ck / "last.pth")
+    before = snapshot(ck)
+    status, _, err = run_ncf(capsys, "--data", world["cache"], "-e", "3", "--checkpoint_dir", ck, "--resume",
+                             *TINY_MODEL)
+    one_line(err, status, 2, "last.pth")
+    assert snapshot(ck) == before
+
+
+# -- one run per checkpoint folder and log ------------------------------------------------------------------
+
+
+def test_a_second_run_on_a_held_checkpoint_folder_is_refused_naming_the_holder(world, tmp_path, capsys):
+    ck = copy_run(world, tmp_path)
+    held = ncf.hold_lock(str(ck / ncf.LOCK_FILE), "--checkpoint_dir")
+    try:
+        before = snapshot(ck)
+        status, _, err = run_ncf(capsys, "--data", world["cache"], "-e", "1", "--checkpoint_dir", ck, *TINY_MODEL)
+        one_line(err, status, 2, "--checkpoint_dir", "in use by another run", "pid")
+        assert snapshot(ck) == before
+    finally:
+        held.close()
+    assert run_ncf(capsys, "--data", world["cache"], "-e", "1", "--checkpoint_dir", ck, *TINY_MODEL)[0] == 0
+
+
+def test_a_second_run_on_a_held_log_is_refused(world, tmp_path, capsys):
+    log = tmp_path / "log.json"
+    log.write_text('{"event": "note"}\n')
+    held = ncf.hold_lock(str(log), "--log_path", holder_note=False)
+    try:
+        status, _, err = run_ncf(capsys, "--data", world["cache"], "-e", "1", "--checkpoint_dir", tmp_path / "ck",
+                                 "--log_path", log, *TINY_MODEL)
+        one_line(err, status, 2, "--log_path", "in use by another run")
+        assert log.read_text() == '{"event": "note"}\n'
+    finally:
+        held.close()
+
+
+# -- flags and the environment ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["-l", "nan"], ["--learning_rate", "nan"]),
+    (["-l", "inf"], ["--learning_rate"]),
+    (["--eps", "nan"], ["--eps"]),
+    (["--beta1", "nan"], ["--beta1"]),
+    (["--dropout", "nan"], ["--dropout"]),
+    (["-t", "nan"], ["--threshold"]),
+    (["-s", "-1"], ["--seed"]),
+    (["-s", str(2**40)], ["--seed"]),
+])
+def test_bad_numbers_are_one_line(world, tmp_path, capsys, flags, words):
+    status, _, err = run_ncf(capsys, "--data", world["cache"], "-e", "1", "--checkpoint_dir", tmp_path / "ck",
+                             *TINY_MODEL, *flags)
+    one_line(err, status, 2, *words)
+    assert not (tmp_path / "ck").exists()
+
+
+def test_a_stray_rank_does_not_silence_an_error(world, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    status, _, err = run_ncf(capsys, "--data", tmp_path / "missing", "--checkpoint_dir", tmp_path / "ck")
+    one_line(err, status, 2, "no dataset cache")
+
+
+def test_a_stray_rank_does_not_stop_a_valid_run(world, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    status, out, _ = run_ncf(capsys, "--data", world["cache"], "-e", "1", "--checkpoint_dir", tmp_path / "ck",
+                             *TINY_MODEL)
+    assert status == 0 and "world size 1" in out
+    assert (tmp_path / "ck" / "model.pth").exists()
+
+
+def test_world_size_without_a_rendezvous_is_one_line(world, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    status, _, err = run_ncf(capsys, "--data", world["cache"], "--checkpoint_dir", tmp_path / "ck")
+    one_line(err, status, 2, "WORLD_SIZE=2", "torchrun")
+
+
+# -- --mode test reproduces the checkpoint's precision ------------------------------------------------------
+
+
+def test_mode_test_takes_the_checkpoints_precision_unless_told_otherwise():
+    args = ncf.parse_args(["--amp_dtype", "bfloat16"])  # O2 by default
+    saved = {"opt_level": "O0", "amp_dtype": "auto"}
+    assert ncf.test_precision(args, {"amp_dtype"}, saved, CPU).name == "fp32"
+    assert ncf.test_precision(args, {"amp_dtype", "opt_level"}, saved, CPU).name == "bf16 autocast"
+    assert ncf.test_precision(args, set(), {"opt_level": "O2", "amp_dtype": "bfloat16"}, CPU).name == "bf16 autocast"
+    assert ncf.test_precision(args, set(), {"opt_level": 7}, CPU).name == "bf16 autocast"  # junk: the flags'
+    assert ncf.given_flags(["--amp", "--data", "x"]) == {"opt_level", "data"}
+
+
+# -- a failing disk and Ctrl-C leave the last good files --------------------------------------------------
+
+
+def test_a_full_disk_while_saving_is_one_line_and_keeps_the_old_checkpoint(world, tmp_path, capsys, monkeypatch):
+    ck = copy_run(world, tmp_path)
+    before = snapshot(ck)
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    status, _, err = run_ncf(capsys, "--data", world["cache"], "-e", "3", "--checkpoint_dir", ck, "--resume",
+                             *TINY_MODEL)
+    one_line(err, status, 1, "No space left on device", "last.pth")
+    assert snapshot(ck) == before
+
+
+def test_ctrl_c_is_one_line_exit_130_and_keeps_the_last_checkpoint(world, tmp_path, capsys, monkeypatch):
+    ck = copy_run(world, tmp_path)
+    before = snapshot(ck)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ncf, "train_epoch", interrupted)
+    status, _, err = run_ncf(capsys, "--data", world["cache"], "-e", "3", "--checkpoint_dir", ck, "--resume",
+                             *TINY_MODEL)
+    one_line(err, status, 130, "interrupted")
+    assert snapshot(ck) == before
+    ckpt = checkpoint.load_checkpoint(str(ck / "last.pth"), load_cache(str(world["cache"])), resume=True)
+    assert ckpt["state"]["epoch"] == 2
