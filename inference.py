@@ -1,34 +1,53 @@
-"""Top-K recommendations from a trained checkpoint, and an inference throughput/latency benchmark.
+"""Top-K recommendations, an inference benchmark, and export of a trained model for serving.
 
-Recommend (original MovieLens ids in, original ids out):
+Recommend (original MovieLens ids in, original ids out), from a checkpoint or from an export:
     python inference.py recommend --data data/cache/ml-20m --checkpoint data/checkpoints/model.pth --users 12 345
-    python inference.py recommend --data data/cache/ml-20m --checkpoint data/checkpoints/model.pth --users 12 --json
+    python inference.py recommend --model data/export/ml-20m --users 12 345 --json
+Export the scoring model, the id maps and a manifest (`--format onnx` needs requirements-export.txt):
+    python inference.py export --checkpoint data/checkpoints/model.pth --data data/cache/ml-20m \
+        --format onnx --output data/export/ml-20m
 Benchmark (no data needed: without --checkpoint/--data it builds the default model on ml-20m's shape):
     python inference.py benchmark --batch_sizes 1024 65536 1048576 --precision fp32 amp --device cuda
-    python inference.py benchmark --checkpoint data/checkpoints/model.pth --device cpu --batch_sizes 4096
+    python inference.py benchmark --backend torch onnxruntime --precision fp32 --device cpu --batch_sizes 1 1024
 
 A user is never recommended an item they trained on. Their held-out test item may be recommended:
 it is an item they really chose, and the full-ranking metric counts exactly that as a hit.
+
+`recommend --model` on an ONNX export needs only numpy and onnxruntime, so a serving machine needs
+neither torch nor the training code: this file imports them inside the functions that use them, never
+at its top.
 """
 import cli  # noqa: F401, I001  (sets the OpenMP wait policy before torch starts its thread pool)
 
 import argparse
+import contextlib
+import functools
+import importlib
 import json
+import logging
 import os
+import shutil
 import sys
 import time
+import warnings
 
 import numpy as np
-import torch
 
-import checkpoint
-from cli import UserError, main_guard
-from dataloading import load_cache, train_positives_csr
-from devices import choose_precision, cpu_has_native_bf16, pick_device
-from neumf import DROPOUT, FACTORS, LAYERS, build_model
-import synthetic
+from cache_format import file_record
+from cli import (EnvironmentFailure, UserError, check_output_path, holds, main_guard,
+                 remove_stale_temporaries)
 
-ML20M_SHAPE = synthetic.PRESETS["ml-20m"][:2]  # users, items
+# The export folder: what `export` writes and `recommend --model` reads.
+EXPORT_VERSION = 1
+CREATED_BY = "inference.py export"
+MANIFEST_FILE = "manifest.json"  # written last: a folder without it is not a finished export
+ID_MAPS_FILE = "id_maps.npz"
+MODEL_FILES = {"onnx": "model.onnx", "torch-export": "model.pt2"}
+EXPORT_FILES = (MANIFEST_FILE, ID_MAPS_FILE, *MODEL_FILES.values(), "model.onnx.data")  # .data: weights > 2 GiB
+INPUTS, OUTPUT = ("user", "item"), "logit"
+CHECK_PAIRS = 4096  # random (user, item) pairs on which an export must score as the checkpoint does
+TOLERANCE = 1e-5  # fp32 logits, absolute and relative
+EXTRAS_HINT = "pip install -r requirements-export.txt (onnx, onnxscript, onnxruntime)"
 
 
 def parse_args(argv=None):
@@ -37,22 +56,35 @@ def parse_args(argv=None):
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
     rec = commands.add_parser("recommend", formatter_class=fmt, help="top-K unseen items of some users")
-    rec.add_argument("--data", required=True, help="dataset cache folder the checkpoint was trained on")
-    rec.add_argument("--checkpoint", required=True, help="model.pth written by ncf.py")
+    rec.add_argument("--model", help="export folder written by `inference.py export` (instead of --data and "
+                                     "--checkpoint)")
+    rec.add_argument("--data", help="dataset cache folder the checkpoint was trained on")
+    rec.add_argument("--checkpoint", help="model.pth written by ncf.py")
     rec.add_argument("--users", type=int, nargs="+", required=True, help="ORIGINAL (MovieLens) user ids")
     rec.add_argument("-k", "--topk", type=int, default=10, help="items to recommend per user")
-    rec.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    rec.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                     help="for --checkpoint; an export is served on the CPU")
     rec.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+    exp = commands.add_parser("export", formatter_class=fmt, help="scoring model, id maps and manifest for serving")
+    exp.add_argument("--checkpoint", required=True, help="model.pth written by ncf.py")
+    exp.add_argument("--data", required=True, help="dataset cache the checkpoint was trained on (its id maps and "
+                                                   "training items go into the export)")
+    exp.add_argument("--format", choices=tuple(MODEL_FILES), default="onnx",
+                     help="onnx: served by onnxruntime; torch-export: a torch.export program (.pt2)")
+    exp.add_argument("--output", required=True, help="folder to write (an existing one is replaced only if it is "
+                                                     "empty or an export of this command)")
 
     bench = commands.add_parser("benchmark", formatter_class=fmt, help="inference samples/s and latency")
     bench.add_argument("--checkpoint", help="model.pth to time (default: a freshly built model)")
     bench.add_argument("--data", help="dataset cache whose user/item counts shape the model")
-    bench.add_argument("--users", type=int, default=ML20M_SHAPE[0], help="users, without --data/--checkpoint")
-    bench.add_argument("--items", type=int, default=ML20M_SHAPE[1], help="items, without --data/--checkpoint")
-    bench.add_argument("-f", "--factors", type=int, default=FACTORS, help="without --checkpoint")
-    bench.add_argument("--layers", type=int, nargs="+", default=list(LAYERS),
-                       help="without --checkpoint")
+    bench.add_argument("--users", type=int, help="users, without --data/--checkpoint (default: ml-20m's)")
+    bench.add_argument("--items", type=int, help="items, without --data/--checkpoint (default: ml-20m's)")
+    bench.add_argument("-f", "--factors", type=int, help="without --checkpoint (default: ncf.py's)")
+    bench.add_argument("--layers", type=int, nargs="+", help="without --checkpoint (default: ncf.py's)")
     bench.add_argument("--batch_sizes", type=int, nargs="+", default=[1024, 65536, 1048576])
+    bench.add_argument("--backend", nargs="+", choices=("torch", "onnxruntime"), default=["torch"],
+                       help="torch: eager PyTorch; onnxruntime: the model exported to ONNX (fp32 only)")
     bench.add_argument("--precision", nargs="+", choices=("fp32", "amp"), default=["fp32", "amp"],
                        help="amp: fp16 autocast on CUDA, bf16 autocast on CPU")
     bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -62,58 +94,86 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def load_model(path, cache, device):
-    if not os.path.isfile(path):
-        raise UserError(f"--checkpoint {path} does not exist: pass the model.pth that ncf.py wrote")
-    return checkpoint.load_model(path, cache, device, "--checkpoint")[0]
+def require(what, *names):
+    """The optional packages `names` (onnx, onnxscript, onnxruntime), or a one-line error naming the install."""
+    modules = []
+    for name in names:
+        try:
+            modules.append(importlib.import_module(name))
+        except ImportError:
+            raise UserError(f"{what} needs the optional package {name}, which is not installed: "
+                            f"{EXTRAS_HINT}") from None
+    return modules[0] if len(modules) == 1 else modules
 
 
 # ---------------------------------------------------------------------------------------------
-# Recommendations
+# Recommendations: numpy only, whatever scores the items.
+#
+# A scorer is a function (users, items) -> logits: int64 arrays [B] in, a float32 array [B] out. The
+# checkpoint's model, an ONNX session and a torch.export program each provide one; `maps` holds what
+# a cache or an export knows of the data: original user and item ids, and each user's training items
+# (user u's are train_items[train_ptr[u]:train_ptr[u + 1]]).
 
 
-def dense_user_ids(cache, original_ids, data_path):
+def dense_user_ids(user_ids, original_ids, source):
     """Dense ids of original user ids; an unknown one is a user error that names it."""
-    originals = cache.user_ids.long()
-    order = torch.argsort(originals)
-    wanted = torch.tensor(original_ids, dtype=torch.long)
-    pos = torch.searchsorted(originals[order], wanted).clamp(max=len(originals) - 1)
-    dense = order[pos]
-    unknown = [u for u, ok in zip(original_ids, (originals[dense] == wanted).tolist(), strict=True) if not ok]
+    order = np.argsort(user_ids, kind="stable")
+    wanted = np.asarray(original_ids, dtype=np.int64)
+    dense = order[np.searchsorted(user_ids[order], wanted).clip(max=len(user_ids) - 1)]
+    unknown = [u for u, ok in zip(original_ids, user_ids[dense] == wanted, strict=True) if not ok]
     if unknown:
-        raise UserError(f"--users: user id {', '.join(map(str, unknown))} not in the dataset {data_path} "
-                        f"({cache.num_users:,} users with ids {int(originals.min())}..{int(originals.max())}): "
+        raise UserError(f"--users: user id {', '.join(map(str, unknown))} not in the dataset {source} "
+                        f"({len(user_ids):,} users with ids {user_ids.min()}..{user_ids.max()}): "
                         f"pass original ids of users who have at least the dataset's min_ratings interactions")
     return dense
 
 
-@torch.no_grad()
-def recommend(model, cache, dense_users, k, device):
-    """[(item ids, scores)] per user: the k highest-scored items each user has not trained on."""
-    ptr = train_positives_csr(cache.train, cache.num_users)
-    items = torch.arange(cache.num_items, device=device)
+def sigmoid(logits):
+    return 0.5 * (1.0 + np.tanh(0.5 * logits.astype(np.float64)))  # no overflow warning for large |logits|
+
+
+def recommend(score, maps, dense_users, k):
+    """[(original item ids, probabilities)] per user: the k highest-scored items each user has not trained on."""
+    items = np.arange(len(maps["item_ids"]), dtype=np.int64)
+    ptr = maps["train_ptr"]
     results = []
     for user in dense_users.tolist():
-        scores = torch.sigmoid(model(torch.full_like(items, user), items).float())
-        trained = cache.train[ptr[user] : ptr[user + 1], 1].long().to(device)
-        scores[trained] = -1.0  # below any probability
-        top = torch.topk(scores, min(k, cache.num_items))
-        keep = top.values >= 0  # a user with fewer than k untrained items gets them all
-        top_items, top_scores = top.indices[keep].cpu(), top.values[keep].cpu()
-        results.append((cache.item_ids[top_items].tolist(), top_scores.tolist()))
+        logits = score(np.full_like(items, user), items)
+        # A non-finite score is never recommended (SPEC §9: it ranks last), nor is a training item.
+        eligible = np.isfinite(logits)
+        eligible[maps["train_items"][ptr[user] : ptr[user + 1]]] = False
+        candidates = np.flatnonzero(eligible)
+        # Stable: equal scores keep item order, so every scorer of the same logits gives the same list.
+        top = candidates[np.argsort(-logits[candidates], kind="stable")[:k]]
+        results.append((maps["item_ids"][top].tolist(), sigmoid(logits[top]).tolist()))
     return results
 
 
 def run_recommend(args):
     if args.topk <= 0:
         raise UserError(f"--topk must be positive, got {args.topk}")
-    device = pick_device(args.device)
-    cache = load_cache(args.data)
-    dense = dense_user_ids(cache, args.users, args.data)
-    model = load_model(args.checkpoint, cache, device)
-    results = recommend(model, cache, dense, args.topk, device)
+    if args.model and (args.data or args.checkpoint):
+        raise UserError("--model serves an export on its own: pass either --model DIR, or --data and --checkpoint")
+    if not args.model and not (args.data and args.checkpoint):
+        raise UserError("recommend needs --model DIR (written by `inference.py export`), or both --data (the "
+                        "dataset cache) and --checkpoint (model.pth)")
+    if args.model:
+        if args.device == "cuda":
+            raise UserError("--device cuda is for --checkpoint: an export is served on the CPU; drop --device")
+        manifest, maps = load_export(args.model)
+        dense = dense_user_ids(maps["user_ids"], args.users, args.model)
+        score = export_scorer(args.model, manifest)
+    else:
+        from dataloading import load_cache  # torch and the training code: only for a checkpoint
+
+        cache = load_cache(args.data)
+        maps = id_maps(cache)
+        dense = dense_user_ids(maps["user_ids"], args.users, args.data)
+        score = checkpoint_scorer(args.checkpoint, cache, args.device)
+    results = recommend(score, maps, dense, args.topk)
     if args.json:
-        print(json.dumps({"checkpoint": args.checkpoint, "topk": args.topk, "recommendations": [
+        source = {"model": args.model} if args.model else {"checkpoint": args.checkpoint}
+        print(json.dumps({**source, "topk": args.topk, "recommendations": [
             {"user": user, "items": items, "scores": scores}
             for user, (items, scores) in zip(args.users, results, strict=True)
         ]}))
@@ -126,21 +186,357 @@ def run_recommend(args):
 
 
 # ---------------------------------------------------------------------------------------------
+# Serving an export: numpy and onnxruntime (torch only for a torch-export program).
+
+
+def read_manifest(folder):
+    """manifest.json of `folder` as a dict; raises ValueError (with the reason) or OSError."""
+    with open(os.path.join(folder, MANIFEST_FILE)) as f:
+        manifest = json.load(f)
+    if not isinstance(manifest, dict):
+        raise ValueError(f"it holds a JSON {type(manifest).__name__}, not an object")
+    return manifest
+
+
+def load_export(folder):
+    """The manifest and id maps of an export folder, after checking every file against the manifest."""
+    fix = "pass a folder written by `inference.py export`, or export again"
+    if not os.path.isdir(folder):
+        raise UserError(f"--model {folder} is not a folder: {fix}")
+    try:
+        manifest = read_manifest(folder)
+    except FileNotFoundError:
+        raise UserError(f"--model {folder} has no {MANIFEST_FILE}, so it is not a finished export: {fix}") from None
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read {os.path.join(folder, MANIFEST_FILE)} ({str(err).splitlines()[0]}): "
+                        f"{fix}") from None
+    if manifest.get("created_by") != CREATED_BY or manifest.get("export_version") != EXPORT_VERSION:
+        raise UserError(f"--model {folder}: {MANIFEST_FILE} is not that of a version-{EXPORT_VERSION} export of "
+                        f"this code (created_by {manifest.get('created_by')!r:.40}, export_version "
+                        f"{manifest.get('export_version')!r:.10}): {fix}")
+    files, fmt = manifest.get("files"), manifest.get("format")
+    if (fmt not in MODEL_FILES or manifest.get("model_file") != MODEL_FILES[fmt] or not isinstance(files, dict)
+            or MODEL_FILES[fmt] not in files or ID_MAPS_FILE not in files):
+        raise UserError(f"--model {folder}: {MANIFEST_FILE} does not name a known format and list the export's "
+                        f"files: {fix}")
+    for name, record in files.items():
+        path = os.path.join(folder, os.path.basename(name))
+        if not os.path.isfile(path):
+            raise UserError(f"--model {folder}: {name} is missing: {fix}")
+        if file_record(path) != record:
+            raise UserError(f"--model {folder}: {name} does not match the size and SHA-256 {MANIFEST_FILE} "
+                            f"records (changed since it was exported): {fix}")
+    with np.load(os.path.join(folder, ID_MAPS_FILE), allow_pickle=False) as npz:
+        maps = dict(npz)
+    return manifest, maps
+
+
+def export_scorer(folder, manifest):
+    path = os.path.join(folder, manifest["model_file"])
+    if manifest["format"] == "onnx":
+        return session_scorer(ort_session(require("recommend --model (an ONNX export)", "onnxruntime"), path))
+    return program_scorer(path)
+
+
+def program_scorer(path):
+    """Scorer of a torch.export program: it needs torch, though not the training code."""
+    import torch
+
+    module = torch.export.load(path).module()
+
+    def score(users, items):
+        with torch.no_grad():
+            return module(torch.from_numpy(users), torch.from_numpy(items)).numpy()
+
+    return score
+
+
+def ort_session(ort, path, threads=0, providers=("CPUExecutionProvider",)):
+    """An onnxruntime session; threads 0 lets onnxruntime choose (one per physical core)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # errors only: its warnings would add stderr lines to a command line
+    if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
+        # onnxruntime's own thread pool spins while waiting, as OpenMP's did (cli.py): the same cure.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(path, options, providers=list(providers))
+
+
+def session_scorer(session):
+    def score(users, items):
+        return session.run([OUTPUT], {INPUTS[0]: users, INPUTS[1]: items})[0]
+
+    return score
+
+
+# ---------------------------------------------------------------------------------------------
+# The checkpoint side: torch and the training code.
+
+
+def load_model(path, cache, device):
+    import checkpoint
+
+    if not os.path.isfile(path):
+        raise UserError(f"--checkpoint {path} does not exist: pass the model.pth that ncf.py wrote")
+    return checkpoint.load_model(path, cache, device, "--checkpoint")
+
+
+def id_maps(cache):
+    """What `recommend` needs of a dataset cache, as numpy arrays (see the Recommendations section)."""
+    from dataloading import train_positives_csr
+
+    return {"user_ids": cache.user_ids.numpy().astype(np.int64), "item_ids": cache.item_ids.numpy().astype(np.int64),
+            "train_ptr": train_positives_csr(cache.train, cache.num_users).numpy(),
+            "train_items": cache.train[:, 1].numpy().astype(np.int32)}
+
+
+def model_scorer(model, device):
+    import torch
+
+    def score(users, items):
+        with torch.no_grad():
+            logits = model(torch.from_numpy(users).to(device), torch.from_numpy(items).to(device))
+            return logits.float().cpu().numpy()
+
+    return score
+
+
+def checkpoint_scorer(path, cache, device_flag):
+    from devices import pick_device
+
+    device = pick_device(device_flag)
+    return model_scorer(load_model(path, cache, device)[0], device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+
+
+def is_export_folder(folder):
+    """True iff `export` may replace `folder`: it is empty, or provably an export this command wrote
+    (manifest.json says so, and it holds nothing but regular files named as an export's)."""
+    entries = os.listdir(folder)
+    if not entries:
+        return True
+    if not all(name in EXPORT_FILES and os.path.isfile(os.path.join(folder, name))
+               and not os.path.islink(os.path.join(folder, name)) for name in entries):
+        return False
+    try:
+        return read_manifest(folder).get("created_by") == CREATED_BY
+    except (OSError, ValueError):
+        return False
+
+
+def check_export_output(output, inputs):
+    """Refuse, before any work, an --output that cannot be written or must not be replaced."""
+    check_output_path(output, "--output", folder=True)
+    for flag, path in inputs.items():
+        if holds(output, path):
+            raise UserError(f"--output {output} holds the input {flag} {path}, and the export would replace it: "
+                            "choose another folder, e.g. data/export/NAME")
+    if os.path.isdir(output) and not is_export_folder(output):
+        raise UserError(f"--output {output} exists and is not an export of inference.py (it holds other files, "
+                        f"or no {MANIFEST_FILE} saying `{CREATED_BY}` wrote it), so it is not replaced: "
+                        "move it away or choose another folder")
+
+
+@contextlib.contextmanager
+def staged_folder(output):
+    """Yield a sibling temporary folder to fill; it is renamed onto `output` once the block has finished,
+    replacing an export there only then. On any failure or Ctrl-C the temporary folder goes and whatever
+    was at `output` stays; an OSError (a full disk) becomes an EnvironmentFailure."""
+    output = os.path.abspath(output)
+    tmp, old = f"{output}.tmp-{os.getpid()}", f"{output}.old-{os.getpid()}"
+    try:
+        os.makedirs(os.path.dirname(output), exist_ok=True)
+        remove_stale_temporaries(output)
+        os.makedirs(tmp)
+        yield tmp
+        for name in os.listdir(tmp):
+            with open(os.path.join(tmp, name), "rb") as f:
+                os.fsync(f.fileno())
+        if os.path.isdir(output) and not is_export_folder(output):  # something else appeared meanwhile
+            raise UserError(f"--output {output} was filled with other files while exporting; nothing was "
+                            "replaced: move them away and rerun")
+        try:
+            if os.path.exists(output):
+                os.rename(output, old)
+            os.rename(tmp, output)
+        except BaseException:  # Ctrl-C between the two renames included
+            if os.path.exists(old) and not os.path.exists(output):
+                os.rename(old, output)  # put the previous export back rather than lose it
+            raise
+    except OSError as err:
+        raise EnvironmentFailure(f"cannot write the export {output} ({err.strerror or err}); nothing was left "
+                                 "behind: free some space or fix the folder, and rerun") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.isdir(output):
+            shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def plain_forward(model):
+    """The model in eval mode with its CPU kernels off: exporters trace plain torch ops, and the kernels'
+    custom autograd functions and in-place tricks compute the same function, so the export loses nothing."""
+    was_training, kernels = model.training, model.cpu_kernels
+    model.eval()
+    model.cpu_kernels = False
+    try:
+        yield model
+    finally:
+        model.cpu_kernels = kernels
+        model.train(was_training)
+
+
+def example_inputs(model):
+    import torch
+
+    # Two pairs, not one: torch.export would take a batch of 1 for a constant, not a dynamic size. Two
+    # tensors, not one twice: the tracer would take the item input for the user input.
+    device = model.user_embed.weight.device
+    return torch.zeros(2, dtype=torch.long, device=device), torch.zeros(2, dtype=torch.long, device=device)
+
+
+def dynamic_batch():
+    import torch
+
+    batch = torch.export.Dim("batch", min=1)
+    return {INPUTS[0]: {0: batch}, INPUTS[1]: {0: batch}}
+
+
+@contextlib.contextmanager
+def quiet_exporter():
+    """torch's ONNX exporter logs and warns about things that do not concern an NCF model (torchvision
+    missing, skipped constant folding, deprecations): keep the command line's output to its own lines."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "onnxscript")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def export_onnx(model, path):
+    """The ONNX model through torch's exporter (torch.export based; it needs onnxscript), checked by the onnx
+    checker. Returns the manifest's facts about the format."""
+    import torch
+
+    onnx, _ = require("export --format onnx", "onnx", "onnxscript")
+    with plain_forward(model), quiet_exporter():
+        program = torch.onnx.export(model, example_inputs(model), dynamo=True, verbose=False, input_names=list(INPUTS),
+                                    output_names=[OUTPUT], dynamic_shapes=dynamic_batch())
+        program.save(path)  # the weights go to model.onnx.data only past protobuf's 2 GiB limit
+    try:
+        onnx.checker.check_model(path, full_check=True)
+    except onnx.checker.ValidationError as err:
+        raise EnvironmentFailure(f"the exported model fails the onnx checker ({str(err).splitlines()[0]}); "
+                                 "nothing was written: report it with your torch and onnx versions") from None
+    imports = onnx.load(path, load_external_data=False).opset_import
+    opset = next(o.version for o in imports if o.domain in ("", "ai.onnx"))
+    return {"onnx_opset": opset, "onnx": onnx.__version__}
+
+
+def export_torch_program(model, path):
+    """A torch.export program (.pt2), loadable with torch.export.load without this code."""
+    import torch
+
+    with plain_forward(model), quiet_exporter():
+        program = torch.export.export(model, example_inputs(model), dynamic_shapes=dynamic_batch())
+    torch.export.save(program, path)
+    return {}
+
+
+EXPORTERS = {"onnx": export_onnx, "torch-export": export_torch_program}
+
+
+def check_export(reference, exported, num_users, num_items, pairs=CHECK_PAIRS):
+    """Largest |logit difference| between two scorers on `pairs` seeded random pairs; an error past TOLERANCE."""
+    rng = np.random.default_rng(0)
+    users = rng.integers(num_users, size=pairs, dtype=np.int64)
+    items = rng.integers(num_items, size=pairs, dtype=np.int64)
+    want, got = reference(users, items), exported(users, items)
+    if not np.allclose(got, want, rtol=TOLERANCE, atol=TOLERANCE):
+        raise EnvironmentFailure(f"the exported model's logits differ from the checkpoint's by up to "
+                                 f"{np.nanmax(np.abs(got - want)):.2e} (> {TOLERANCE}) on {pairs:,} random pairs; "
+                                 "nothing was written: report it with your torch and onnx versions")
+    return float(np.abs(got - want).max())
+
+
+def run_export(args):
+    check_export_output(args.output, {"--checkpoint": args.checkpoint, "--data": args.data})
+    # The extras are checked before any work, as the output path is.
+    ort = require("export --format onnx", "onnx", "onnxscript", "onnxruntime")[-1] if args.format == "onnx" else None
+    import torch
+
+    from checkpoint import dataset_identity
+    from dataloading import load_cache
+
+    cache = load_cache(args.data)
+    model, ckpt = load_model(args.checkpoint, cache, torch.device("cpu"))
+    reference = model_scorer(model, torch.device("cpu"))
+    with staged_folder(args.output) as tmp:
+        model_path = os.path.join(tmp, MODEL_FILES[args.format])
+        facts = EXPORTERS[args.format](model, model_path)
+        if args.format == "onnx":
+            exported, runtime = session_scorer(ort_session(ort, model_path)), f"onnxruntime {ort.__version__}"
+        else:
+            exported, runtime = program_scorer(model_path), f"torch {torch.__version__}"
+        max_diff = check_export(reference, exported, cache.num_users, cache.num_items)
+        np.savez(os.path.join(tmp, ID_MAPS_FILE), **id_maps(cache))
+        manifest = {
+            "created_by": CREATED_BY, "export_version": EXPORT_VERSION, "format": args.format,
+            "model_file": MODEL_FILES[args.format],
+            "inputs": {name: {"dtype": "int64", "shape": ["batch"], "range": [0, count - 1]}
+                       for name, count in zip(INPUTS, (cache.num_users, cache.num_items), strict=True)},
+            "output": {OUTPUT: {"dtype": "float32", "shape": ["batch"], "meaning": "logit; sigmoid gives the "
+                                                                                    "probability"}},
+            "model": ckpt["config"], "dataset": ckpt.get("dataset") or dataset_identity(cache),
+            "checkpoint": {"path": os.path.abspath(args.checkpoint), "epoch": ckpt.get("epoch"),
+                           "topk": ckpt.get("args", {}).get("topk", 10), "hr": ckpt.get("hr"),
+                           "ndcg": ckpt.get("ndcg")},
+            "torch": torch.__version__, **facts,
+            "check": {"pairs": CHECK_PAIRS, "max_abs_logit_diff": max_diff, "tolerance": TOLERANCE,
+                      "runtime": runtime},
+            "files": {name: file_record(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))},
+        }
+        with open(os.path.join(tmp, MANIFEST_FILE), "w") as f:
+            json.dump(manifest, f, indent=1)
+    print(f"exported {args.checkpoint} ({args.format}) to {args.output}: {', '.join(manifest['files'])}, "
+          f"{MANIFEST_FILE}; logits equal the checkpoint's to {max_diff:.1e} on {CHECK_PAIRS:,} random pairs")
+
+
+# ---------------------------------------------------------------------------------------------
 # Benchmark
 
 
 def benchmark_model(args, device):
     """The model to time and a short description of where its shape came from."""
+    import torch
+
+    import synthetic
+    from dataloading import load_cache
+    from neumf import DROPOUT, FACTORS, LAYERS, build_model
+
     cache = load_cache(args.data) if args.data else None
     if args.checkpoint:
-        return load_model(args.checkpoint, cache, device), f"checkpoint {args.checkpoint}"
-    users, items = (cache.num_users, cache.num_items) if cache else (args.users, args.items)
-    for flag, value in (("--users", users), ("--items", items), ("--factors", args.factors)):
+        return load_model(args.checkpoint, cache, device)[0], f"checkpoint {args.checkpoint}"
+    ml20m_users, ml20m_items = synthetic.PRESETS["ml-20m"][:2]
+    users, items = (cache.num_users, cache.num_items) if cache else (args.users or ml20m_users,
+                                                                      args.items or ml20m_items)
+    factors, layers = args.factors or FACTORS, args.layers or list(LAYERS)
+    for flag, value in (("--users", users), ("--items", items), ("--factors", factors)):
         if value <= 0:
             raise UserError(f"{flag} must be positive, got {value}")
-    if any(size <= 0 for size in args.layers) or args.layers[0] % 2:
-        raise UserError(f"--layers must be positive sizes with an even first one, got {args.layers}")
-    config = {"nb_users": users, "nb_items": items, "mf_dim": args.factors, "mlp_layer_sizes": list(args.layers),
+    if any(size <= 0 for size in layers) or layers[0] % 2:
+        raise UserError(f"--layers must be positive sizes with an even first one, got {layers}")
+    config = {"nb_users": users, "nb_items": items, "mf_dim": factors, "mlp_layer_sizes": list(layers),
               "dropout": DROPOUT}
     torch.manual_seed(0)
     source = f"dataset {args.data}" if cache else "no data"
@@ -149,71 +545,115 @@ def benchmark_model(args, device):
 
 def amp_precision(device):
     """fp16 autocast on CUDA (the recipe's), bf16 autocast on CPU (torch has no fp16 CPU autocast path)."""
+    from devices import choose_precision
+
     return choose_precision("O2", "float16" if device.type == "cuda" else "bfloat16", device)
 
 
-@torch.inference_mode()
-def time_batches(model, users, items, precision, iterations, warmup, device):
-    """Seconds per batch of `iterations` timed batches, after `warmup` untimed ones."""
+def time_calls(run, iterations, warmup):
+    """Seconds per call of `iterations` timed calls of `run`, after `warmup` untimed ones."""
     seconds = []
     for i in range(warmup + iterations):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
         start = time.perf_counter()
-        with precision.autocast():
-            model(users, items)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # kernels are asynchronous: wait for them before reading the clock
+        run()
         if i >= warmup:
             seconds.append(time.perf_counter() - start)
     return np.array(seconds)
 
 
+def torch_runner(model, users, items, precision, device):
+    import torch
+
+    def run():
+        with torch.inference_mode(), precision.autocast():
+            model(users, items)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # kernels are asynchronous: wait for them before reading the clock
+
+    return run
+
+
+def onnxruntime_providers(ort, device):
+    if device.type != "cuda":
+        return ("CPUExecutionProvider",)
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise UserError("--backend onnxruntime --device cuda needs onnxruntime with CUDA "
+                        "(pip install onnxruntime-gpu): use --device cpu, or install it")
+    return ("CUDAExecutionProvider",)
+
+
 def run_benchmark(args):
+    import tempfile
+
+    import torch
+
+    from devices import choose_precision, cpu_has_native_bf16, pick_device
+
     for flag, values in (("--batch_sizes", args.batch_sizes), ("--iterations", [args.iterations])):
         if min(values) <= 0:
             raise UserError(f"{flag} must be positive, got {values}")
     if args.warmup < 0:
         raise UserError(f"--warmup must be 0 or more, got {args.warmup}")
+    ort = (require("benchmark --backend onnxruntime", "onnx", "onnxscript", "onnxruntime")[-1]
+           if "onnxruntime" in args.backend else None)
     device = pick_device(args.device)
+    providers = onnxruntime_providers(ort, device) if ort else None
     model, source = benchmark_model(args, device)
-    generator = torch.Generator().manual_seed(0)
-    results = []
-    for batch in args.batch_sizes:
-        users = torch.randint(model.nb_users, (batch,), generator=generator, dtype=torch.int32).to(device)
-        items = torch.randint(model.nb_items, (batch,), generator=generator, dtype=torch.int32).to(device)
-        for requested in args.precision:
-            precision = choose_precision("O0", "auto", device) if requested == "fp32" else amp_precision(device)
-            seconds = time_batches(model, users, items, precision, args.iterations, args.warmup, device)
-            results.append({
-                "batch_size": batch, "precision": requested, "precision_run": precision.name,
-                "samples_per_s": batch * len(seconds) / seconds.sum(),
-                "latency_p50_ms": float(np.percentile(seconds, 50) * 1e3),
-                "latency_p99_ms": float(np.percentile(seconds, 99) * 1e3),
-                "iterations": args.iterations,
-            })
+    with tempfile.TemporaryDirectory() as folder:
+        if ort:  # the same model, exported as `inference.py export` does, with torch's thread count
+            path = os.path.join(folder, MODEL_FILES["onnx"])
+            export_onnx(model, path)
+            onnx_score = session_scorer(ort_session(ort, path, torch.get_num_threads(), providers))
+        generator = torch.Generator().manual_seed(0)
+        results = []
+        for batch in args.batch_sizes:
+            users = torch.randint(model.nb_users, (batch,), generator=generator, dtype=torch.int32)
+            items = torch.randint(model.nb_items, (batch,), generator=generator, dtype=torch.int32)
+            for backend in args.backend:
+                for requested in args.precision:
+                    if backend == "onnxruntime" and requested != "fp32":
+                        continue  # the ONNX model is fp32; print_table says so
+                    if backend == "torch":
+                        precision = (choose_precision("O0", "auto", device) if requested == "fp32"
+                                     else amp_precision(device))
+                        run = torch_runner(model, users.to(device), items.to(device), precision, device)
+                        precision_run = precision.name
+                    else:
+                        run = functools.partial(onnx_score, users.long().numpy(), items.long().numpy())
+                        precision_run = "fp32"
+                    seconds = time_calls(run, args.iterations, args.warmup)
+                    results.append({
+                        "backend": backend, "batch_size": batch, "precision": requested,
+                        "precision_run": precision_run, "samples_per_s": batch * len(seconds) / seconds.sum(),
+                        "latency_p50_ms": float(np.percentile(seconds, 50) * 1e3),
+                        "latency_p99_ms": float(np.percentile(seconds, 99) * 1e3),
+                        "iterations": args.iterations,
+                    })
     report = {
         "device": str(device) if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})",
         "model": model.config, "model_source": source, "torch": torch.__version__,
         "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-        "bf16_native_cpu": cpu_has_native_bf16(), "results": results,
+        "bf16_native_cpu": cpu_has_native_bf16(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "backends": args.backend, "onnxruntime": ort.__version__ if ort else None, "results": results,
     }
-    print_table(report)
+    print_table(report, skipped_amp="onnxruntime" in args.backend and "amp" in args.precision)
     print(json.dumps(report))
     if args.json_path:
         with open(args.json_path, "w") as f:
             json.dump(report, f, indent=1)
 
 
-def print_table(report):
+def print_table(report, skipped_amp=False):
     m = report["model"]
     print(f"device {report['device']} | threads {report['threads']} | OMP_WAIT_POLICY {report['omp_wait_policy']} | "
           f"{report['model_source']}: {m['nb_users']:,} users, {m['nb_items']:,} items, factors {m['mf_dim']}, "
           f"layers {m['mlp_layer_sizes']}")
-    print(f"{'batch':>10} {'precision':>16} {'samples/s':>14} {'p50 ms':>10} {'p99 ms':>10}")
+    print(f"{'batch':>10} {'backend':>12} {'precision':>16} {'samples/s':>14} {'p50 ms':>10} {'p99 ms':>10}")
     for r in report["results"]:
-        print(f"{r['batch_size']:>10,} {r['precision_run']:>16} {r['samples_per_s']:>14,.0f} "
+        print(f"{r['batch_size']:>10,} {r['backend']:>12} {r['precision_run']:>16} {r['samples_per_s']:>14,.0f} "
               f"{r['latency_p50_ms']:>10.3f} {r['latency_p99_ms']:>10.3f}")
+    if skipped_amp:
+        print("note: onnxruntime runs the fp32 ONNX model only, so amp rows are torch's")
     if any(r["precision_run"].startswith("bf16") for r in report["results"]) and not report["bf16_native_cpu"]:
         print("note: this CPU has no native bf16 (AVX512-BF16 or AMX), so bf16 autocast is emulated and slower")
     sys.stdout.flush()
@@ -222,10 +662,7 @@ def print_table(report):
 @main_guard
 def main(argv=None):
     args = parse_args(argv)
-    if args.command == "recommend":
-        run_recommend(args)
-    else:
-        run_benchmark(args)
+    {"recommend": run_recommend, "export": run_export, "benchmark": run_benchmark}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -84,11 +84,12 @@ def test_checkpoint_of_another_dataset_is_a_user_error(trained, tmp_path):
             ["recommend", "--data", str(cache_dir), "--checkpoint", str(tmp_path / "other.pth"), "--users", str(user)]))
 
 
-def check_report(stdout, batch_sizes, precisions):
+def check_report(stdout, batch_sizes, precisions, backends=("torch",)):
     report = json.loads(stdout.strip().splitlines()[-1])
     assert {"device", "model", "threads", "results"} <= report.keys()
-    assert [(r["batch_size"], r["precision"]) for r in report["results"]] == \
-        [(b, p) for b in batch_sizes for p in precisions]
+    assert [(r["batch_size"], r["backend"], r["precision"]) for r in report["results"]] == \
+        [(b, backend, p) for b in batch_sizes for backend in backends for p in precisions
+         if backend == "torch" or p == "fp32"]  # the ONNX model is fp32
     for r in report["results"]:
         assert r["samples_per_s"] > 0 and 0 < r["latency_p50_ms"] <= r["latency_p99_ms"]
         assert r["precision_run"] == {"fp32": "fp32", "amp": "bf16 autocast"}[r["precision"]]
@@ -116,6 +117,22 @@ def test_benchmark_of_a_checkpoint(trained, capsys, tmp_path):
     report = check_report(capsys.readouterr().out, [100], ["fp32"])
     assert report["model"] == torch.load(checkpoint, weights_only=True)["config"]
     assert json.loads(json_path.read_text()) == report
+
+
+def test_benchmark_compares_torch_and_onnxruntime(capsys):
+    import onnxruntime
+
+    inference.main(["benchmark", "--users", "50", "--items", "40", "--factors", "8", "--layers", "16", "8",
+                    "--batch_sizes", "1", "300", "--backend", "torch", "onnxruntime", "--precision", "fp32", "amp",
+                    "--device", "cpu", "--iterations", "3", "--warmup", "1"])
+    out = capsys.readouterr().out
+    report = check_report(out, [1, 300], ["fp32", "amp"], ["torch", "onnxruntime"])
+    assert report["onnxruntime"] == onnxruntime.__version__ and report["backends"] == ["torch", "onnxruntime"]
+    assert "omp_wait_policy" in report and report["cpu_capability"]
+    table = out.splitlines()[2:6]
+    assert [line.split()[:2] for line in table] == [["1", "torch"], ["1", "torch"], ["1", "onnxruntime"],
+                                                    ["300", "torch"]]
+    assert "amp rows are torch's" in out
 
 
 def test_benchmark_bad_flag_is_a_user_error():
