@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Download (or generate) a dataset and convert it into the cache ncf.py trains on.
 #   ./prepare_dataset.sh [NAME]     NAME: ml-20m (default, as the recipe) ml-25m ml-32m ml-1m ml-100k synthetic
+#   ./prepare_dataset.sh NAME --validation   also hold out a validation item per user (convert.py --validation),
+#                                    into $DATA_DIR/cache/NAME-validation/ (for tune.py and honest model selection)
 #   DATA_DIR=/data ./prepare_dataset.sh ml-1m      the cache lands in $DATA_DIR/cache/NAME/
 # Returns at once when the cache is already complete and intact (convert.py --check verifies its format
 # version and each file's SHA-256); an incomplete, outdated or damaged cache is rebuilt. Before any
@@ -12,6 +14,11 @@ set -euo pipefail
 prog=$(basename "$0")
 here=$(cd "$(dirname "$0")" && pwd)
 name=${1:-ml-20m}
+validation=${2:-}
+if [ -n "$validation" ] && [ "$validation" != --validation ]; then
+  echo "$prog: error: unknown option '$validation'; the only option after NAME is --validation" >&2
+  exit 2
+fi
 data_dir=${DATA_DIR:-./data}
 if [ -z "${PYTHON:-}" ] && [ -x "$here/.venv/bin/python" ]; then
   python="$here/.venv/bin/python"
@@ -29,7 +36,7 @@ case "$name" in
     exit 2 ;;
 esac
 
-cache="$data_dir/cache/$name"
+cache="$data_dir/cache/$name${validation:+-validation}"
 if [ -e "$cache" ] && "$python" "$here/convert.py" --check "$cache"; then
   echo "$prog: cache $cache is already complete; nothing to do"
   exit 0
@@ -50,4 +57,4 @@ else
   "$here/download_dataset.sh" "$name" "$data_dir"
 fi
 
-"$python" "$here/convert.py" --path "$ratings" --output "$cache"
+"$python" "$here/convert.py" --path "$ratings" --output "$cache" ${validation:+--validation}

@@ -13,6 +13,8 @@ import time
 _FIELDS = {
     "epoch": ("epoch", "{:d}"),
     "loss": ("loss", "{:.4f}"),
+    "valid_hr": ("valid HR@{k}", "{:.4f}"),
+    "valid_ndcg": ("valid NDCG@{k}", "{:.4f}"),
     "hr": ("HR@{k}", "{:.4f}"),
     "ndcg": ("NDCG@{k}", "{:.4f}"),
     "full_hr": ("full HR@{k}", "{:.4f}"),
@@ -23,6 +25,8 @@ _FIELDS = {
     "eval_throughput": ("eval", "{:,.0f} samples/s"),
     "best_hr": ("best HR@{k}", "{:.4f}"),
     "best_epoch": ("at epoch", "{:d}"),
+    "best_valid_hr": ("its valid HR@{k}", "{:.4f}"),
+    "selected_by": ("chosen by", "{}"),
     "time_to_target_s": ("time to target", "{:.2f} s"),
     "best_train_throughput": ("best train", "{:,.0f} samples/s"),
     "best_eval_throughput": ("best eval", "{:,.0f} samples/s"),
@@ -96,6 +100,10 @@ def record_problem(record):
     for key in _FIELDS:
         value = record.get(key)
         if value is None:
+            continue
+        if key == "selected_by":
+            if not isinstance(value, str):
+                return f'has "{key}": {json.dumps(value)[:40]}, not a string'
             continue
         integer = key in _INTEGER_FIELDS
         if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):

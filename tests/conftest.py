@@ -97,8 +97,9 @@ def train(cache, workdir, *extra, name="run", env=None):
     return result, log, out / "ck"
 
 
-def make_tiny_cache(folder, users=300, items=200, seed=0):
-    """300 users x 200 items, ~30 interactions each, 50 test negatives, converted in-process."""
+def make_tiny_cache(folder, users=300, items=200, seed=0, validation=False):
+    """300 users x 200 items, ~30 interactions each, 50 test negatives, converted in-process (with a
+    validation split when asked)."""
     import convert
     import synthetic
 
@@ -107,7 +108,7 @@ def make_tiny_cache(folder, users=300, items=200, seed=0):
     synthetic.write_ratings_csv(csv, users=users, items=items, interactions_per_user_mean=30, seed=seed)
     cache = folder / "cache"
     convert.main(["--path", str(csv), "--output", str(cache), "--negatives", "50", "--min_ratings", "20",
-                  "--no_progress"])
+                  "--no_progress", *(["--validation"] if validation else [])])
     return cache
 
 
