@@ -163,7 +163,7 @@ class _MaskDrawer:
     @torch.compiler.disable
     def draw(self, shape):
         count = math.prod(shape)
-        codes = count // self.per_byte
+        codes = (count + self.per_byte - 1) // self.per_byte
         self.codes[:codes].copy_(random_bytes(codes, self.words))
         mask = torch.index_select(self.table, 0, self.codes[:codes], out=self.mask[:codes])
         return mask.view(-1)[:count].view(shape)
