@@ -83,7 +83,10 @@ class _GatherAddReluDropout(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         y, a_index, b_index = ctx.saved_tensors
-        grad = _relu_dropout_grad_(grad, y, ctx.scale)
+        # Summed in fp32 even under bf16 autocast: a row shared by thousands of samples would otherwise
+        # accumulate its gradient in bf16, whose running sum of ones stops at 256 (autograd casts the
+        # result back to the tables' dtype once).
+        grad = _relu_dropout_grad_(grad, y, ctx.scale).float()
         scatter = torch.ops.aten.embedding_dense_backward
         return (scatter(grad, a_index, ctx.rows[0], -1, False), scatter(grad, b_index, ctx.rows[1], -1, False),
                 None, None, None)

@@ -1,14 +1,27 @@
 """The benchmark scripts (spec §8) run: benchmarks/throughput.py and the GPU check's CPU path, at tiny
-sizes, so they are ready whenever a GPU is lent."""
+sizes, so they are ready whenever a GPU is lent; the figures they print agree with each other and with
+the floor formula worked out by hand."""
+import argparse
+import importlib.util
 import json
 import os
 
 import pytest
 from conftest import ROOT, _run, epochs_of
 
-pytestmark = pytest.mark.slow
+
+def load_throughput():
+    spec = importlib.util.spec_from_file_location("throughput", ROOT / "benchmarks" / "throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
+def median(values):
+    return sorted(values)[len(values) // 2]
+
+
+@pytest.mark.slow
 def test_throughput_benchmark_prints_one_json_per_configuration():
     result = _run(["benchmarks/throughput.py", "--device", "cpu", "--batch_size", "1024", "2048",
                    "--precision", "fp32", "amp", "--users", "300", "--items", "100", "--positives", "5000",
@@ -24,8 +37,61 @@ def test_throughput_benchmark_prints_one_json_per_configuration():
             assert r[key] > 0, key
         assert r["fraction_of_floor"] > 0
     assert "GFLOP/s" in result.stdout and "kFLOP" in result.stdout
+    (floor_line,) = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"floor"')]
+    floor = floor_line["floor"]
+    throughput = load_throughput()
+    shape = argparse.Namespace(layers=[16, 8], factors=8, users=300, items=100, candidates=101)
+    for r in records:
+        # The rates are the samples over the median times the record holds.
+        assert r["timed_steps"] == len(r["step_s_all"]) == 2
+        assert r["step_s_median"] == median(r["step_s_all"])
+        assert r["train_samples_per_s"] == pytest.approx(r["batch_size"] / r["step_s_median"], rel=1e-12)
+        assert r["eval_samples"] == 100 * 101
+        assert r["eval_s"] == median(r["eval_s_all"]) and len(r["eval_s_all"]) == 3
+        assert r["eval_samples_per_s"] == pytest.approx(r["eval_samples"] / r["eval_s"], rel=1e-12)
+        # The floor: the larger of the FLOP time and the memory time per sample, at the measured rates.
+        cost = throughput.per_sample_cost(shape, r["batch_size"], "cpu")
+        assert cost["factored"]  # batches of 1024 and 2048 outnumber the 400 table rows
+        assert r["train_flops_per_sample"] == cost["train_flops"]
+        seconds = max(cost["train_flops"] / floor["matmul_flops_per_s"],
+                      (cost["train_bytes"] + cost["step_bytes"] / r["batch_size"]) / floor["copy_bytes_per_s"])
+        assert r["floor_train_samples_per_s"] == pytest.approx(1 / seconds, rel=1e-12)
+        assert r["fraction_of_floor"] == pytest.approx(r["train_samples_per_s"] / r["floor_train_samples_per_s"],
+                                                       rel=1e-12)
+    whole = throughput.per_sample_cost(shape)
+    assert {key: floor[key] for key in whole} == whole
 
 
+def test_the_floor_formula_on_a_shape_worked_out_by_hand():
+    """layers 6 -> 4, 3 factors, 5 users, 7 items, 11 candidates. Per sample, multiply-adds: the first
+    layer 6 x 4 = 24 and the output layer (3 + 4) x 1 = 7, so 31; training is 3 x the forward (backward
+    twice), at 2 FLOPs each: 6 x 31 = 186."""
+    cost = load_throughput().per_sample_cost
+    shape = argparse.Namespace(layers=[6, 4], factors=3, users=5, items=7, candidates=11)
+    per_sample = cost(shape)
+    assert per_sample["train_flops"] == per_sample["recipe_train_flops"] == 186
+    # Evaluation: all but the first layer per candidate, 2 x 7 = 14, plus the user term 3 x 4 per user
+    # (once for its 11 candidates): 14 + 2 x 12 / 11.
+    assert per_sample["eval_flops"] == pytest.approx(14 + 24 / 11)
+    # Parameters: (5 + 7) rows x (3 + 3) columns, the layer 6 x 4 + 4, the output layer 3 + 4 + 1: 108, and
+    # 8 fp32 passes over each per optimizer step.
+    assert per_sample["params"] == 108 and per_sample["step_bytes"] == 108 * 4 * 8
+    # Bytes per training sample: the gathered rows 2 x (3 + 3) and the rest of the activations 4 + 3 + 4 + 1,
+    # each written and read (x 2), with their gradients (x 2), 4 bytes each: 24 x 16.
+    assert per_sample["train_bytes"] == 24 * 16
+    # Per eval sample: the first layer's terms and GMF rows gathered, 2 x (4 + 3), and the rest, 12: 26 x 8.
+    assert per_sample["eval_bytes"] == 26 * 8
+    # A CPU micro-batch of at least 5 + 7 samples computes the first layer once per table row: per sample
+    # 6 x (31 - 24) plus 6 x 12 rows x 3 x 4 shared by the 12 samples = 42 + 72; the gathered rows become
+    # the first layer's outputs, 2 x (4 + 3).
+    factored = cost(shape, micro_batch=12, device="cpu")
+    assert factored["factored"] and factored["train_flops"] == 42 + 72
+    assert factored["train_bytes"] == (14 + 12) * 16
+    assert not cost(shape, micro_batch=11, device="cpu")["factored"]
+    assert not cost(shape, micro_batch=12, device="cuda")["factored"]  # GPUs keep the per-sample layout
+
+
+@pytest.mark.slow
 def test_gpu_check_script_cpu_path(tmp_path):
     out = tmp_path / "out"
     script = ROOT / "benchmarks" / "gpu_check.sh"

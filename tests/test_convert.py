@@ -300,3 +300,84 @@ def test_an_id_too_large_for_int64_is_a_clear_error(tmp_path, capsys, fmt, value
 def test_a_negative_seed_is_a_clear_error(tmp_path, capsys):
     line = fails(capsys, ["--path", write_ml20m(tmp_path), "--output", tmp_path / "cache", "--seed", -1])
     assert "--seed -1" in line
+
+
+# At the defaults (--min_ratings 20, --negatives 100), with many users.
+
+
+def assert_distinct_unseen_negatives(cache, negatives):
+    """Every user's row of test negatives: `negatives` distinct items, none a positive of that user."""
+    rows = cache["test_negatives.pt"].long().numpy()
+    num_users, num_items = len(cache["user_ids.pt"]), len(cache["item_ids.pt"])
+    assert rows.shape == (num_users, negatives)
+    assert rows.min() >= 0 and rows.max() < num_items
+    ordered = np.sort(rows, axis=1)
+    assert (ordered[:, 1:] != ordered[:, :-1]).all(), "a user has a repeated negative"
+    positives = torch.cat([cache["train_ratings.pt"], cache["test_ratings.pt"]]).long().numpy()
+    positive_keys = positives[:, 0] * num_items + positives[:, 1]
+    negative_keys = np.arange(num_users)[:, None] * num_items + rows
+    assert not np.isin(negative_keys, positive_keys).any(), "a negative is a positive of its user"
+
+
+def defaults_file(path, seed=0):
+    """520 users of 400 items: 500 with 20 to 60 ratings, 20 with 250 to 300 (fewer than 200 unseen items,
+    so the complement sampler serves them), one with 19 ratings of items nobody else has, one with 20, and
+    one with 20 rows of 19 distinct items."""
+    rng = np.random.default_rng(seed)
+    lines = ["user_id,item_id,timestamp"]
+
+    def add(user, items):
+        lines.extend(f"{user},{item},{t}" for t, item in enumerate(items))
+
+    for user in range(500):
+        add(user, rng.choice(400, size=rng.integers(20, 61), replace=False))
+    for user in range(500, 520):
+        add(user, rng.choice(400, size=rng.integers(250, 301), replace=False))
+    add(1019, range(9000, 9019))  # 19 ratings: dropped, and its 19 items with it
+    add(1020, rng.choice(400, size=20, replace=False))
+    nineteen = rng.choice(400, size=19, replace=False)
+    add(1021, [*nineteen, nineteen[0]])  # 20 before de-duplication, 19 after
+    return _write(path, lines)
+
+
+def test_the_defaults_keep_20_ratings_drop_19_and_draw_100_distinct_unseen_negatives(tmp_path, monkeypatch):
+    path = defaults_file(tmp_path / "interactions.csv")
+    used = []
+    real = convert.sample_from_complement
+    monkeypatch.setattr(convert, "sample_from_complement", lambda users, *a: used.append(len(users)) or real(users, *a))
+    convert.main(["--path", str(path), "--output", str(tmp_path / "cache"), "--no_progress"])  # no other flag
+    cache = {name: torch.load(tmp_path / "cache" / name, weights_only=True) for name in TENSOR_FILES}
+    metadata = load_metadata(tmp_path / "cache")
+    assert (metadata["min_ratings"], metadata["negatives"]) == (20, 100)
+    user_ids = cache["user_ids.pt"].tolist()
+    assert 1019 not in user_ids and 1020 in user_ids and 1021 in user_ids
+    assert len(user_ids) == 522 == metadata["num_users"]
+    pairs = torch.cat([cache["train_ratings.pt"], cache["test_ratings.pt"]])
+    assert (pairs[:, 0] == user_ids.index(1021)).sum().item() == 19
+    assert not set(range(9000, 9019)) & set(cache["item_ids.pt"].tolist())
+    assert metadata["num_items"] == 400
+    assert_distinct_unseen_negatives(cache, 100)
+    assert used == [20]  # the heavy users went through the complement sampler, the others by rejection
+
+
+def dense_file(path, users=60, items=150, seed=1):
+    """Every user has 20 to 50 of 150 items: fewer than 2 x 100 unseen, so all go to the complement sampler."""
+    rng = np.random.default_rng(seed)
+    lines = ["user_id,item_id,timestamp"]
+    for user in range(users):
+        lines.extend(f"{user},{item},{t}" for t, item in enumerate(rng.choice(items, rng.integers(20, 51), False)))
+    return _write(path, lines)
+
+
+def test_complement_sampling_in_several_chunks_gives_the_unchunked_negatives(tmp_path, monkeypatch):
+    path = dense_file(tmp_path / "dense.csv")
+    whole = run_convert(path, tmp_path / "whole")  # 60 users x 150 items: one chunk
+    chunks = []
+    real = convert.segment_positions  # called once per chunk
+    monkeypatch.setattr(convert, "segment_positions", lambda lo, hi: chunks.append(len(lo)) or real(lo, hi))
+    monkeypatch.setattr(convert, "COMPLEMENT_CHUNK_CELLS", 150 * 7)  # 7 users a chunk
+    chunked = run_convert(path, tmp_path / "chunked")
+    assert chunks == [7] * 8 + [4]  # several chunks, the last one partial
+    assert_distinct_unseen_negatives(chunked, 100)
+    # The generator hands out the same numbers in chunks as in one draw: the same negatives.
+    assert torch.equal(chunked["test_negatives.pt"], whole["test_negatives.pt"])

@@ -144,3 +144,224 @@ def test_cpu_kernels_and_plain_torch_give_the_same_model(dropout):
     candidates = torch.randint(0, 20, (30, 7))
     torch.testing.assert_close(fast.score_candidates(torch.arange(30), candidates),
                                plain.score_candidates(torch.arange(30), candidates), rtol=1e-5, atol=1e-6)
+
+
+# The fast paths against the plain computation, written out per sample in float64 below: odd sizes,
+# every kind of dropout mask, both index types, 1x1 tables, the switch to the factored path, the in-place
+# scorer's pieces, and bf16 autocast.
+
+ODD = {"nb_users": 37, "nb_items": 23, "mf_dim": 5, "mlp_layer_sizes": (18, 13, 7)}  # first layer 18 -> 13
+# 1, 2, 4 and 8 random bits per element, and one that is no multiple of 1/256 (torch's own mask).
+DROPOUTS = [0.5, 0.25, 6 / 16, 26 / 256, 0.3]
+
+
+def kernel_masks(batch, widths, p):
+    """The dropout masks the CPU kernels draw from torch's generator, rebuilt from their definition
+    (cpu_kernels.dropout_mask): random int32 words read as bytes, each byte split into 8 / bits fields,
+    lowest bits first; an element is kept, scaled by 1 / (1 - p), iff its field is >= p 2^bits. A p that
+    is no multiple of 1/256 gets torch's dropout mask."""
+    bits = next((b for b in (1, 2, 4, 8) if (p * (1 << b)).is_integer()), None)
+    if bits is None:
+        return [torch.nn.functional.dropout(torch.ones(batch, w), p).double() for w in widths]
+    masks = []
+    for width in widths:
+        count = batch * width
+        codes = -(-count // (8 // bits))
+        words = torch.empty(-(-codes // 4), dtype=torch.int32).random_(-(2**31), 2**31)
+        data = words.view(torch.uint8)[:codes].long()
+        fields = (data[:, None] >> torch.arange(0, 8, bits)) & ((1 << bits) - 1)
+        keep = fields.flatten()[:count] >= round(p * (1 << bits))
+        masks.append(keep.view(batch, width).double() / (1 - p))
+    return masks
+
+
+def torch_masks(batch, widths, p):
+    """The masks torch's own dropout draws, layer after layer (the plain model's)."""
+    return [torch.nn.functional.dropout(torch.ones(batch, w), p).double() for w in widths]
+
+
+def reference_logits(params, mf_dim, users, items, masks=()):
+    """NeuMF per sample, by the paper, in float64: params maps state_dict names to tensors."""
+    user, item = params["user_embed.weight"][users.long()], params["item_embed.weight"][items.long()]
+    x = torch.cat((user[:, mf_dim:], item[:, mf_dim:]), 1)
+    n = 0
+    while f"mlp.{n}.weight" in params:
+        x = torch.relu(x @ params[f"mlp.{n}.weight"].T + params[f"mlp.{n}.bias"])
+        if masks:
+            x = x * masks[n]
+        n += 1
+    gmf = user[:, :mf_dim] * item[:, :mf_dim]
+    return (torch.cat((gmf, x), 1) @ params["final.weight"].T + params["final.bias"]).squeeze(1)
+
+
+def far_from_init(model, seed=0):
+    """Weights of order 1 (the init's 0.01 would hide most rounding and most mistakes)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.5)
+    return model
+
+
+def models(config):
+    """{path name: model} with the same weights: plain torch, the CPU kernels per pair, and factored."""
+    plain = far_from_init(NeuMF(**config))
+    kernels = build_model(config, "cpu")
+    kernels.load_state_dict(plain.state_dict())
+    per_pair = build_model(config, "cpu")
+    per_pair.load_state_dict(plain.state_dict())
+    per_pair._factor_first_layer = lambda batch: False
+    return {"plain": plain, "per_pair": per_pair, "factored": kernels}
+
+
+def run_and_reference(model, users, items, seed=1, autocast=False):
+    """(logits, {name: grad}) of the model and of the float64 reference with the same dropout masks."""
+    config = model.config
+    widths = config["mlp_layer_sizes"][1:]
+    p = config["dropout"] if model.training else 0.0
+    model.zero_grad()
+    torch.manual_seed(seed)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits = model(users, items)
+    weights = torch.linspace(-0.5, 1, len(users))  # a loss whose gradient differs per sample
+    (logits.float() * weights).sum().backward()
+    torch.manual_seed(seed)
+    draw = torch_masks if not model.cpu_kernels else kernel_masks
+    masks = draw(len(users), widths, p) if p else []
+    params = {name: t.detach().double().requires_grad_() for name, t in model.state_dict().items()}
+    expected = reference_logits(params, config["mf_dim"], users, items, masks)
+    (expected * weights.double()).sum().backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    return logits, expected, grads, {name: t.grad for name, t in params.items()}
+
+
+def assert_fp32_close(actual, expected, what=""):
+    """Equal up to fp32 rounding, relative to the tensor's scale (a gradient sums hundreds of terms)."""
+    error = (actual.double() - expected).abs().max().item() if expected.numel() else 0.0
+    assert error <= 1e-5 * max(1.0, expected.abs().max().item()), f"{what}: off by {error:.3g}"
+
+
+def assert_close_to_reference(logits, expected, grads, expected_grads):
+    assert logits.dtype == torch.float32
+    assert_fp32_close(logits, expected, "logits")
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in grads.items():
+        assert_fp32_close(grad, expected_grads[name], name)
+
+
+def odd_batch(config, size=301, dtype=torch.int64, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, config["nb_users"], (size,), generator=g, dtype=dtype),
+            torch.randint(0, config["nb_items"], (size,), generator=g, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("p", DROPOUTS)
+@pytest.mark.parametrize("path", ["plain", "per_pair", "factored"])
+def test_every_path_trains_the_per_sample_function(path, p, dtype):
+    """Odd batch (301), odd widths, each dropout kind: logits and every gradient as the float64 reference
+    computes them with the masks that path draws."""
+    config = {**ODD, "dropout": p}
+    model = models(config)[path].train()
+    users, items = odd_batch(config, dtype=dtype)
+    assert model._factor_first_layer(len(users)) == (path == "factored")
+    assert_close_to_reference(*run_and_reference(model, users, items))
+
+
+def test_the_factored_path_switches_on_at_the_table_size():
+    config = {**ODD, "dropout": 0.5}
+    model = models(config)["factored"].train()
+    switch = config["nb_users"] + config["nb_items"]
+    factored_calls = []
+    real = model._forward_factored
+    model._forward_factored = lambda u, i: factored_calls.append(len(u)) or real(u, i)
+    for batch in (switch - 1, switch):
+        users, items = odd_batch(config, size=batch)
+        assert_close_to_reference(*run_and_reference(model, users, items))
+    assert factored_calls == [switch]
+
+
+@pytest.mark.parametrize("path", ["plain", "per_pair", "factored"])
+def test_one_by_one_tables(path):
+    config = {"nb_users": 1, "nb_items": 1, "mf_dim": 3, "mlp_layer_sizes": (4, 3), "dropout": 0.25}
+    model = models(config)[path].train()
+    for batch in (1, 2, 33):  # below, at and above the switch (2 table rows)
+        users = items = torch.zeros(batch, dtype=torch.int64)
+        assert_close_to_reference(*run_and_reference(model, users, items))
+    model.eval()
+    scores = model.score_candidates(torch.zeros(1, dtype=torch.int32), torch.zeros(1, 3, dtype=torch.int32))
+    params = {name: t.double() for name, t in model.state_dict().items()}
+    expected = reference_logits(params, 3, torch.zeros(3, dtype=torch.int64), torch.zeros(3, dtype=torch.int64))
+    assert_fp32_close(scores, expected.view(1, 3), "scores")
+
+
+def reference_scores(model, users, candidates):
+    params = {name: t.double() for name, t in model.state_dict().items()}
+    n, c = candidates.shape
+    return reference_logits(params, model.mf_dim, users[:, None].expand(n, c).reshape(-1),
+                            candidates.reshape(-1)).view(n, c)
+
+
+@pytest.mark.parametrize("layers", [(18, 13, 7), (18, 13), (18,)], ids=["three layers", "one layer", "no layer"])
+def test_in_place_scoring_in_pieces_with_a_partial_last_one(monkeypatch, layers):
+    config = {**ODD, "mlp_layer_sizes": layers, "dropout": 0.5}
+    users = torch.arange(37, dtype=torch.int32)
+    candidates = torch.randint(0, 23, (37, 11), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    calls = []
+    real = cpu_kernels.mlp_scores_in_place
+    monkeypatch.setattr(cpu_kernels, "mlp_scores_in_place", lambda *a: calls.append(a[-1]) or real(*a))
+    for path, model in models(config).items():
+        model.eval()
+        expected = reference_scores(model, users, candidates)
+        for piece_samples in (77, neumf.SCORE_PIECE_SAMPLES):  # pieces of 7 users (the last has 2), and one
+            monkeypatch.setattr(neumf, "SCORE_PIECE_SAMPLES", piece_samples)
+            scores = model.score_candidates(users, candidates)
+            assert_fp32_close(scores, expected, f"{path} scores, {piece_samples} samples a piece")
+    # The in-place scorer ran (with pieces of 7 rows, then one) wherever the model has a hidden layer.
+    assert calls == ([7, 372] * 2 if len(layers) > 1 else [])
+
+
+def assert_within_bf16_tolerance(logits, expected, grads, expected_grads):
+    """bf16 keeps 8 significant bits (a relative rounding of 2^-9): the logits within 3% of their scale,
+    each gradient within 5% of its norm (the plain path's errors are a third of that)."""
+    assert logits.dtype == torch.float32
+    scale = expected.abs().max().item()
+    assert (logits.double() - expected).abs().max().item() <= 0.03 * scale
+    for name, grad in grads.items():
+        error = (grad.double() - expected_grads[name]).norm().item() / expected_grads[name].norm().item()
+        assert error <= 0.05, f"{name}: {error:.1%} off"
+
+
+@pytest.mark.parametrize("p", [0.0, 0.5, 26 / 256])
+@pytest.mark.parametrize("path", ["plain", "per_pair", "factored"])
+def test_bf16_autocast_stays_within_bf16_tolerance_of_fp32(path, p):
+    config = {**ODD, "dropout": p}
+    model = models(config)[path].train()
+    users, items = odd_batch(config)
+    logits, expected, grads, expected_grads = run_and_reference(model, users, items, autocast=True)
+    assert_within_bf16_tolerance(logits, expected, grads, expected_grads)
+    assert not torch.allclose(logits.double(), expected, rtol=1e-5, atol=1e-5)  # bf16 did compute it
+
+
+@pytest.mark.parametrize("path", ["plain", "per_pair", "factored"])
+def test_bf16_gradients_of_rows_that_many_samples_share(path):
+    """30,000 samples of 3 items (10,000 a row, as popular items have in the recipe's 1M batches): the
+    factored backward once summed each row's gradients in bf16, where a running sum of ones stalls at 256."""
+    config = {"nb_users": 50, "nb_items": 3, "mf_dim": 5, "mlp_layer_sizes": (18, 13, 7), "dropout": 0.0}
+    model = models(config)[path].train()
+    users, items = odd_batch(config, size=30_000)
+    assert_within_bf16_tolerance(*run_and_reference(model, users, items, autocast=True))
+
+
+def test_bf16_scoring_in_pieces_stays_within_bf16_tolerance(monkeypatch):
+    config = {**ODD, "dropout": 0.5}
+    users = torch.arange(37, dtype=torch.int32)
+    candidates = torch.randint(0, 23, (37, 11), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    monkeypatch.setattr(neumf, "SCORE_PIECE_SAMPLES", 77)
+    for model in models(config).values():
+        model.eval()
+        expected = reference_scores(model, users, candidates)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            scores = model.score_candidates(users, candidates)
+        assert scores.dtype == torch.float32
+        assert (scores.double() - expected).abs().max().item() <= 0.03 * expected.abs().max().item()

@@ -25,17 +25,52 @@ def test_layer_shapes_follow_the_recipe():
     assert sum(p.numel() for p in model.parameters()) == 30 * 192 + mlp + 129
 
 
-def test_initialisation():
+def assert_uniform(weight, bound, what):
+    """weight looks like U(-bound, bound): its extremes reach the bound (within 1%) and stay inside it,
+    its std is bound / sqrt(3) and its mean near 0. Sharp for a few thousand values or more."""
+    values = weight.detach().double().flatten()
+    n = values.numel()
+    assert values.abs().max().item() <= bound, what
+    assert values.max().item() >= 0.99 * bound and values.min().item() <= -0.99 * bound, what
+    assert values.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.03), what
+    assert abs(values.mean().item()) < 6 * bound / math.sqrt(3 * n), what  # six standard errors
+
+
+@pytest.fixture(scope="module")
+def recipe_model():
+    """The recipe's layer sizes on tables of 2000 and 3000 rows (384k and 576k embedding values)."""
     torch.manual_seed(0)
-    model = NeuMF(2000, 3000, mf_dim=64, mlp_layer_sizes=(256, 256, 128, 64))
-    assert model.user_embed.weight.std().item() == pytest.approx(0.01, rel=0.02)
-    assert model.item_embed.weight.mean().abs().item() < 1e-3
-    for layer in model.mlp:
-        fan_in, fan_out = layer.weight.shape[1], layer.weight.shape[0]
-        assert layer.weight.abs().max().item() <= math.sqrt(6 / (fan_in + fan_out))
+    return NeuMF(2000, 3000, mf_dim=64, mlp_layer_sizes=(256, 256, 128, 64))
+
+
+@pytest.mark.parametrize("table", ["user_embed", "item_embed"])
+def test_embeddings_are_normal_with_std_0_01(recipe_model, table):
+    weight = getattr(recipe_model, table).weight.detach().double()
+    for part in weight.split((64, 128), 1):  # the GMF and the MLP columns alike
+        assert part.std().item() == pytest.approx(0.01, rel=0.01)
+        assert abs(part.mean().item()) < 6 * 0.01 / math.sqrt(part.numel())
+        # Normal, not uniform: 4.5% of N(0, s) lies beyond 2s (none of U(-s sqrt3, s sqrt3) does).
+        assert (part.abs() > 0.02).double().mean().item() == pytest.approx(0.0455, abs=0.004)
+
+
+def test_mlp_layers_are_glorot_uniform(recipe_model):
+    for layer in recipe_model.mlp:
+        fan_out, fan_in = layer.weight.shape
+        assert_uniform(layer.weight, math.sqrt(6 / (fan_in + fan_out)), f"{fan_in}->{fan_out}")
         assert layer.bias.abs().sum().item() == 0
-    assert model.final.weight.abs().max().item() <= math.sqrt(3 / 128)
-    assert model.final.bias.item() == 0
+
+
+def test_output_layer_is_lecun_uniform(recipe_model):
+    # The recipe's 128 output weights: within the bound, and nearly reaching it.
+    bound = math.sqrt(3 / 128)
+    weight = recipe_model.final.weight
+    assert weight.abs().max().item() <= bound and weight.abs().max().item() >= 0.9 * bound
+    assert recipe_model.final.bias.item() == 0
+    # An output layer of 16,384 inputs makes the distribution check sharp.
+    torch.manual_seed(1)
+    wide = NeuMF(3, 3, mf_dim=8192, mlp_layer_sizes=(16, 8192))
+    assert_uniform(wide.final.weight, math.sqrt(3 / 16384), "output layer")
+    assert wide.final.bias.item() == 0
 
 
 def test_odd_first_layer_is_refused():

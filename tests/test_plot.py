@@ -77,3 +77,45 @@ def test_missing_matplotlib_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="pip install matplotlib"):
         plot.plot(plot.label_runs([str(log)], None), tmp_path / "run.png")
     assert not (tmp_path / "run.png").exists()
+
+
+def test_the_plotted_lines_are_the_logged_figures(tmp_path, monkeypatch):
+    """Each panel's lines hold the epochs and the values of its key, per run, with the legend's labels."""
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure open to read it back
+    fp32 = write_log(tmp_path / "fp32.json", "fp32", 4, full=True)
+    amp = write_log(tmp_path / "amp.json", "bf16 autocast", 3, hr0=0.5)
+    curves = plot.label_runs([str(fp32), str(amp)], ["fp32", "AMP"])
+    plot.plot(curves, str(tmp_path / "run.png"))
+    (figure,) = figures
+    try:
+        panels = {ax.get_ylabel(): {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+                                    for line in ax.lines} for ax in figure.axes}
+    finally:
+        plt.close(figure)
+    e4, e3 = [1, 2, 3, 4], [1, 2, 3]
+    expected = {
+        "loss": {"fp32": (e4, [0.5 / e for e in e4]), "AMP": (e3, [0.5 / e for e in e3])},
+        "HR@10": {"fp32, sampled": (e4, [0.4 + 0.05 * e for e in e4]),
+                  "fp32, full ranking": (e4, [0.1 + 0.01 * e for e in e4]),
+                  "AMP, sampled": (e3, [0.5 + 0.05 * e for e in e3])},
+        "NDCG@10": {"fp32, sampled": (e4, [0.2 + 0.03 * e for e in e4]),
+                    "fp32, full ranking": (e4, [0.05 + 0.01 * e for e in e4]),
+                    "AMP, sampled": (e3, [0.2 + 0.03 * e for e in e3])},
+        "throughput (samples/s)": {"fp32, train": (e4, [1e6 + e for e in e4]), "fp32, eval": (e4, [5e6] * 4),
+                                   "AMP, train": (e3, [1e6 + e for e in e3]), "AMP, eval": (e3, [5e6] * 3)},
+    }
+    assert panels.keys() == expected.keys()
+    for ylabel, lines in expected.items():
+        assert panels[ylabel].keys() == lines.keys(), ylabel
+        for label, (x, y) in lines.items():
+            assert panels[ylabel][label][0] == x, (ylabel, label)
+            assert panels[ylabel][label][1] == pytest.approx(y, rel=1e-12), (ylabel, label)
+    # A run keeps one colour in every panel, and the two runs' colours differ.
+    colours = {}
+    for ax in figure.axes:
+        for line in ax.lines:
+            colours.setdefault(line.get_label().split(",")[0], set()).add(line.get_color())
+    assert len(colours["fp32"]) == len(colours["AMP"]) == 1 and colours["fp32"] != colours["AMP"]

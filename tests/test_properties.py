@@ -1,5 +1,4 @@
 """Property-based tests (hypothesis) of convert's protocol and of the ranking metrics."""
-import argparse
 import json
 import math
 
@@ -12,19 +11,52 @@ import convert
 from cache_format import TENSOR_FILES
 from metrics import rank_metric_sums, sampled_ranks
 
-# Random small rating tables: (user, item, timestamp) rows with repeated pairs and tied timestamps.
-rows = st.lists(
-    st.tuples(st.integers(1, 12), st.integers(100, 130), st.integers(0, 20)),
-    min_size=1, max_size=120,
-)
+
+@st.composite
+def valid_tables(draw):
+    """(rows, min_ratings, negatives): a random ratings table that convert must accept.
+
+    Valid by construction, so no example is thrown away: users A and B between them see every item of
+    the catalogue while each leaves at least `negatives` unseen; other kept users see any set that
+    leaves that many; dropped users have fewer than min_ratings rows, of any items (also ones nobody
+    else has). Rows repeat pairs, share timestamps and come in random file order; ids are arbitrary.
+    """
+    negatives = draw(st.integers(1, 10))
+    min_ratings = draw(st.integers(1, 4))
+    num_items = draw(st.integers(2 * negatives + 1, 2 * negatives + 8))
+
+    def some_items(among, most, least=1):
+        return sorted(draw(st.permutations(among))[: draw(st.integers(least, most))])
+
+    a_items = some_items(range(num_items), num_items - negatives, least=negatives + 1)
+    shared = some_items(a_items, len(a_items) - negatives, least=0)
+    histories = [a_items, sorted(set(range(num_items)) - set(a_items) | set(shared))]  # A and B: every item
+    for _ in range(draw(st.integers(0, 4))):
+        histories.append(some_items(range(num_items), num_items - negatives))
+    kept = len(histories)
+    if min_ratings > 1:
+        for _ in range(draw(st.integers(0, 3))):
+            histories.append(draw(st.lists(st.integers(0, num_items + 3), min_size=1, max_size=min_ratings - 1)))
+    # Ids in no particular order, spread over a wide range.
+    user_spread, item_spread = draw(st.integers(1, 10**6)), draw(st.integers(1, 10**9))
+    user_ids = [1 + k * user_spread for k in draw(st.permutations(range(len(histories))))]
+    item_ids = [1 + k * item_spread for k in draw(st.permutations(range(num_items + 4)))]
+    rows = []
+    for n, items in enumerate(histories):
+        items = list(items)
+        if n < kept:  # repeats, at least up to min_ratings rows
+            repeats = draw(st.integers(max(0, min_ratings - len(items)), max(0, min_ratings - len(items)) + 3))
+            items += [draw(st.sampled_from(histories[n])) for _ in range(repeats)]
+        rows += [(user_ids[n], item_ids[i], draw(st.integers(0, 20))) for i in items]
+    return draw(st.permutations(rows)), min_ratings, negatives
 
 
 def run_convert(tmp_path, table, min_ratings, negatives, seed=0):
     csv = tmp_path / "ratings.csv"
     csv.write_text("user_id,item_id,timestamp\n" + "".join(f"{u},{i},{t}\n" for u, i, t in table))
     out = tmp_path / "cache"
-    args = argparse.Namespace(path=str(csv), output=str(out), negatives=negatives, seed=seed,
-                              min_ratings=min_ratings, format="auto", no_progress=True)
+    args = convert.parse_args(["--path", str(csv), "--output", str(out), "--negatives", str(negatives), "--seed",
+                               str(seed), "--min_ratings", str(min_ratings), "--no_progress"])
     convert.convert(args)
     load = lambda name: torch.load(out / name, weights_only=True).numpy()  # noqa: E731
     return {name: load(name) for name in TENSOR_FILES if name.endswith(".pt")}, \
@@ -32,8 +64,9 @@ def run_convert(tmp_path, table, min_ratings, negatives, seed=0):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(table=rows, min_ratings=st.integers(1, 4), negatives=st.integers(1, 3))
-def test_convert_keeps_the_protocol(tmp_path_factory, table, min_ratings, negatives):
+@given(example=valid_tables())
+def test_convert_keeps_the_protocol(tmp_path_factory, example):
+    table, min_ratings, negatives = example
     tmp_path = tmp_path_factory.mktemp("prop")
     counts = {}
     for u, _, _ in table:
@@ -43,16 +76,15 @@ def test_convert_keeps_the_protocol(tmp_path_factory, table, min_ratings, negati
     interacted = {}
     for u, i, _ in kept:
         interacted.setdefault(u, set()).add(i)
-    if not kept or any(len(items_kept) - len(s) < negatives for s in interacted.values()) \
-            or all(len(s) == 1 for s in interacted.values()):
-        return  # a user error, covered by the error tests
     cache, meta = run_convert(tmp_path, table, min_ratings, negatives)
     user_ids, item_ids = cache["user_ids.pt"], cache["item_ids.pt"]
     train, test, negs = cache["train_ratings.pt"], cache["test_ratings.pt"], cache["test_negatives.pt"]
 
     # Counts add up: every kept user once in test, every distinct pair once in train or test.
-    assert sorted(user_ids.tolist()) == sorted(interacted)
+    assert user_ids.tolist() == list(dict.fromkeys(u for u, _, _ in kept))  # dense ids in file order
+    assert item_ids.tolist() == list(dict.fromkeys(i for _, i, _ in kept))
     assert sorted(item_ids.tolist()) == sorted(items_kept)
+    assert (meta["min_ratings"], meta["negatives"]) == (min_ratings, negatives)
     assert meta["num_train"] + meta["num_users"] == sum(len(s) for s in interacted.values())
     assert test[:, 0].tolist() == list(range(len(user_ids)))
     assert train.tolist() == sorted(train.tolist())
