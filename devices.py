@@ -24,6 +24,19 @@ def pick_device(flag, index=0):
     return torch.device("cuda", index)
 
 
+def set_matmul_precision(device):
+    """The one fp32 matmul setting of training, evaluation and the benchmarks; returns its name.
+
+    On CUDA, fp32 matmuls use TF32 tensor cores, as NVIDIA's recipe and its published A100 figures do
+    (NGC containers enable TF32 by default); CPUs have no TF32 and compute true fp32.
+    """
+    if device.type != "cuda":
+        return "fp32"
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return "TF32"
+
+
 def cpu_has_native_bf16():
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 

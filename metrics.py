@@ -34,8 +34,9 @@ def full_ranks(scores, positive_items, excluded_rows, excluded_items):
     [users]; excluded (row, item) pairs are set to -inf so they never outrank the positive. The
     positive itself is removed from the count.
     """
-    scores = scores.float()
+    scores = scores.float().contiguous()
     positive = scores.gather(1, positive_items.long().unsqueeze(1))
-    scores.index_put_((excluded_rows.long(), excluded_items.long()), torch.tensor(float("-inf"), device=scores.device))
+    # index_fill_ takes the value as a host number: no device scalar, no sync.
+    scores.view(-1).index_fill_(0, excluded_rows.long() * scores.shape[1] + excluded_items.long(), float("-inf"))
     beaten_by = ((scores >= positive) & scores.isfinite()).sum(dim=1) - 1  # the positive ties with itself
     return torch.where(positive.squeeze(1).isfinite(), beaten_by, UNRANKED)

@@ -33,7 +33,7 @@ from tqdm import tqdm
 import checkpoint
 from cli import UserError, check_output_path, main_guard, remove_stale_temporaries
 from dataloading import EpochSampler, FullRankingData, TestData, load_cache
-from devices import Precision, choose_precision, pick_device
+from devices import Precision, choose_precision, pick_device, set_matmul_precision
 from logger import RunLogger
 from metrics import full_ranks, rank_metric_sums, sampled_ranks
 from neumf import DROPOUT, FACTORS, LAYERS, MODELS, ItemPopularity, NeuMF, build_model, load_pretrained
@@ -119,6 +119,8 @@ def build_parser():
     p.add_argument("--patience", type=int, default=0,
                    help="stop after this many epochs without a better selection HR@k (validation HR@k when the "
                         "cache has a validation split); 0: never")
+    p.add_argument("--save_every", type=int, default=1,
+                   help="write last.pth (for --resume) every this many epochs, and at the end of the run")
     p.add_argument("--weight_decay", type=float, default=0.0,
                    help="decoupled weight decay (AdamW) over all parameters; 0: the recipe's Adam")
     p.add_argument("--lr_schedule", choices=("constant", "cosine"), default="constant",
@@ -136,6 +138,7 @@ def validate_args(args):
         "--epochs": args.epochs, "--batch_size": args.batch_size, "--valid_batch_size": args.valid_batch_size,
         "--factors": args.factors, "--negative_samples": args.negative_samples, "--topk": args.topk,
         "--grads_accumulated": args.grads_accumulated, "--learning_rate": args.learning_rate, "--eps": args.eps,
+        "--save_every": args.save_every,
     }
     for flag, value in positive.items():
         if not value > 0 or not math.isfinite(value):  # NaN compares false both ways
@@ -261,6 +264,7 @@ def setup_distributed(device_flag, local_rank_flag):
     device = pick_device(device_flag, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    set_matmul_precision(device)
     if world_size > 1:
         # A finite timeout turns a dead or stuck peer into an error instead of a hang.
         dist.init_process_group(
@@ -355,49 +359,58 @@ def train_epoch(model, optimizer, scaler, precision, sampler, epoch, batch_size,
     return loss_sum.item() / (ctx.world_size * steps), samples
 
 
+def candidate_scorer(model):
+    """score(users [n], candidates [n, C]) -> logits [n, C]: NeuMF's factored score_candidates (the user's
+    work shared by its candidates), else the model's forward per pair."""
+    return getattr(model, "score_candidates", None) or (
+        lambda users, candidates: model(users[:, None].expand_as(candidates).reshape(-1),
+                                        candidates.reshape(-1)).view(candidates.shape))
+
+
 @torch.no_grad()
 def evaluate(model, test_data, topk, batch_size, precision, ctx):
     """Sampled HR@k and NDCG@k over all test users (each rank scores its share); returns (hr, ndcg).
 
-    `batch_size` bounds the user-candidate pairs scored at once (--valid_batch_size).
+    `batch_size` bounds the user-candidate pairs scored at once (--valid_batch_size). Sums stay on the
+    device and users are counted on the host: no host round trip per batch.
     """
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # hits, ndcg, users
     users_per_batch = max(1, batch_size // test_data.num_candidates)
-    # A model may score a user's candidates together (NeuMF shares the user's work between them).
-    score = getattr(model, "score_candidates", None) or (
-        lambda users, candidates: model(users[:, None].expand_as(candidates).reshape(-1),
-                                        candidates.reshape(-1)).view(candidates.shape))
+    score = candidate_scorer(model)
     for start in range(0, test_data.users.shape[0], users_per_batch):
         candidates = test_data.candidates[start : start + users_per_batch]
         users = test_data.users[start : start + users_per_batch]
         with precision.autocast():
             scores = score(users, candidates)
-        hits, ndcg = rank_metric_sums(sampled_ranks(scores), topk)
-        sums += torch.stack((hits, ndcg, torch.tensor(float(candidates.shape[0]), device=ctx.device)))
-    return _all_reduce_means(sums, ctx)
+        sums[:2] += torch.stack(rank_metric_sums(sampled_ranks(scores), topk))
+    return _all_reduce_means(sums, test_data.users.shape[0], ctx)
 
 
 @torch.no_grad()
 def evaluate_full_ranking(model, data, topk, batch_size, precision, ctx):
-    """HR@k and NDCG@k against every item the user has not trained on, in bounded user chunks."""
+    """HR@k and NDCG@k against every item the user has not trained on, in user chunks of at most
+    `batch_size` user-item pairs, scored like the sampled evaluation (factored per user)."""
     model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)
+    sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # hits, ndcg, users
     items = torch.arange(data.num_items, device=ctx.device, dtype=torch.int32)
     users_per_chunk = max(1, batch_size // data.num_items)
+    score = candidate_scorer(model)
     for lo in range(0, data.users.shape[0], users_per_chunk):
         users = data.users[lo : lo + users_per_chunk]
         with precision.autocast():
-            scores = model(users.repeat_interleave(data.num_items), items.repeat(users.shape[0]))
+            scores = score(users, items.expand(users.shape[0], -1))
         rows, excluded = data.train_pairs_of(lo, lo + users.shape[0])
-        ranks = full_ranks(scores.view(users.shape[0], -1), data.positives[lo : lo + users.shape[0]], rows, excluded)
-        hits, ndcg = rank_metric_sums(ranks, topk)
-        sums += torch.stack((hits, ndcg, torch.tensor(float(users.shape[0]), device=ctx.device)))
-    return _all_reduce_means(sums, ctx)
+        ranks = full_ranks(scores, data.positives[lo : lo + users.shape[0]], rows, excluded)
+        sums[:2] += torch.stack(rank_metric_sums(ranks, topk))
+    return _all_reduce_means(sums, data.users.shape[0], ctx)
 
 
-def _all_reduce_means(sums, ctx):
-    """[sum_a, sum_b, count] over all ranks -> (sum_a / count, sum_b / count): reduce sums, divide once."""
+def _all_reduce_means(sums, count, ctx):
+    """[sum_a, sum_b, 0] and this rank's count, over all ranks -> (sum_a / count, sum_b / count): reduce
+    the sums and counts, divide once. The count joins as a host number (a kernel argument, not a copy):
+    one read of the device per evaluation, at the end."""
+    sums[2] += count
     if ctx.distributed:
         dist.all_reduce(sums)
     hr, ndcg = (sums[:2] / sums[2]).tolist()
@@ -462,8 +475,8 @@ class StopRequest:
 def print_setup(log, ctx, precision, optimizer_name, cache, args, steps):
     per_rank = args.batch_size // ctx.world_size
     log.info(
-        f"device {ctx.device} | world size {ctx.world_size} | precision {precision.name} ({args.opt_level}) | "
-        f"optimizer {optimizer_name}\n"
+        f"device {ctx.device} | world size {ctx.world_size} | precision {precision.name} ({args.opt_level}; fp32 "
+        f"matmuls in {set_matmul_precision(ctx.device)}) | optimizer {optimizer_name}\n"
         f"dataset {args.data}: {cache.num_users:,} users, {cache.num_items:,} items, "
         f"{cache.train.shape[0]:,} train positives, {cache.test.shape[0]:,} test users x "
         f"{1 + cache.test_negatives.shape[1]} candidates\n"
@@ -605,14 +618,17 @@ def update_progress(state, record, epoch, elapsed_s, threshold):
     return improved, reached
 
 
-def save_checkpoints(run, cache, ctx, epoch, record, improved, folder):
-    """model.pth when the epoch is the best so far, and last.pth (for --resume) every epoch; rank 0 writes."""
-    rngs = checkpoint.rng_states(ctx)  # a collective: every rank takes part
+def save_checkpoints(run, cache, ctx, epoch, record, improved, write_last, folder):
+    """model.pth when the epoch is the best so far, and last.pth (for --resume) when `write_last`; rank 0
+    writes, the other ranks go on (only the RNG states are gathered from them)."""
+    rngs = checkpoint.rng_states(ctx) if write_last else None  # a collective: every rank takes part
     if not ctx.is_main:
         return
     best = checkpoint.payload(run.model, vars(run.args), checkpoint.dataset_identity(cache), epoch, record)
     if improved:
         checkpoint.save_atomic(best, os.path.join(folder, BEST_CHECKPOINT))
+    if not write_last:
+        return
     last = {**best, "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
             "scheduler": run.scheduler.state_dict(), "state": dict(run.state), "rng": rngs}
     checkpoint.save_atomic(last, os.path.join(folder, LAST_CHECKPOINT))
@@ -696,10 +712,13 @@ def train_mode(args, ctx, cache, log, on_epoch=None):
         record = train_one_epoch_and_evaluate(run, train_model, sampler, eval_data, epoch, ctx, progress)
         log.log("epoch", **record)
         improved, reached = update_progress(state, record, epoch, time.perf_counter() - run_start, args.threshold)
-        save_checkpoints(run, cache, ctx, epoch, record, improved, args.checkpoint_dir)
         if on_epoch is not None:
             on_epoch(record)
         reason = stop_reason(run, record, epoch, reached, stop, ctx)
+        # last.pth (~380 MB with Adam's moments at ml-20m size) every --save_every epochs, and whenever the
+        # run ends, so that a short GPU epoch does not wait on the disk every time.
+        write_last = bool(reason) or epoch == args.epochs or epoch % args.save_every == 0
+        save_checkpoints(run, cache, ctx, epoch, record, improved, write_last, args.checkpoint_dir)
         if reason:
             log.info(reason)
             break

@@ -1,62 +1,93 @@
 #!/usr/bin/env bash
-# Every GPU check in one call, for a machine that is lent for minutes (spec §8):
-#   1. the CUDA tests (pytest -m cuda),
-#   2. benchmarks/throughput.py at batch 2^20, fp32 (TF32 matmuls) and AMP (fp16 autocast + loss scaling),
-#   3. a short training run on the synthetic dataset (generated here), AMP, data resident on the GPU.
-# Everything is tee'd into $OUT (default ./gpu_out): pytest_cuda.txt, throughput.txt/.jsonl, train.txt/.jsonl.
+# Every GPU check in one call, for a machine that is lent for minutes (spec §8). Each step runs under
+# its own time limit and status; a failing step does not skip the others, and a summary ends the run.
+#   1. environment (nvidia-smi, torch and CUDA versions)
+#   2. the CUDA tests (pytest -m cuda)
+#   3. benchmarks/throughput.py at batches 131072 and 1048576, fp32 (TF32 matmuls) and AMP (fp16 + loss scaling)
+#   4. a short AMP training run on synthetic data with --full_ranking, then --resume of it for one more epoch
+#   5. a resume under the default O2 (fp16, loss scaling on) of a last.pth written by an O0 run (scaler off)
+#   6. inference.py benchmark on the device (torch eager)
+#   7. three training steps and one evaluation under torch.cuda.set_sync_debug_mode("warn"): any host sync
+# Outputs go to $OUT (default ./gpu_out): environment.txt, pytest_cuda.txt, throughput.txt/.jsonl,
+# train.txt/.jsonl, resume.txt, resume_o0.txt, inference.txt, sync.txt, summary.txt.
 #   OUT=/tmp/gpu benchmarks/gpu_check.sh
 #   DEVICE=cpu benchmarks/gpu_check.sh     the same steps on the CPU at tiny sizes (how this script is tested)
 # PYTHON picks the interpreter (default: the project's .venv when present, else python3).
-set -euo pipefail
+set -uo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 out=${OUT:-./gpu_out}
 device=${DEVICE:-cuda}
+export PYTHONUNBUFFERED=1
 if [ -z "${PYTHON:-}" ] && [ -x "$here/.venv/bin/python" ]; then
   python="$here/.venv/bin/python"
 else
   python=${PYTHON:-python3}
 fi
-mkdir -p "$out"
+mkdir -p "$out" || exit 1
 out=$(cd "$out" && pwd)
-cd "$here"
+cd "$here" || exit 1
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
 
 if [ "$device" = cuda ]; then
   shape=()                                  # ml-20m shape, all 138,493 eval users
-  batch=1048576
+  batches=(131072 1048576)
   synthetic=()                              # the default synthetic preset
-  train=(-e 5 -b 1048576 --opt_level O2)
+  train=(-e 3 -b 1048576)                   # the recipe's O2 default: fp16 autocast + loss scaling
+  bench=(--batch_sizes 1024 65536 1048576 --precision fp32 amp)
 else
   shape=(--users 2000 --items 500 --positives 20000 --eval_users 200 --steps 2 --warmup 1)
-  batch=8192
+  batches=(8192)
   synthetic=(--users 300 --items 200)
   train=(-e 1 -b 8192 --opt_level O0)
+  bench=(--batch_sizes 1024 --precision fp32 --users 300 --items 200 --iterations 3 --warmup 1)
 fi
 
-{ nvidia-smi || echo "no nvidia-smi"; "$python" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())"; } \
-  2>&1 | tee "$out/environment.txt"
+summary=()
+# step NAME LIMIT_S LOG CMD...: run CMD with its output tee'd to LOG, recording its status.
+step() {
+  local name=$1 limit=$2 log=$3
+  shift 3
+  echo "== $name"
+  timeout "$limit" "$@" 2>&1 | tee "$log"
+  local status=${PIPESTATUS[0]}
+  [ "$status" -eq 124 ] && echo "gpu_check.sh: $name ran past ${limit}s" | tee -a "$log"
+  summary+=("$(printf '%-28s %s' "$name" "$([ "$status" -eq 0 ] && echo ok || echo "FAILED (exit $status)")")")
+}
 
-echo "== 1. CUDA tests (they skip without CUDA)"
-set +e
-"$python" -m pytest -q tests -m cuda 2>&1 | tee "$out/pytest_cuda.txt"
-tests_status=${PIPESTATUS[0]}
-set -e
-# 5: nothing collected, or all deselected; anything else but 0 is a failure, reported at the end.
+step environment 60 "$out/environment.txt" bash -c \
+  "nvidia-smi || echo 'no nvidia-smi'; '$python' -c \"import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())\""
 
-echo "== 2. throughput at batch $batch, fp32 and AMP, on $device"
+# pytest exits 5 when every test is deselected (no CUDA tests collected): not a failure.
+step "cuda tests" 600 "$out/pytest_cuda.txt" bash -c "'$python' -m pytest -q tests -m cuda --timeout 300; s=\$?; [ \$s -eq 5 ] && exit 0; exit \$s"
+
 rm -f "$out/throughput.jsonl"
-"$python" benchmarks/throughput.py --device "$device" --batch_size "$batch" --precision fp32 amp "${shape[@]}" \
-  --json_out "$out/throughput.jsonl" 2>&1 | tee "$out/throughput.txt"
+step throughput 900 "$out/throughput.txt" "$python" benchmarks/throughput.py --device "$device" \
+  --batch_size "${batches[@]}" --precision fp32 amp "${shape[@]}" --json_out "$out/throughput.jsonl"
 
-echo "== 3. short synthetic training run on $device"
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-"$python" synthetic.py --output "$work/ratings.csv" "${synthetic[@]}"
-"$python" convert.py --path "$work/ratings.csv" --output "$work/cache"
-"$python" ncf.py --data "$work/cache" --device "$device" "${train[@]}" --checkpoint_dir "$work/ckpt" \
-  --log_path "$out/train.jsonl" --no_progress 2>&1 | tee "$out/train.txt"
+"$python" synthetic.py --output "$work/ratings.csv" "${synthetic[@]}" >/dev/null \
+  && "$python" convert.py --path "$work/ratings.csv" --output "$work/cache" --no_progress >/dev/null
+step "train + full ranking" 600 "$out/train.txt" "$python" ncf.py --data "$work/cache" --device "$device" \
+  "${train[@]}" --full_ranking --checkpoint_dir "$work/ckpt" --log_path "$out/train.jsonl" --no_progress
+epochs=$(grep -c '"event": "epoch"' "$out/train.jsonl" 2>/dev/null || echo 0)
+step "resume" 300 "$out/resume.txt" "$python" ncf.py --data "$work/cache" --device "$device" \
+  "${train[@]}" -e $((epochs + 1)) --checkpoint_dir "$work/ckpt" --resume --no_progress
 
-if [ "$tests_status" -ne 0 ] && [ "$tests_status" -ne 5 ]; then
-  echo "gpu_check.sh: the CUDA tests failed (pytest exit $tests_status): see $out/pytest_cuda.txt" >&2
+# An O0 last.pth holds an empty (disabled) loss-scaler state; the O2 resume must start a fresh scaler.
+step "resume of an O0 last.pth" 300 "$out/resume_o0.txt" bash -c \
+  "'$python' ncf.py --data '$work/cache' --device '$device' -e 1 -b 8192 --opt_level O0 \
+     --checkpoint_dir '$work/ck_o0' --no_progress && \
+   '$python' ncf.py --data '$work/cache' --device '$device' -e 2 -b 8192 --opt_level O2 \
+     --checkpoint_dir '$work/ck_o0' --resume --no_progress"
+
+step "inference benchmark" 300 "$out/inference.txt" "$python" inference.py benchmark --device "$device" \
+  --backend torch "${bench[@]}"
+
+step "host syncs" 300 "$out/sync.txt" "$python" benchmarks/sync_check.py --data "$work/cache" --device "$device"
+
+printf '%s\n' "${summary[@]}" | tee "$out/summary.txt"
+if grep -q FAILED "$out/summary.txt"; then
+  echo "gpu_check.sh: some steps failed; results in $out" >&2
   exit 1
 fi
 echo "gpu_check.sh: done; results in $out"

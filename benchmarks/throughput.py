@@ -25,7 +25,7 @@ import torch
 
 import ncf
 from dataloading import EpochSampler, TestData
-from devices import choose_precision
+from devices import choose_precision, set_matmul_precision
 from neumf import DROPOUT, FACTORS, LAYERS, build_model
 
 ML20M = {"users": 138_493, "items": 26_744, "positives": 19_861_770}
@@ -206,7 +206,8 @@ def per_sample_cost(args, micro_batch=None, device="cpu"):
 
 
 def measure_floor(device):
-    """The machine's fp32 matmul rate (FLOP/s) and copy bandwidth (bytes/s), best of a few tries."""
+    """The machine's fp32 matmul rate (FLOP/s; TF32 on CUDA, as training), its mixed-precision matmul rate
+    (fp16 on CUDA, bf16 on CPU, for the AMP rows) and copy bandwidth (bytes/s), best of a few tries."""
     rows = 262_144 if device.type == "cpu" else 1_048_576
     a = torch.randn(rows, 256, device=device)
     w = torch.randn(256, 256, device=device)
@@ -225,19 +226,30 @@ def measure_floor(device):
         out.copy_(big)
         sync(device)
         best_copy = min(best_copy, time.perf_counter() - start)
-    return {"matmul_flops_per_s": 2 * rows * 256 * 256 / best_mm, "copy_bytes_per_s": 2 * big.numel() * 4 / best_copy}
+    low = torch.float16 if device.type == "cuda" else torch.bfloat16
+    a_low, w_low = a.to(low), w.to(low)
+    best_low = float("inf")
+    for _ in range(5):
+        sync(device)
+        start = time.perf_counter()
+        torch.mm(a_low, w_low)
+        sync(device)
+        best_low = min(best_low, time.perf_counter() - start)
+    return {"matmul_flops_per_s": 2 * rows * 256 * 256 / best_mm, "copy_bytes_per_s": 2 * big.numel() * 4 / best_copy,
+            "amp_matmul_flops_per_s": 2 * rows * 256 * 256 / best_low, "amp_matmul_dtype": str(low)}
 
 
 def add_floor(r, args, floor, batch_size):
-    """Lower bound on the time per sample: the larger of its matmul time and its memory time, with the
-    dense optimizer step's traffic shared by the batch's samples."""
+    """Lower bound on the time per sample: the larger of its matmul time (at the row's precision) and
+    its memory time, with the dense optimizer step's traffic shared by the batch's samples."""
+    rate = floor["matmul_flops_per_s"] if r["precision"] == "fp32" else floor["amp_matmul_flops_per_s"]
     run_cost = per_sample_cost(args, batch_size // args.grads_accumulated, args.device)
     r["train_flops_per_sample"] = run_cost["train_flops"]
     bytes_per_sample = run_cost["train_bytes"] + run_cost["step_bytes"] / batch_size
-    seconds = max(run_cost["train_flops"] / floor["matmul_flops_per_s"], bytes_per_sample / floor["copy_bytes_per_s"])
+    seconds = max(run_cost["train_flops"] / rate, bytes_per_sample / floor["copy_bytes_per_s"])
     r["floor_train_samples_per_s"] = 1 / seconds
     r["fraction_of_floor"] = r["train_samples_per_s"] * seconds
-    r["floor_eval_samples_per_s"] = 1 / max(run_cost["eval_flops"] / floor["matmul_flops_per_s"],
+    r["floor_eval_samples_per_s"] = 1 / max(run_cost["eval_flops"] / rate,
                                             run_cost["eval_bytes"] / floor["copy_bytes_per_s"])
 
 
@@ -260,7 +272,8 @@ def print_table(results, cost, floor):
             print(f"batch {r['batch_size']:,}: first MLP layer factored per table row, "
                   f"{r['train_flops_per_sample'] / 1e3:.0f} kFLOP per training sample")
     if floor:
-        print(f"measured: fp32 matmul {floor['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s, copy bandwidth "
+        print(f"measured: fp32 matmul {floor['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s, "
+              f"{floor['amp_matmul_dtype']} matmul {floor['amp_matmul_flops_per_s'] / 1e9:.1f} GFLOP/s, copy bandwidth "
               f"{floor['copy_bytes_per_s'] / 1e9:.1f} GB/s")
 
 
@@ -268,9 +281,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("throughput.py: error: --device cuda but no CUDA device is available: use --device cpu")
-    if args.device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # "fp32" on the GPU means TF32 matmuls, as the recipe
-        torch.backends.cudnn.allow_tf32 = True
+    matmuls = set_matmul_precision(torch.device(args.device))  # as ncf.py: TF32 on CUDA, as the recipe
+    print(f"fp32 matmuls: {matmuls}", flush=True)
     if args.child:
         print(json.dumps(measure_one(args, int(args.child[0]), args.child[1])), flush=True)
         return
