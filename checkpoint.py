@@ -91,6 +91,7 @@ def _check_content(ckpt, path, what, fix):
             raise UserError(f"{what} {path} has a broken config ({key}: {config.get(key)!r}): {fix}")
     sizes, model = config["mlp_layer_sizes"], config.get("model", "neumf")
     if model not in MODELS or not all(isinstance(size, int) and size > 0 for size in sizes) or \
+            not 0 <= config["dropout"] < 1 or \
             min(config["nb_users"], config["nb_items"]) <= 0 or config["mf_dim"] < 0 or \
             (config["mf_dim"] == 0) != (model == "mlp") or (not sizes) != (model == "gmf"):
         raise UserError(f"{what} {path} has a broken config ({str(config)[:200]}): {fix}")

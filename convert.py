@@ -350,6 +350,18 @@ def write_cache(output, tensors, metadata):
             shutil.rmtree(old, ignore_errors=True)
 
 
+def cache_tensors(train_keys, test_items, test_negatives, user_ids, item_ids, num_items):
+    """The cache's tensors (as numpy arrays) by file name: ids int32, original ids int64."""
+    num_users = len(user_ids)
+    return {
+        "train_ratings.pt": np.stack([train_keys // num_items, train_keys % num_items], axis=1).astype(np.int32),
+        "test_ratings.pt": np.stack([np.arange(num_users), test_items], axis=1).astype(np.int32),
+        "test_negatives.pt": test_negatives.astype(np.int32),
+        "user_ids.pt": np.asarray(user_ids, dtype=np.int64),
+        "item_ids.pt": np.asarray(item_ids, dtype=np.int64),
+    }
+
+
 def convert(args):
     fmt = detect_format(args.path) if args.format == "auto" else args.format
     stages = tqdm(total=6, desc="convert", unit="stage", file=sys.stderr,
@@ -385,30 +397,14 @@ def convert(args):
     source_sha256 = sha256_of(args.path)
     stages.update()
     stage("write")
-    train = np.stack([train_keys // num_items, train_keys % num_items], axis=1).astype(np.int32)
-    test = np.stack([np.arange(num_users), test_items], axis=1).astype(np.int32)
-    tensors = {
-        "train_ratings.pt": train,
-        "test_ratings.pt": test,
-        "test_negatives.pt": test_negatives.astype(np.int32),
-        "user_ids.pt": np.asarray(user_ids, dtype=np.int64),
-        "item_ids.pt": np.asarray(item_ids, dtype=np.int64),
-    }
+    tensors = cache_tensors(train_keys, test_items, test_negatives, user_ids, item_ids, num_items)
     if args.validation:
         tensors["valid_ratings.pt"] = np.stack([np.arange(num_users), valid_items], axis=1).astype(np.int32)
         tensors["valid_negatives.pt"] = valid_negatives.astype(np.int32)
     metadata = {
-        "format_version": FORMAT_VERSION,
-        "source_file": os.path.basename(args.path),
-        "source_sha256": source_sha256,
-        "format": fmt,
-        "num_users": num_users,
-        "num_items": num_items,
-        "num_train": len(train),
-        "num_test": num_users,
-        "min_ratings": args.min_ratings,
-        "negatives": args.negatives,
-        "seed": args.seed,
+        "format_version": FORMAT_VERSION, "source_file": os.path.basename(args.path), "source_sha256": source_sha256,
+        "format": fmt, "num_users": num_users, "num_items": num_items, "num_train": len(train_keys),
+        "num_test": num_users, "min_ratings": args.min_ratings, "negatives": args.negatives, "seed": args.seed,
         "created_by": CREATED_BY,
     }
     if args.validation:

@@ -262,7 +262,7 @@ class FullRankingData:
     positives: torch.Tensor  # [U_rank] test item of each user
     train_rows: torch.Tensor  # [M] row (index into users) of each of these users' training pairs
     train_items: torch.Tensor  # [M] item of each of these users' training pairs
-    row_ptr: torch.Tensor  # [U_rank + 1] on the CPU: row r owns train pairs row_ptr[r]:row_ptr[r+1]
+    row_ptr: list  # U_rank + 1 host ints: row r owns train pairs row_ptr[r]:row_ptr[r+1] (no tensor read per chunk)
     num_items: int
 
     @classmethod
@@ -276,13 +276,13 @@ class FullRankingData:
             positives=cache.test[users, 1].to(device=device),
             train_rows=(pairs[:, 0] - first).to(device=device),
             train_items=pairs[:, 1].to(device=device),
-            row_ptr=ptr[first : end + 1] - ptr[first],
+            row_ptr=(ptr[first : end + 1] - ptr[first]).tolist(),
             num_items=cache.num_items,
         )
 
     def train_pairs_of(self, lo, hi):
         """(row - lo, item) of the training pairs of rows lo:hi."""
-        a, b = int(self.row_ptr[lo]), int(self.row_ptr[hi])
+        a, b = self.row_ptr[lo], self.row_ptr[hi]
         return self.train_rows[a:b] - lo, self.train_items[a:b]
 
 

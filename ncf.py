@@ -100,6 +100,12 @@ def build_parser():
                    help="split each global batch into this many micro-batches (same result, less memory)")
     p.add_argument("--opt_level", choices=("O0", "O2"), default="O2",
                    help="O2: mixed precision (fp16 + loss scaling on CUDA, bf16 on CPU); O0: fp32")
+    add_additions(p)
+    return p
+
+
+def add_additions(p):
+    """The rest of the flags: the seed, this project's additions and the launcher's --local_rank."""
     p.add_argument("--amp", dest="opt_level", action="store_const", const="O2", help="same as --opt_level O2")
     p.add_argument("--amp_dtype", choices=("auto", "float16", "bfloat16"), default="auto",
                    help="mixed-precision type; auto: float16 on CUDA, bfloat16 on CPUs with native bf16 "
@@ -129,7 +135,6 @@ def build_parser():
                    help="linear learning-rate warm-up from 0 over this many epochs")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None,
                    help="set by torch.distributed.launch; the LOCAL_RANK environment variable wins")
-    return p
 
 
 def validate_args(args):

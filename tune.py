@@ -6,8 +6,9 @@
     python tune.py --data ... --space space.json -- --opt_level O0    # own search space; fixed ncf.py flags
 
 Each trial trains ncf.py's own training loop in this process with the flags the sampler (TPE, seeded by
---seed) proposes, reports the validation HR@k after every epoch, and is pruned when it falls behind the
-median of earlier trials at the same epoch (Optuna's MedianPruner). A trial that fails (a diverged
+--seed) proposes (a new study's first trial: ncf.py's defaults, where the space admits them), reports
+the validation HR@k after every epoch, and is pruned when it falls behind the median of earlier trials
+at the same epoch (Optuna's MedianPruner). A trial that fails (a diverged
 run, a bad combination of flags) is recorded as failed and the search goes on. Its value is the
 validation HR@k of its best epoch; the test HR@k of that epoch is recorded beside it, only to report.
 
@@ -40,7 +41,7 @@ DEFAULT_SPACE = {
     "beta1": {"low": 0.1, "high": 0.95},
     "beta2": {"low": 0.4, "high": 0.999},
     "factors": {"choices": [8, 16, 32, 64]},
-    "layers": {"choices": ["32 16 8", "64 32 16", "128 64 32", "256 128 64"]},
+    "layers": {"choices": ["32 16 8", "64 32 16", "128 64 32", "256 128 64", "256 256 128 64"]},
     "dropout": {"low": 0.0, "high": 0.6},
     "negative_samples": {"low": 1, "high": 8},
     "weight_decay": {"low": 1e-7, "high": 1e-3, "log": True},
@@ -115,6 +116,21 @@ def flags_of(params):
     for name, value in params.items():
         argv += [f"--{name}", *str(value).split()] if name == "layers" else [f"--{name}", str(value)]
     return argv
+
+
+def enqueue_defaults(study, space, defaults):
+    """A new study's first trial: ncf.py's defaults (with the fixed flags) for every searched flag whose
+    default the space admits, the rest sampled. The search then starts from the recipe's setting."""
+    if study.trials:
+        return
+    params = {}
+    for name, spec in space.items():
+        value = getattr(defaults, name)
+        value = " ".join(map(str, value)) if name == "layers" else value
+        admitted = value in spec["choices"] if "choices" in spec else spec["low"] <= value <= spec["high"]
+        if admitted:
+            params[name] = value
+    study.enqueue_trial(params)
 
 
 def make_objective(args, space, trials_dir):
@@ -255,6 +271,7 @@ def main(argv=None):
     study = optuna.create_study(study_name=args.study_name, storage=storage, load_if_exists=True,
                                 direction="maximize", sampler=optuna.samplers.TPESampler(seed=args.seed),
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2))
+    enqueue_defaults(study, space, ncf.parse_args(args.ncf_args))
     done = sum(t.state.is_finished() for t in study.trials)
     if done:
         print(f"study {args.study_name} in {storage}: {done} trials finished, continuing to {args.trials}")

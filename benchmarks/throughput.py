@@ -27,8 +27,10 @@ import ncf
 from dataloading import EpochSampler, TestData
 from devices import choose_precision, set_matmul_precision
 from neumf import DROPOUT, FACTORS, LAYERS, build_model
+from synthetic import PRESETS
 
-ML20M = {"users": 138_493, "items": 26_744, "positives": 19_861_770}
+# ml-20m's shape (synthetic.py's preset) and its training positives after convert.py's protocol.
+ML20M = {"users": PRESETS["ml-20m"][0], "items": PRESETS["ml-20m"][1], "positives": 19_861_770}
 
 
 def parse_args(argv=None):

@@ -5,6 +5,8 @@ import sys
 import pytest
 import torch
 from conftest import ROOT, make_tiny_cache
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import checkpoint
 import dataloading
@@ -12,7 +14,7 @@ import ncf
 from cli import UserError
 from dataloading import load_cache
 from devices import choose_precision
-from neumf import build_model
+from neumf import MODELS, NeuMF, build_model
 
 CPU = torch.device("cpu")
 OLD_CHECKPOINT = ROOT / "tests" / "data" / "neumf_before_restructuring.pth"
@@ -122,3 +124,63 @@ def test_a_broken_or_foreign_checkpoint_is_refused(tiny, tmp_path, case):
 def test_a_model_only_checkpoint_cannot_be_resumed(tiny):
     with pytest.raises(UserError, match=r"last\.pth"):
         checkpoint.load_checkpoint(str(OLD_CHECKPOINT), tiny, resume=True)
+
+
+# -- fuzz: an edited checkpoint is refused cleanly, or evaluated correctly -------------------------------------
+
+CONFIG_KEYS = ["nb_users", "nb_items", "mf_dim", "mlp_layer_sizes", "dropout", "model"]
+WEIGHTS = ["user_embed.weight", "item_embed.weight", "mlp.0.weight", "mlp.1.bias", "final.weight", "final.bias"]
+VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**40), st.floats(allow_nan=True),
+                   st.text(max_size=4), st.lists(st.integers(-3, 40), max_size=4), st.sampled_from(MODELS))
+EDITS = st.one_of(
+    st.tuples(st.just("set config"), st.sampled_from(CONFIG_KEYS), VALUES),
+    st.tuples(st.just("drop config"), st.sampled_from(CONFIG_KEYS), st.none()),
+    st.tuples(st.just("set weight"), st.sampled_from(WEIGHTS), st.floats(allow_nan=True, allow_infinity=True)),
+    st.tuples(st.just("cut weight"), st.sampled_from(WEIGHTS), st.none()),
+    st.tuples(st.just("drop weight"), st.sampled_from(WEIGHTS), st.none()),
+    st.tuples(st.just("set dataset"), st.sampled_from(["source_sha256", "min_ratings", "num_users"]), VALUES),
+    st.tuples(st.just("set top"), st.sampled_from(["model", "config", "dataset", "args", "hr"]), VALUES),
+)
+
+
+def apply_edit(ckpt, edit):
+    kind, key, value = edit
+    if kind == "set config" and isinstance(ckpt.get("config"), dict):
+        ckpt["config"][key] = value
+    elif kind == "drop config" and isinstance(ckpt.get("config"), dict):
+        ckpt["config"].pop(key, None)
+    elif kind in ("set weight", "cut weight", "drop weight") and isinstance(ckpt.get("model"), dict) \
+            and isinstance(ckpt["model"].get(key), torch.Tensor):
+        if kind == "set weight":
+            ckpt["model"][key].view(-1)[0] = value
+        elif kind == "cut weight":
+            ckpt["model"][key] = ckpt["model"][key][:-1]
+        else:
+            del ckpt["model"][key]
+    elif kind == "set dataset" and isinstance(ckpt.get("dataset"), dict):
+        ckpt["dataset"][key] = value
+    elif kind == "set top":
+        ckpt[key] = value
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edits=st.lists(EDITS, min_size=1, max_size=3))
+def test_fuzz_an_edited_checkpoint_is_refused_cleanly_or_evaluated_correctly(tiny, tmp_path, edits):
+    ckpt = torch.load(OLD_CHECKPOINT, weights_only=True)
+    for edit in edits:
+        apply_edit(ckpt, edit)
+    path = tmp_path / "edited.pth"
+    torch.save(ckpt, path)
+    try:
+        model, _ = checkpoint.load_model(str(path), tiny, CPU)
+    except UserError:
+        return  # refused with a one-line message (anything else raised fails the test)
+    # Accepted: it must evaluate to honest figures, the same on the plain-torch path.
+    data = dataloading.TestData.from_cache(tiny, CPU)
+    ctx = ncf.DistContext(rank=0, local_rank=0, world_size=1, device=CPU)
+    precision = choose_precision("O0", "auto", CPU)
+    hr, ndcg = ncf.evaluate(model, data, 10, 1 << 20, precision, ctx)
+    assert 0.0 <= ndcg <= hr <= 1.0
+    plain = NeuMF(**model.config)
+    plain.load_state_dict(model.state_dict())
+    assert ncf.evaluate(plain, data, 10, 1 << 20, precision, ctx) == pytest.approx((hr, ndcg), abs=1e-9)

@@ -94,6 +94,9 @@ def check_report(stdout, batch_sizes, precisions, backends=("torch",)):
         assert r["samples_per_s"] > 0 and 0 < r["latency_p50_ms"] <= r["latency_p99_ms"]
         assert r["precision_run"] == {"fp32": "fp32", "amp": "bf16 autocast"}[r["precision"]]
         assert r["iterations"] == 3
+        # samples/s is the batch over the mean latency; of 3 timings the mean lies between p50 / 3 and p99.
+        batch_per_s = r["batch_size"] * 1e3
+        assert batch_per_s / r["latency_p99_ms"] * 0.999 <= r["samples_per_s"] <= 3 * batch_per_s / r["latency_p50_ms"]
     return report
 
 
