@@ -94,13 +94,6 @@ def is_replaceable(folder):
     """True iff convert.py may replace `folder`: it is empty, or provably a cache convert.py wrote
     (metadata.json says so, and there is nothing but regular files named as the cache's, so that
     replacing it loses nothing else: a cache of an older format or with a damaged file qualifies)."""
-    entries = os.listdir(folder)
-    if not entries:
-        return True
-    if not all(name in CACHE_FILES and os.path.isfile(os.path.join(folder, name))
-               and not os.path.islink(os.path.join(folder, name)) for name in entries):
-        return False
-    try:
-        return read_metadata(folder).get("created_by") == CREATED_BY
-    except (OSError, ValueError):
-        return False
+    from cli import is_own_folder  # cli sets the thread settings; importing it here keeps this module plain
+
+    return is_own_folder(folder, CACHE_FILES, read_metadata, CREATED_BY)

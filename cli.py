@@ -160,3 +160,70 @@ def holds(folder, path):
     """True iff `path` is `folder` or lies inside it (symbolic links resolved)."""
     folder, path = os.path.realpath(folder), os.path.realpath(path)
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def is_own_folder(folder, names, read_marker, created_by):
+    """True iff a writer whose outputs are named `names` may replace `folder`: it is empty, or it holds
+    nothing but regular files of those names and its marker (read_marker(folder), a dict) says
+    `created_by` wrote it, so that replacing it loses nothing else."""
+    entries = os.listdir(folder)
+    if not entries:
+        return True
+    if not all(name in names and os.path.isfile(os.path.join(folder, name))
+               and not os.path.islink(os.path.join(folder, name)) for name in entries):
+        return False
+    try:
+        return read_marker(folder).get("created_by") == created_by
+    except (OSError, ValueError):
+        return False
+
+
+def check_output_folder(output, inputs, may_replace, what):
+    """Refuse, before any work, an --output folder that cannot be written, that holds one of the
+    `inputs` ({flag: path}), or that exists and may not be replaced (`what`: the writer's output, with
+    its article, e.g. "a convert cache")."""
+    check_output_path(output, "--output", folder=True)
+    for flag, path in inputs.items():
+        if path is not None and holds(output, path):
+            raise UserError(f"--output {output} holds the input {flag} {path}, and writing {what} there would "
+                            "replace it: choose another folder")
+    if os.path.isdir(output) and not may_replace(output):
+        raise UserError(f"--output {output} exists and is not {what} (it holds other files, or nothing saying "
+                        "this project wrote it), so it is not replaced: move it away or choose another folder")
+
+
+@contextlib.contextmanager
+def staged_folder(output, may_replace, what):
+    """Yield a sibling temporary folder to fill; once the block has finished, its files are on disk and it
+    is renamed onto `output`, replacing what was there (if may_replace(output) still holds) only then.
+    On any failure or Ctrl-C the temporary folder goes and whatever was at `output` stays; an OSError
+    (a full disk) becomes an EnvironmentFailure naming the `what`."""
+    output = os.path.abspath(output)
+    tmp, old = f"{output}.tmp-{os.getpid()}", f"{output}.old-{os.getpid()}"
+    try:
+        os.makedirs(os.path.dirname(output), exist_ok=True)
+        remove_stale_temporaries(output)
+        os.makedirs(tmp)
+        yield tmp
+        for name in os.listdir(tmp):
+            with open(os.path.join(tmp, name), "rb") as f:
+                os.fsync(f.fileno())
+        if os.path.isdir(output) and not may_replace(output):  # something else appeared meanwhile
+            raise UserError(f"--output {output} was filled with other files while writing the {what}; nothing "
+                            "was replaced: move them away and rerun")
+        try:
+            if os.path.exists(output):
+                os.rename(output, old)
+            os.rename(tmp, output)
+        except BaseException:  # Ctrl-C between the two renames included
+            if os.path.exists(old) and not os.path.exists(output):
+                os.rename(old, output)  # put the previous one back rather than lose it
+            raise
+    except OSError as err:
+        raise EnvironmentFailure(f"cannot write the {what} {output} ({err.strerror or err}); nothing was left "
+                                 "behind: free some space or fix the folder, and rerun") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.isdir(output):  # the previous one is kept until the new one is in place
+            shutil.rmtree(old, ignore_errors=True)
+

@@ -27,7 +27,6 @@ import cli  # noqa: F401, I001  (sets the OpenMP wait policy before numpy/torch 
 import argparse
 import json
 import os
-import shutil
 import sys
 
 import numpy as np
@@ -36,7 +35,7 @@ from tqdm import tqdm
 
 from cache_format import (CREATED_BY, FORMAT_VERSION, METADATA_FILE, cache_problem, file_record, is_replaceable,
                           sha256_of)
-from cli import EnvironmentFailure, UserError, check_output_path, holds, main_guard, remove_stale_temporaries
+from cli import UserError, check_output_folder, main_guard, staged_folder
 
 FORMATS = ("ml-20m", "ml-1m", "ml-100k", "custom")
 ML20M_COLUMNS = ("userId", "movieId", "timestamp")
@@ -91,14 +90,7 @@ def validate_args(args):
 
 def check_output(output, path=None):
     """Refuse, before any work, an --output that cannot be written or must not be replaced."""
-    check_output_path(output, "--output", folder=True)
-    if path is not None and holds(output, path):
-        raise UserError(f"--output {output} holds the input --path {path}, and the cache would replace it: "
-                        "choose another folder, e.g. data/cache/NAME")
-    if os.path.isdir(output) and not is_replaceable(output):
-        raise UserError(f"--output {output} exists and is not a convert cache (it holds other files, or no "
-                        f"{METADATA_FILE} saying convert.py wrote it), so it is not replaced: "
-                        "move it away or choose another folder")
+    check_output_folder(output, {"--path": path}, is_replaceable, "a convert cache")
 
 
 def cache_is_complete(path):
@@ -299,19 +291,13 @@ def sample_negatives(positive_keys, num_users, num_items, negatives, seed):
 
 
 def write_cache(output, tensors, metadata):
-    """Write into a sibling temp folder (metadata.json last, with each file's size and SHA-256), then
-    rename it into place. On any failure or interruption the temp folder goes and a cache that was
-    at `output` stays; an OSError (a full disk) becomes an EnvironmentFailure."""
+    """Write into a sibling temporary folder (metadata.json last, with each file's size and SHA-256), then
+    rename it into place (cli.staged_folder: on any failure or interruption the temporary folder goes
+    and a cache that was at `output` stays; an OSError, a full disk, becomes an EnvironmentFailure)."""
     # torch takes seconds to import; keeping it here lets `--check` and cache_is_complete stay instant.
     import torch
 
-    output = os.path.abspath(output)
-    tmp = f"{output}.tmp-{os.getpid()}"
-    old = f"{output}.old-{os.getpid()}"
-    try:
-        os.makedirs(os.path.dirname(output), exist_ok=True)
-        remove_stale_temporaries(output)
-        os.makedirs(tmp)
+    with staged_folder(output, is_replaceable, "cache") as tmp:
         files = {}
         for name, array in tensors.items():
             path = os.path.join(tmp, name)
@@ -323,31 +309,9 @@ def write_cache(output, tensors, metadata):
                     if isinstance(err.__context__, OSError):
                         raise err.__context__ from None
                     raise
-                f.flush()
-                os.fsync(f.fileno())
             files[name] = file_record(path)
         with open(os.path.join(tmp, METADATA_FILE), "w") as f:
             json.dump({**metadata, "files": files}, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        if os.path.isdir(output) and not is_replaceable(output):  # something else appeared meanwhile
-            raise UserError(f"--output {output} was filled with other files while converting; "
-                            "nothing was replaced: move them away and rerun")
-        try:
-            if os.path.exists(output):
-                os.rename(output, old)
-            os.rename(tmp, output)
-        except BaseException:  # Ctrl-C between the two renames included
-            if os.path.exists(old) and not os.path.exists(output):
-                os.rename(old, output)  # put the previous cache back rather than lose it
-            raise
-    except OSError as err:
-        raise EnvironmentFailure(f"cannot write the cache {output} ({err.strerror or err}); nothing was left "
-                                 "behind: free some space or fix the folder, and rerun") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if os.path.isdir(output):  # the previous cache is kept until the new one is in place
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def cache_tensors(train_keys, test_items, test_negatives, user_ids, item_ids, num_items):

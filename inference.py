@@ -26,7 +26,6 @@ import importlib
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 import warnings
@@ -34,8 +33,8 @@ import warnings
 import numpy as np
 
 from cache_format import file_record
-from cli import (EnvironmentFailure, UserError, check_output_path, holds, main_guard,
-                 remove_stale_temporaries)
+from cli import (EnvironmentFailure, UserError, check_output_folder, is_own_folder,
+                 main_guard, staged_folder)
 
 # The export folder: what `export` writes and `recommend --model` reads.
 EXPORT_VERSION = 1
@@ -316,64 +315,12 @@ def checkpoint_scorer(path, cache, device_flag):
 def is_export_folder(folder):
     """True iff `export` may replace `folder`: it is empty, or provably an export this command wrote
     (manifest.json says so, and it holds nothing but regular files named as an export's)."""
-    entries = os.listdir(folder)
-    if not entries:
-        return True
-    if not all(name in EXPORT_FILES and os.path.isfile(os.path.join(folder, name))
-               and not os.path.islink(os.path.join(folder, name)) for name in entries):
-        return False
-    try:
-        return read_manifest(folder).get("created_by") == CREATED_BY
-    except (OSError, ValueError):
-        return False
+    return is_own_folder(folder, EXPORT_FILES, read_manifest, CREATED_BY)
 
 
 def check_export_output(output, inputs):
     """Refuse, before any work, an --output that cannot be written or must not be replaced."""
-    check_output_path(output, "--output", folder=True)
-    for flag, path in inputs.items():
-        if holds(output, path):
-            raise UserError(f"--output {output} holds the input {flag} {path}, and the export would replace it: "
-                            "choose another folder, e.g. data/export/NAME")
-    if os.path.isdir(output) and not is_export_folder(output):
-        raise UserError(f"--output {output} exists and is not an export of inference.py (it holds other files, "
-                        f"or no {MANIFEST_FILE} saying `{CREATED_BY}` wrote it), so it is not replaced: "
-                        "move it away or choose another folder")
-
-
-@contextlib.contextmanager
-def staged_folder(output):
-    """Yield a sibling temporary folder to fill; it is renamed onto `output` once the block has finished,
-    replacing an export there only then. On any failure or Ctrl-C the temporary folder goes and whatever
-    was at `output` stays; an OSError (a full disk) becomes an EnvironmentFailure."""
-    output = os.path.abspath(output)
-    tmp, old = f"{output}.tmp-{os.getpid()}", f"{output}.old-{os.getpid()}"
-    try:
-        os.makedirs(os.path.dirname(output), exist_ok=True)
-        remove_stale_temporaries(output)
-        os.makedirs(tmp)
-        yield tmp
-        for name in os.listdir(tmp):
-            with open(os.path.join(tmp, name), "rb") as f:
-                os.fsync(f.fileno())
-        if os.path.isdir(output) and not is_export_folder(output):  # something else appeared meanwhile
-            raise UserError(f"--output {output} was filled with other files while exporting; nothing was "
-                            "replaced: move them away and rerun")
-        try:
-            if os.path.exists(output):
-                os.rename(output, old)
-            os.rename(tmp, output)
-        except BaseException:  # Ctrl-C between the two renames included
-            if os.path.exists(old) and not os.path.exists(output):
-                os.rename(old, output)  # put the previous export back rather than lose it
-            raise
-    except OSError as err:
-        raise EnvironmentFailure(f"cannot write the export {output} ({err.strerror or err}); nothing was left "
-                                 "behind: free some space or fix the folder, and rerun") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if os.path.isdir(output):
-            shutil.rmtree(old, ignore_errors=True)
+    check_output_folder(output, inputs, is_export_folder, "an export of inference.py")
 
 
 @contextlib.contextmanager
@@ -481,7 +428,7 @@ def run_export(args):
     cache = load_cache(args.data)
     model, ckpt = load_model(args.checkpoint, cache, torch.device("cpu"))
     reference = model_scorer(model, torch.device("cpu"))
-    with staged_folder(args.output) as tmp:
+    with staged_folder(args.output, is_export_folder, "export") as tmp:
         model_path = os.path.join(tmp, MODEL_FILES[args.format])
         facts = EXPORTERS[args.format](model, model_path)
         if args.format == "onnx":

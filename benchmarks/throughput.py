@@ -207,38 +207,33 @@ def per_sample_cost(args, micro_batch=None, device="cpu"):
             "step_bytes": params * 4 * 8, "params": params, "factored": bool(factored)}
 
 
+def best_seconds(device, work, tries=5):
+    """The shortest of `tries` timed runs of work()."""
+    best = float("inf")
+    for _ in range(tries):
+        sync(device)
+        start = time.perf_counter()
+        work()
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def measure_floor(device):
     """The machine's fp32 matmul rate (FLOP/s; TF32 on CUDA, as training), its mixed-precision matmul rate
     (fp16 on CUDA, bf16 on CPU, for the AMP rows) and copy bandwidth (bytes/s), best of a few tries."""
     rows = 262_144 if device.type == "cpu" else 1_048_576
     a = torch.randn(rows, 256, device=device)
     w = torch.randn(256, 256, device=device)
-    big = torch.empty(128 * 2**20, device=device)  # 512 MiB
-    out = torch.empty_like(big)
-    big.fill_(1.0)
-    out.fill_(0.0)
-    best_mm = best_copy = float("inf")
-    for _ in range(5):
-        sync(device)
-        start = time.perf_counter()
-        torch.mm(a, w)
-        sync(device)
-        best_mm = min(best_mm, time.perf_counter() - start)
-        start = time.perf_counter()
-        out.copy_(big)
-        sync(device)
-        best_copy = min(best_copy, time.perf_counter() - start)
+    big = torch.ones(128 * 2**20, device=device)  # 512 MiB
+    out = torch.zeros_like(big)
     low = torch.float16 if device.type == "cuda" else torch.bfloat16
     a_low, w_low = a.to(low), w.to(low)
-    best_low = float("inf")
-    for _ in range(5):
-        sync(device)
-        start = time.perf_counter()
-        torch.mm(a_low, w_low)
-        sync(device)
-        best_low = min(best_low, time.perf_counter() - start)
-    return {"matmul_flops_per_s": 2 * rows * 256 * 256 / best_mm, "copy_bytes_per_s": 2 * big.numel() * 4 / best_copy,
-            "amp_matmul_flops_per_s": 2 * rows * 256 * 256 / best_low, "amp_matmul_dtype": str(low)}
+    flops = 2 * rows * 256 * 256
+    return {"matmul_flops_per_s": flops / best_seconds(device, lambda: torch.mm(a, w)),
+            "copy_bytes_per_s": 2 * big.numel() * 4 / best_seconds(device, lambda: out.copy_(big)),
+            "amp_matmul_flops_per_s": flops / best_seconds(device, lambda: torch.mm(a_low, w_low)),
+            "amp_matmul_dtype": str(low)}
 
 
 def add_floor(r, args, floor, batch_size):

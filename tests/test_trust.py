@@ -125,22 +125,16 @@ def test_mode_test_refuses_another_dataset_of_the_same_shape(world, capsys):
     one_line(err, status, 2, "another dataset of the same shape")
 
 
-def test_resume_refuses_another_dataset_and_changes_nothing(world, tmp_path, capsys):
+@pytest.mark.parametrize("case", ["another dataset", "model-only last.pth"])
+def test_resume_refuses_and_changes_nothing(world, tmp_path, capsys, case):
     ck = copy_run(world, tmp_path)
+    if case == "model-only last.pth":
+        shutil.copy(ck / "model.pth", ck / "last.pth")
+    data, words = (world["twin"], "another dataset of the same shape") if case == "another dataset" else \
+        (world["cache"], "last.pth")
     before = snapshot(ck)
-    status, _, err = run_ncf(capsys, "--data", world["twin"], "-e", "3", "--checkpoint_dir", ck, "--resume",
-                             *TINY_MODEL)
-    one_line(err, status, 2, "another dataset of the same shape")
-    assert snapshot(ck) == before
-
-
-def test_resume_refuses_a_model_only_last_checkpoint(world, tmp_path, capsys):
-    ck = copy_run(world, tmp_path)
-    shutil.copy(ck / "model.pth", ck / "last.pth")
-    before = snapshot(ck)
-    status, _, err = run_ncf(capsys, "--data", world["cache"], "-e", "3", "--checkpoint_dir", ck, "--resume",
-                             *TINY_MODEL)
-    one_line(err, status, 2, "last.pth")
+    status, _, err = run_ncf(capsys, "--data", data, "-e", "3", "--checkpoint_dir", ck, "--resume", *TINY_MODEL)
+    one_line(err, status, 2, words)
     assert snapshot(ck) == before
 
 
