@@ -480,8 +480,8 @@ class StopRequest:
 def print_setup(log, ctx, precision, optimizer_name, cache, args, steps):
     per_rank = args.batch_size // ctx.world_size
     log.info(
-        f"device {ctx.device} | world size {ctx.world_size} | precision {precision.name} ({args.opt_level}; fp32 "
-        f"matmuls in {set_matmul_precision(ctx.device)}) | optimizer {optimizer_name}\n"
+        f"device {ctx.device} | world size {ctx.world_size} | precision {precision.name} ({args.opt_level}) | "
+        f"fp32 matmuls {set_matmul_precision(ctx.device)} | optimizer {optimizer_name}\n"
         f"dataset {args.data}: {cache.num_users:,} users, {cache.num_items:,} items, "
         f"{cache.train.shape[0]:,} train positives, {cache.test.shape[0]:,} test users x "
         f"{1 + cache.test_negatives.shape[1]} candidates\n"

@@ -53,7 +53,9 @@ def test_throughput_benchmark_prints_one_json_per_configuration():
         cost = throughput.per_sample_cost(shape, r["batch_size"], "cpu")
         assert cost["factored"]  # batches of 1024 and 2048 outnumber the 400 table rows
         assert r["train_flops_per_sample"] == cost["train_flops"]
-        seconds = max(cost["train_flops"] / floor["matmul_flops_per_s"],
+        # fp32 rows against the fp32 matmul rate, AMP rows against the bf16 one (measured alike).
+        rate = floor["matmul_flops_per_s"] if r["precision"] == "fp32" else floor["amp_matmul_flops_per_s"]
+        seconds = max(cost["train_flops"] / rate,
                       (cost["train_bytes"] + cost["step_bytes"] / r["batch_size"]) / floor["copy_bytes_per_s"])
         assert r["floor_train_samples_per_s"] == pytest.approx(1 / seconds, rel=1e-12)
         assert r["fraction_of_floor"] == pytest.approx(r["train_samples_per_s"] / r["floor_train_samples_per_s"],

@@ -152,7 +152,7 @@ def apply_edit(ckpt, edit):
     elif kind in ("set weight", "cut weight", "drop weight") and isinstance(ckpt.get("model"), dict) \
             and isinstance(ckpt["model"].get(key), torch.Tensor):
         if kind == "set weight":
-            ckpt["model"][key].view(-1)[0] = value
+            ckpt["model"][key].view(-1)[0] = torch.tensor(value).float()  # beyond float32's range: inf
         elif kind == "cut weight":
             ckpt["model"][key] = ckpt["model"][key][:-1]
         else:

@@ -71,7 +71,7 @@ def test_only_rank_zero_prints_logs_and_writes(two_process_run):
     records = [r["event"] for r in epochs_of(out / "log.json")]
     assert records == ["epoch", "epoch"]
     assert event_of(out / "log.json", "config")["world_size"] == 2
-    assert sorted(os.listdir(out / "ck")) == ["last.pth", "model.pth"]
+    assert sorted(os.listdir(out / "ck")) == [".lock", "last.pth", "model.pth"]  # rank 0's lock: one run
 
 
 def test_torch_distributed_launch_passes_local_rank(tiny_cache, tmp_path):
