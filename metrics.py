@@ -1,4 +1,4 @@
-"""Top-k ranking metrics (HR@k, NDCG@k) from candidate scores.
+"""Top-k ranking metrics (HR@k, NDCG@k) from candidate scores, and the item-popularity baseline.
 
 A positive's rank is the number of OTHER candidates scored greater than or equal to it: ties count
 against the model, so a model that scores every item the same has rank = #candidates - 1 and never
@@ -40,3 +40,17 @@ def full_ranks(scores, positive_items, excluded_rows, excluded_items):
     scores.view(-1).index_fill_(0, excluded_rows.long() * scores.shape[1] + excluded_items.long(), float("-inf"))
     beaten_by = ((scores >= positive) & scores.isfinite()).sum(dim=1) - 1  # the positive ties with itself
     return torch.where(positive.squeeze(1).isfinite(), beaten_by, UNRANKED)
+
+
+class ItemPopularity(torch.nn.Module):
+    """Baseline that scores every item by its number of training positives, whoever the user is.
+
+    Scored by the same evaluation code as NeuMF, it is the bar a trained model must clearly clear.
+    """
+
+    def __init__(self, train_items, nb_items):
+        super().__init__()
+        self.register_buffer("counts", torch.bincount(train_items.long(), minlength=nb_items).float())
+
+    def forward(self, user, item):
+        return self.counts[item.long()]

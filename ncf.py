@@ -35,8 +35,8 @@ from cli import UserError, check_output_path, main_guard, remove_stale_temporari
 from dataloading import EpochSampler, FullRankingData, TestData, load_cache
 from devices import Precision, choose_precision, pick_device, set_matmul_precision
 from logger import RunLogger
-from metrics import full_ranks, rank_metric_sums, sampled_ranks
-from neumf import DROPOUT, FACTORS, LAYERS, MODELS, ItemPopularity, NeuMF, build_model, load_pretrained
+from metrics import ItemPopularity, full_ranks, rank_metric_sums, sampled_ranks
+from neumf import DROPOUT, FACTORS, LAYERS, MODELS, NeuMF, build_model, load_pretrained
 
 DATA_DIR = os.environ.get("DATA_DIR", "./data")
 BEST_CHECKPOINT = "model.pth"  # the best epoch's model

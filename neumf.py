@@ -190,17 +190,3 @@ def build_model(config, device):
     model = NeuMF(**config).to(device)
     model.cpu_kernels = torch.device(device).type == "cpu"
     return model
-
-
-class ItemPopularity(nn.Module):
-    """Baseline that scores every item by its number of training positives, whoever the user is.
-
-    Scored by the same evaluation code as NeuMF, it is the bar a trained model must clearly clear.
-    """
-
-    def __init__(self, train_items, nb_items):
-        super().__init__()
-        self.register_buffer("counts", torch.bincount(train_items.long(), minlength=nb_items).float())
-
-    def forward(self, user, item):
-        return self.counts[item.long()]
