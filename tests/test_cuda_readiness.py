@@ -5,8 +5,9 @@ import torch
 from conftest import TINY_MODEL, make_tiny_cache
 
 import checkpoint
+import dataloading
 import ncf
-from dataloading import FullRankingData, TestData, load_cache
+from dataloading import FullRankingData, load_cache
 from devices import choose_precision
 from neumf import build_model
 
@@ -61,7 +62,7 @@ def test_evaluation_touches_the_host_once_however_many_batches(tiny, kind):
     ctx = ncf.DistContext(rank=0, local_rank=0, world_size=1, device=CPU)
     precision = choose_precision("O0", "auto", CPU)
     if kind == "sampled":
-        data, evaluate, per_user = TestData.from_cache(tiny, CPU), ncf.evaluate, 51
+        data, evaluate, per_user = dataloading.TestData.from_cache(tiny, CPU), ncf.evaluate, 51
     else:
         data, evaluate, per_user = FullRankingData.from_cache(tiny, CPU), ncf.evaluate_full_ranking, tiny.num_items
     counts, results = [], []
