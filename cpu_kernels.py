@@ -12,6 +12,7 @@ written into reused buffers (fresh 1M-row temporaries cost page faults every ste
 """
 import functools
 import math
+import sys
 
 import torch
 
@@ -132,9 +133,32 @@ def _relu_dropout_grad_(grad, y, scale):
     return y
 
 
+def eager_under_compile(fn):
+    """fn, run eagerly (not traced) under torch.compile, like torch.compiler.disable(fn).
+
+    torch.compiler.disable imports torch._dynamo, which takes about as long as importing torch itself
+    (2.4 s against 2.7 s on the CPU of benchmarks/README.md) and would double the start-up of every
+    process that never builds an optimizer (inference.py, ncf.py --mode test, every refused command
+    line). So, like torch's own lazy torch._compile._disable_dynamo, the wrapper is made on the first
+    call in a process that has imported torch._dynamo, as torch.compile does before it traces anything;
+    elsewhere fn is called directly.
+    """
+    disabled = []
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if "torch._dynamo" not in sys.modules:
+            return fn(*args, **kwargs)
+        if not disabled:
+            disabled.append(torch.compiler.disable(fn))
+        return disabled[0](*args, **kwargs)
+
+    return call
+
+
 # Run eagerly under torch.compile: AOT autograd mishandles the dtype view in random_bytes, and eager
 # draws are what the compiled model must reproduce anyway (throughput.py --compile, fallback_random).
-@torch.compiler.disable
+@eager_under_compile
 def dropout_mask(shape, p):
     """A float dropout mask of `shape`: 1 / (1 - p) with probability 1 - p, else 0; None unless 256 p is
     an integer.
@@ -163,7 +187,7 @@ class _MaskDrawer:
         self.codes = torch.empty(codes, dtype=torch.int32)
         self.mask = torch.empty(codes, self.per_byte)
 
-    @torch.compiler.disable
+    @eager_under_compile
     def draw(self, shape):
         count = math.prod(shape)
         codes = (count + self.per_byte - 1) // self.per_byte

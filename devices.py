@@ -30,11 +30,15 @@ def set_matmul_precision(device):
     On CUDA, fp32 matmuls use TF32 tensor cores, as NVIDIA's recipe and its published A100 figures do
     (NGC containers enable TF32 by default); CPUs have no TF32 and compute true fp32.
     """
-    if device.type != "cuda":
-        return "fp32"
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    return "TF32"
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return matmul_precision(device)
+
+
+def matmul_precision(device):
+    """The name of the fp32 matmul setting in force on `device`: "TF32" or "fp32"."""
+    return "TF32" if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32 else "fp32"
 
 
 def cpu_has_native_bf16():

@@ -33,10 +33,10 @@ from tqdm import tqdm
 import checkpoint
 from cli import UserError, check_output_path, main_guard, remove_stale_temporaries
 from dataloading import EpochSampler, FullRankingData, TestData, load_cache
-from devices import Precision, choose_precision, pick_device, set_matmul_precision
+from devices import Precision, choose_precision, matmul_precision, pick_device, set_matmul_precision
 from logger import RunLogger
 from metrics import ItemPopularity, full_ranks, rank_metric_sums, sampled_ranks
-from neumf import DROPOUT, FACTORS, LAYERS, MODELS, NeuMF, build_model, load_pretrained
+from neumf import DROPOUT, FACTORS, LAYERS, MODELS, branch_widths, build_model, load_pretrained
 
 DATA_DIR = os.environ.get("DATA_DIR", "./data")
 BEST_CHECKPOINT = "model.pth"  # the best epoch's model
@@ -481,7 +481,7 @@ def print_setup(log, ctx, precision, optimizer_name, cache, args, steps):
     per_rank = args.batch_size // ctx.world_size
     log.info(
         f"device {ctx.device} | world size {ctx.world_size} | precision {precision.name} ({args.opt_level}) | "
-        f"fp32 matmuls {set_matmul_precision(ctx.device)} | optimizer {optimizer_name}\n"
+        f"fp32 matmuls {matmul_precision(ctx.device)} | optimizer {optimizer_name}\n"
         f"dataset {args.data}: {cache.num_users:,} users, {cache.num_items:,} items, "
         f"{cache.train.shape[0]:,} train positives, {cache.test.shape[0]:,} test users x "
         f"{1 + cache.test_negatives.shape[1]} candidates\n"
@@ -547,13 +547,12 @@ def initial_weights(model, args, cache):
         branches = []
         for flag, path, kind in (("--init_gmf", args.init_gmf, "gmf"), ("--init_mlp", args.init_mlp, "mlp")):
             branch, _ = checkpoint.load_model(path, cache, torch.device("cpu"), flag)
-            expected = NeuMF(1, 1, model.mf_dim, model.mlp_layer_sizes, model=kind)  # a 1x1 stand-in for its shape
-            if [branch.model, branch.mf_dim, branch.mlp_layer_sizes] != [kind, expected.mf_dim,
-                                                                          expected.mlp_layer_sizes]:
+            factors, layers = branch_widths(model.mf_dim, model.mlp_layer_sizes, kind)
+            if (branch.model, branch.mf_dim, branch.mlp_layer_sizes) != (kind, factors, layers):
                 raise UserError(f"{flag} {path} is a {branch.model} with factors {branch.mf_dim} and layers "
                                 f"{list(branch.mlp_layer_sizes)}, but this NeuMF needs a {kind} with factors "
-                                f"{expected.mf_dim} and layers {list(expected.mlp_layer_sizes)}: pass matching "
-                                f"--factors/--layers, or checkpoints of that shape")
+                                f"{factors} and layers {list(layers)}: pass matching --factors/--layers, or "
+                                f"checkpoints of that shape")
             branches.append(branch.to(next(model.parameters()).device))
         load_pretrained(model, *branches)
 

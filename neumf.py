@@ -30,13 +30,18 @@ PRETRAIN_ALPHA = 0.5  # the paper's weight of the GMF output layer when NeuMF st
 SCORE_PIECE_SAMPLES = 4096  # CPU evaluation works on pieces of this many candidates (they stay in cache)
 
 
+def branch_widths(mf_dim, mlp_layer_sizes, model):
+    """(mf_dim, mlp_layer_sizes) of a `model` built with these flags: the branch it leaves out has
+    factors 0 or no layers."""
+    return (0 if model == "mlp" else mf_dim), (() if model == "gmf" else tuple(mlp_layer_sizes))
+
+
 class NeuMF(nn.Module):
     def __init__(self, nb_users, nb_items, mf_dim=FACTORS, mlp_layer_sizes=LAYERS, dropout=DROPOUT, model="neumf"):
         super().__init__()
         if model not in MODELS:
             raise ValueError(f"model must be one of {MODELS}, got {model!r}")
-        mf_dim, mlp_layer_sizes = (0, mlp_layer_sizes) if model == "mlp" else \
-            (mf_dim, () if model == "gmf" else mlp_layer_sizes)
+        mf_dim, mlp_layer_sizes = branch_widths(mf_dim, mlp_layer_sizes, model)
         if mlp_layer_sizes and mlp_layer_sizes[0] % 2 != 0:
             raise ValueError(f"mlp_layer_sizes[0] must be even (user and item get half each), got {mlp_layer_sizes[0]}")
         self.model = model

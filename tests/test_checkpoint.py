@@ -73,6 +73,13 @@ def test_inference_does_not_import_the_trainer():
     assert result.stdout.strip() == "False"
 
 
+def test_loading_the_code_does_not_import_dynamo():
+    """torch._dynamo doubles start-up (cpu_kernels.eager_under_compile): only a compile may load it."""
+    code = "import sys, ncf, inference; print('torch._dynamo' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
+
+
 def edited_copy(tmp_path, edit):
     ckpt = torch.load(OLD_CHECKPOINT, weights_only=True)
     edit(ckpt)

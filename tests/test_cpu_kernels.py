@@ -50,6 +50,18 @@ def test_dropout_mask_keeps_every_position_of_a_byte_alike():
     assert cpu_kernels.dropout_mask((7,), 0.3) is None  # 0.3 is no multiple of 1/256: torch's mask instead
 
 
+def test_masks_are_drawn_eagerly_under_compile():
+    """torch.compile must not trace the mask drawing (AOT autograd mishandles its dtype view), so that
+    a compiled model draws eager's masks: only the multiply below is in the traced graph."""
+    import torch._dynamo
+
+    def dropped(x):
+        return x * cpu_kernels.dropout_mask(x.shape, 0.5)
+
+    explained = torch._dynamo.explain(dropped)(torch.ones(64, 8))
+    assert explained.op_count == 1
+
+
 def test_random_bytes_are_uniform():
     torch.manual_seed(0)
     counts = torch.bincount(cpu_kernels.random_bytes(1 << 20).long(), minlength=256).double()

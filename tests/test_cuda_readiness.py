@@ -8,7 +8,7 @@ import checkpoint
 import dataloading
 import ncf
 from dataloading import FullRankingData, load_cache
-from devices import choose_precision
+from devices import choose_precision, matmul_precision, set_matmul_precision
 from neumf import build_model
 
 CPU = torch.device("cpu")
@@ -23,6 +23,21 @@ class StubScaler:
 
     def load_state_dict(self, state):
         self.loaded = state
+
+
+def test_tf32_is_switched_on_for_cuda_and_reported_as_in_force():
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        assert set_matmul_precision(torch.device("cpu")) == "fp32"
+        assert not torch.backends.cuda.matmul.allow_tf32
+        assert set_matmul_precision(torch.device("cuda", 0)) == "TF32"
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert matmul_precision(torch.device("cpu")) == "fp32"  # no TF32 on a CPU, whatever the flag
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert matmul_precision(torch.device("cuda", 0)) == "fp32"  # what is in force, not what was asked
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def test_an_enabled_scaler_cannot_load_the_state_of_a_disabled_one():
