@@ -413,20 +413,23 @@ def test_main_guard_one_line_and_exit_status(capsys, raised, status, text):
 
 # ---- the real command lines --------------------------------------------------------------------
 
-def start_when_ready(module, first_step, argv, tmp_path):
-    """Start `module`.main(argv) in a fresh interpreter; return once main has reached `first_step`."""
+def start_when_ready(module, step, argv, tmp_path):
+    """Start `module`.main(argv) in a fresh interpreter; return once main has first reached `step`,
+    where it waits (up to 60 s) for the signal the test sends: on a loaded machine the work itself
+    could otherwise end before the signal arrives."""
     code = f"""
-import sys
+import sys, time
 sys.argv = [{str(ROOT / (module + '.py'))!r}]
 sys.path.insert(0, {str(ROOT)!r})
 import {module}
-step = {module}.{first_step}
+step = {module}.{step}
 
 def announce(*args, **kwargs):
     print("ready", flush=True)
+    time.sleep(60)
     return step(*args, **kwargs)
 
-{module}.{first_step} = announce
+{module}.{step} = announce
 {module}.main({[str(a) for a in argv]!r})
 """
     job = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, stdout=subprocess.PIPE,
@@ -440,14 +443,15 @@ def announce(*args, **kwargs):
 def test_sigint_is_one_line_exit_130_and_leaves_nothing(tmp_path, module):
     if module == "convert":
         source = tmp_path / "in" / "ratings.csv"
-        synthetic.write_ratings_csv(source, users=6000, items=3000, interactions_per_user_mean=50, seed=0)
+        synthetic.write_ratings_csv(source, users=300, items=200, interactions_per_user_mean=30, seed=0)
         old = make_tiny_cache(tmp_path / "old")
         shutil.copytree(old, tmp_path / "cache")  # a cache of ours to be replaced: it must survive
         argv = ["--path", source, "--output", tmp_path / "cache", "--no_progress"]
     else:
-        argv = ["--output", tmp_path / "out" / "ratings.csv", "--preset", "ml-1m"]
+        argv = ["--output", tmp_path / "out" / "ratings.csv", "--preset", "realistic"]
     before = snapshot(tmp_path)
-    job = start_when_ready(module, "read_ratings" if module == "convert" else "rating_chunks", argv, tmp_path)
+    # Interrupted mid-write: after the first cache file / the first block of rows is in the temporary.
+    job = start_when_ready(module, "file_record" if module == "convert" else "csv_bytes", argv, tmp_path)
     job.send_signal(signal.SIGINT)
     out, err = job.communicate(timeout=120)
     assert job.returncode == 130, (out, err)
