@@ -219,20 +219,28 @@ def best_seconds(device, work, tries=5):
     return best
 
 
+def matmul_rate(device, dtype, width=256, try_s=0.1):
+    """FLOP/s of [rows, width] @ [width, width] matmuls in `dtype`, best of a few tries. The rows double
+    from 4,096 until one product takes `try_s`: a CPU without native bf16 multiplies bf16 about 50x
+    slower than fp32, and a fixed 262,144-row product then took 30 s a try."""
+    w = torch.randn(width, width, device=device).to(dtype)
+    rows = 4096
+    while True:
+        a = torch.randn(rows, width, device=device).to(dtype)
+        if best_seconds(device, lambda: torch.mm(a, w), tries=1) >= try_s or rows >= 1 << 20:
+            return 2 * rows * width * width / best_seconds(device, lambda: torch.mm(a, w))
+        rows *= 2
+
+
 def measure_floor(device):
     """The machine's fp32 matmul rate (FLOP/s; TF32 on CUDA, as training), its mixed-precision matmul rate
     (fp16 on CUDA, bf16 on CPU, for the AMP rows) and copy bandwidth (bytes/s), best of a few tries."""
-    rows = 262_144 if device.type == "cpu" else 1_048_576
-    a = torch.randn(rows, 256, device=device)
-    w = torch.randn(256, 256, device=device)
     big = torch.ones(128 * 2**20, device=device)  # 512 MiB
     out = torch.zeros_like(big)
     low = torch.float16 if device.type == "cuda" else torch.bfloat16
-    a_low, w_low = a.to(low), w.to(low)
-    flops = 2 * rows * 256 * 256
-    return {"matmul_flops_per_s": flops / best_seconds(device, lambda: torch.mm(a, w)),
+    return {"matmul_flops_per_s": matmul_rate(device, torch.float32),
             "copy_bytes_per_s": 2 * big.numel() * 4 / best_seconds(device, lambda: out.copy_(big)),
-            "amp_matmul_flops_per_s": flops / best_seconds(device, lambda: torch.mm(a_low, w_low)),
+            "amp_matmul_flops_per_s": matmul_rate(device, low),
             "amp_matmul_dtype": str(low)}
 
 
