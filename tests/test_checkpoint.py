@@ -158,7 +158,7 @@ def apply_edit(ckpt, edit):
         ckpt["config"].pop(key, None)
     elif kind in ("set weight", "cut weight", "drop weight") and isinstance(ckpt.get("model"), dict) \
             and isinstance(ckpt["model"].get(key), torch.Tensor):
-        if kind == "set weight":
+        if kind == "set weight" and ckpt["model"][key].numel():  # a weight cut to 0 rows has no element to set
             ckpt["model"][key].view(-1)[0] = torch.tensor(value).float()  # beyond float32's range: inf
         elif kind == "cut weight":
             ckpt["model"][key] = ckpt["model"][key][:-1]
