@@ -23,6 +23,7 @@ full disk or Ctrl-C leaves nothing behind.
 import cli  # noqa: F401, I001  (sets the OpenMP wait policy before numpy starts its thread pool)
 
 import argparse
+import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
@@ -64,10 +65,8 @@ class PlantedModel(NamedTuple):
         return self.user_factors[users] @ self.item_factors.T + self.log_popularity
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--output", required=True, help="CSV file to write (e.g. data/synthetic/ratings.csv)")
+def add_shape_flags(parser):
+    """The flags that fix the ratings a seed gives: preset, sizes, planted factors, seed."""
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
                         help="shape: users, items and mean interactions per user")
     parser.add_argument("--users", type=int, help="number of users (overrides the preset)")
@@ -77,7 +76,10 @@ def parse_args(argv=None):
     parser.add_argument("--factors", type=int, default=None,
                         help="latent factors of the planted model (default 8; 16 with --preset realistic)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generator")
-    args = parser.parse_args(argv)
+
+
+def resolve_shape(args):
+    """Fill in what the preset decides (sizes, factors, preference strength, popularity exponent)."""
     users, items, mean = PRESETS[args.preset]
     factors, args.strength, args.popularity_exponent = REALISTIC_STRUCTURE if args.preset == "realistic" else \
         (8, PREFERENCE_STRENGTH, POPULARITY_EXPONENT)
@@ -86,7 +88,16 @@ def parse_args(argv=None):
     args.items = items if args.items is None else args.items
     if args.interactions_per_user_mean is None:
         args.interactions_per_user_mean = mean
+    validate(args.users, args.items, args.interactions_per_user_mean, args.factors, args.seed)
     return args
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--output", required=True, help="CSV file to write (e.g. data/synthetic/ratings.csv)")
+    add_shape_flags(parser)
+    return parser.parse_args(argv)
 
 
 def validate(users, items, interactions_per_user_mean, factors, seed=0):
@@ -249,20 +260,33 @@ def write_ratings_csv(path, users=6000, items=3000, interactions_per_user_mean=5
                       structure=()):
     """Stream the ratings to `path` (atomically: temp file, then rename); return the row count.
     `structure`: (strength, popularity_exponent) of the planted model, default the module's constants."""
-    blocks = rating_chunks(users, items, interactions_per_user_mean, factors, seed, structure)
     rows = 0
     with atomic_file(path) as f:
-        f.write(b"userId,movieId,rating,timestamp\n")
-        for block in blocks:
-            f.write(csv_bytes(block))
-            rows += len(block["userId"])
+        for text, count in csv_pieces(users, items, interactions_per_user_mean, factors, seed, structure):
+            f.write(text)
+            rows += count
     return rows
+
+
+def csv_pieces(users, items, interactions_per_user_mean, factors, seed, structure=()):
+    """The bytes of ratings.csv piece by piece, the header first, each with its number of rows."""
+    blocks = rating_chunks(users, items, interactions_per_user_mean, factors, seed, structure)
+    yield b"userId,movieId,rating,timestamp\n", 0
+    for block in blocks:
+        yield csv_bytes(block), len(block["userId"])
+
+
+def ratings_sha256(users, items, interactions_per_user_mean, factors, seed, structure=()):
+    """SHA-256 of the ratings.csv these flags write (as convert.py records it), without writing it."""
+    digest = hashlib.sha256()
+    for text, _ in csv_pieces(users, items, interactions_per_user_mean, factors, seed, structure):
+        digest.update(text)
+    return digest.hexdigest()
 
 
 @main_guard
 def main(argv=None):
-    args = parse_args(argv)
-    validate(args.users, args.items, args.interactions_per_user_mean, args.factors, args.seed)
+    args = resolve_shape(parse_args(argv))
     check_output(args.output)
     try:
         rows = write_ratings_csv(args.output, args.users, args.items, args.interactions_per_user_mean,

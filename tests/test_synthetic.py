@@ -1,9 +1,18 @@
 """synthetic.py: MovieLens-shaped output whose planted structure is real."""
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import make_tiny_cache
 
 import synthetic
+from dataloading import load_cache
+
+ROOT = Path(__file__).resolve().parent.parent
 
 USERS, ITEMS = 2000, 1000
 
@@ -89,3 +98,54 @@ def test_top_k_per_row_is_exact():
     counts = np.array([1, 20, 33, 250, 499, 500])  # the last rows exceed any sampled cut-off
     expected = np.concatenate([np.argsort(-row)[:k] for row, k in zip(values, counts, strict=True)])
     np.testing.assert_array_equal(synthetic.top_k_per_row(values, counts), expected)
+
+
+def load_planted_ceiling():
+    spec = importlib.util.spec_from_file_location("planted_ceiling", ROOT / "benchmarks" / "planted_ceiling.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ratings_sha256_is_that_of_the_written_file(tmp_path):
+    path = tmp_path / "ratings.csv"
+    synthetic.write_ratings_csv(path, users=50, items=100, interactions_per_user_mean=25, seed=3)
+    assert synthetic.ratings_sha256(50, 100, 25, 8, 3) == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert synthetic.ratings_sha256(50, 100, 25, 8, 3, (2.0, 0.8)) != hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_planted_ceiling_ranks_by_the_generating_logits(tmp_path, capsys):
+    """The planted model's HR@10/NDCG@10 on the cache's candidates, checked user by user, and well
+    above item popularity; flags of another dataset are refused."""
+    cache_path = make_tiny_cache(tmp_path, validation=True)
+    ceiling = load_planted_ceiling()
+    shape = ["--users", "300", "--items", "200", "--interactions_per_user_mean", "30"]
+    ceiling.main(["--cache", str(cache_path), *shape])
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+
+    cache = load_cache(cache_path)
+    model = synthetic.planted_model(300, 200, 8, 0)
+    item_of = {int(movie): index for index, movie in enumerate(model.movie_ids)}
+    popularity = np.bincount(cache.train[:, 1].numpy(), minlength=cache.num_items)
+    for split, held_out, negatives in (("test", cache.test, cache.test_negatives),
+                                       ("valid", cache.valid, cache.valid_negatives)):
+        hits, gains, popular_hits, users = 0, 0.0, 0, 0
+        for user, positive in held_out.tolist():
+            if positive < 0:
+                continue
+            candidates = [positive, *negatives[user].tolist()]
+            logits = model.scores(np.array([int(cache.user_ids[user]) - 1]))[0]
+            scores = [logits[item_of[int(cache.item_ids[i])]] for i in candidates]
+            rank = sum(s >= scores[0] for s in scores[1:])
+            hits += rank < 10
+            gains += 1 / np.log2(rank + 2) if rank < 10 else 0.0
+            popular_hits += sum(popularity[i] >= popularity[positive] for i in candidates[1:]) < 10
+            users += 1
+        assert result[f"{split}_hr"] == pytest.approx(hits / users, abs=1e-12)
+        assert result[f"{split}_ndcg"] == pytest.approx(gains / users, rel=1e-9)
+        assert hits / users > popular_hits / users + 0.1
+
+    for other in (["--seed", "1"], ["--factors", "9"], ["--preset", "realistic"]):
+        with pytest.raises(SystemExit) as refused:
+            ceiling.main(["--cache", str(cache_path), *shape, *other])
+        assert refused.value.code == 2 and "was not converted from the ratings.csv" in capsys.readouterr().err

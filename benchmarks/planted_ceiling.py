@@ -1,0 +1,85 @@
+"""The HR@k and NDCG@k of the model that generated a synthetic dataset: what no trained model can beat.
+
+    python synthetic.py --preset realistic --output runs/realistic/ratings.csv
+    python convert.py --path runs/realistic/ratings.csv --output runs/realistic/cache --validation
+    python benchmarks/planted_ceiling.py --cache runs/realistic/cache --preset realistic
+
+synthetic.py draws each user's items from softmax(<p_u, q_i> + log popularity_i); ranking a user's
+candidates by those planted logits is the best ranking there is in expectation, so its HR@k on the
+cache's own test (and validation) candidates is the ceiling a trained NeuMF is measured against, and
+item popularity the floor. The flags after --cache must be those synthetic.py was given: the same
+flags give the same planted model, and a cache converted from another ratings.csv (its SHA-256 is in
+the cache's metadata) is refused.
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from cli import UserError, main_guard  # noqa: E402  (sets OMP_WAIT_POLICY before numpy and torch load)
+from synthetic import add_shape_flags, planted_model, ratings_sha256, resolve_shape  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--cache", required=True, help="convert.py's cache of a synthetic.py ratings.csv")
+    parser.add_argument("--topk", type=int, default=10, help="k of HR@k and NDCG@k")
+    add_shape_flags(parser)
+    return resolve_shape(parser.parse_args(argv))
+
+
+def check_source(args, cache):
+    """The cache must come from the ratings.csv these flags write: its SHA-256 is in the metadata."""
+    made = ratings_sha256(args.users, args.items, args.interactions_per_user_mean, args.factors, args.seed,
+                          (args.strength, args.popularity_exponent))
+    if cache.metadata.get("source_sha256") != made:
+        raise UserError(f"--cache {args.cache} was not converted from the ratings.csv that synthetic.py writes "
+                        "with these flags: pass the --preset, sizes, --factors and --seed it was made with")
+
+
+def planted_indices(model, cache):
+    """The planted model's user and item index of each cache id (the cache keeps the original ids)."""
+    users = cache.user_ids.numpy() - 1  # synthetic.py writes userId = index + 1
+    return users, np.searchsorted(model.movie_ids, cache.item_ids.numpy())
+
+
+def hit_rate_and_ndcg(model, users, items, positives, negatives, topk):
+    """HR@k and NDCG@k of the planted logits; ties count against the positive, as in metrics.py."""
+    scores = model.scores(users[positives[:, 0]])
+    rows = np.arange(len(positives))
+    positive = scores[rows, items[positives[:, 1]]]
+    rank = (np.take_along_axis(scores, items[negatives], axis=1) >= positive[:, None]).sum(axis=1)
+    hit = rank < topk
+    return hit.mean(), np.where(hit, 1.0 / np.log2(rank + 2.0), 0.0).mean()
+
+
+@main_guard
+def main(argv=None):
+    args = parse_args(argv)
+    import dataloading  # torch loads here, after the flags are checked
+
+    cache = dataloading.load_cache(args.cache)
+    model = planted_model(args.users, args.items, args.factors, args.seed, args.strength,
+                          args.popularity_exponent)
+    check_source(args, cache)
+    users, items = planted_indices(model, cache)
+    result = {"cache": args.cache, "topk": args.topk}
+    splits = [("test", cache.test, cache.test_negatives)]
+    if cache.has_validation:
+        splits.append(("valid", cache.valid, cache.valid_negatives))
+    for name, positives, negatives in splits:
+        held = (positives[:, 1] >= 0).numpy()  # a user with too few items has no validation item
+        hr, ndcg = hit_rate_and_ndcg(model, users, items, positives.numpy()[held], negatives.numpy()[held],
+                                     args.topk)
+        result[f"{name}_hr"], result[f"{name}_ndcg"] = float(hr), float(ndcg)
+        print(f"planted model, {name}: HR@{args.topk} {hr:.4f} | NDCG@{args.topk} {ndcg:.4f}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
