@@ -460,11 +460,20 @@ def resolved_resume_args(args, saved_args):
 
 
 class StopRequest:
-    """Records SIGTERM (what schedulers send before preempting); training stops after the epoch."""
+    """Records SIGTERM (what schedulers send before preempting) while training, which then stops after
+    the epoch. The previous handler comes back when the training ends: a process that trains several
+    times (tune.py) must not keep a handler that swallows a later SIGTERM."""
 
     def __init__(self):
         self.requested = False
-        signal.signal(signal.SIGTERM, self._handle)
+        self.stopped = False  # set once the ranks agreed to stop
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc_info):
+        signal.signal(signal.SIGTERM, self.previous)
 
     def _handle(self, signum, frame):
         self.requested = True
@@ -474,7 +483,8 @@ class StopRequest:
         flag = torch.tensor([float(self.requested)], device=ctx.device)
         if ctx.distributed:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        self.stopped = bool(flag.item())
+        return self.stopped
 
 
 def print_setup(log, ctx, precision, optimizer_name, cache, args, steps):
@@ -709,28 +719,28 @@ def train_mode(args, ctx, cache, log, on_epoch=None):
     eval_data = evaluation_data(cache, args.full_ranking, ctx, cache.has_validation)
     log_start(log, run, ctx, cache, sampler, eval_data[0])
 
-    stop = StopRequest()
-    progress = ctx.is_main and not args.no_progress and sys.stderr.isatty()
-    run_start = time.perf_counter() - state["elapsed_s"]
-    for epoch in range(state["epoch"] + 1, args.epochs + 1):
-        record = train_one_epoch_and_evaluate(run, train_model, sampler, eval_data, epoch, ctx, progress)
-        log.log("epoch", **record)
-        improved, reached = update_progress(state, record, epoch, time.perf_counter() - run_start, args.threshold)
-        if on_epoch is not None:
-            on_epoch(record)
-        reason = stop_reason(run, record, epoch, reached, stop, ctx)
-        # last.pth (~380 MB with Adam's moments at ml-20m size) every --save_every epochs, and whenever the
-        # run ends, so that a short GPU epoch does not wait on the disk every time.
-        write_last = bool(reason) or epoch == args.epochs or epoch % args.save_every == 0
-        save_checkpoints(run, cache, ctx, epoch, record, improved, write_last, args.checkpoint_dir)
-        if reason:
-            log.info(reason)
-            break
+    with StopRequest() as stop:
+        progress = ctx.is_main and not args.no_progress and sys.stderr.isatty()
+        run_start = time.perf_counter() - state["elapsed_s"]
+        for epoch in range(state["epoch"] + 1, args.epochs + 1):
+            record = train_one_epoch_and_evaluate(run, train_model, sampler, eval_data, epoch, ctx, progress)
+            log.log("epoch", **record)
+            improved, reached = update_progress(state, record, epoch, time.perf_counter() - run_start, args.threshold)
+            if on_epoch is not None:
+                on_epoch(record)
+            reason = stop_reason(run, record, epoch, reached, stop, ctx)
+            # last.pth (~380 MB with Adam's moments at ml-20m size) every --save_every epochs, and whenever the
+            # run ends, so that a short GPU epoch does not wait on the disk every time.
+            write_last = bool(reason) or epoch == args.epochs or epoch % args.save_every == 0
+            save_checkpoints(run, cache, ctx, epoch, record, improved, write_last, args.checkpoint_dir)
+            if reason:
+                log.info(reason)
+                break
     selected_by = f"validation HR@{args.topk}" if cache.has_validation else f"test HR@{args.topk}"
     summary = {"best_hr": state["best_hr"], "best_ndcg": state["best_ndcg"], "best_epoch": state["best_epoch"],
                "selected_by": selected_by, "time_to_target_s": state["time_to_target_s"],
                "best_train_throughput": state["best_train_throughput"],
-               "best_eval_throughput": state["best_eval_throughput"]}
+               "best_eval_throughput": state["best_eval_throughput"], "interrupted": stop.stopped}
     if cache.has_validation:
         summary["best_valid_hr"] = state["best_selection"]
     log.log("summary", **summary)

@@ -31,7 +31,9 @@ import io
 import json
 import os
 import shlex
+import signal
 import sys
+import warnings
 
 from cli import UserError, check_output_path, main_guard
 
@@ -44,11 +46,15 @@ DEFAULT_SPACE = {
     "layers": {"choices": ["32 16 8", "64 32 16", "128 64 32", "256 128 64", "256 256 128 64"]},
     "dropout": {"low": 0.0, "high": 0.6},
     "negative_samples": {"low": 1, "high": 8},
-    "weight_decay": {"low": 1e-7, "high": 1e-3, "log": True},
+    # Decoupled decay shrinks every row by lr * weight_decay per step, so with learning rates near 1e-3
+    # values below 1e-3 change nothing in a few thousand steps, and values near 1 erase the embeddings.
+    "weight_decay": {"low": 1e-3, "high": 1.0, "log": True},
+    "model": {"choices": ["neumf", "gmf", "mlp"]},
 }
 # Flags a trial sets itself, or that make no sense to search.
 RESERVED = {"data", "epochs", "checkpoint_dir", "log_path", "mode", "resume", "load_checkpoint_path",
             "no_progress", "local_rank", "init_gmf", "init_mlp"}
+HEARTBEAT_S, GRACE_S = 60, 180  # a running trial's liveness signal, and how old it may get
 MARKER = "tune.json"  # written first into OUTPUT: a folder with it is provably tune.py's
 OWN_NAMES = {MARKER, "study.db", "best.json", "trials", "optimization_history.png", "param_importances.png"}
 
@@ -133,6 +139,26 @@ def enqueue_defaults(study, space, defaults):
     study.enqueue_trial(params)
 
 
+def make_storage(optuna, url):
+    """The study's database, with a heartbeat: a trial whose process was killed (kill -9, a lost machine)
+    is marked failed once its heartbeat is GRACE_S old, instead of staying "running" for ever."""
+    with warnings.catch_warnings():  # "experimental" since Optuna 2.9, and what Optuna's own docs advise
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+
+
+def fail_stale_trials(optuna, study):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def make_pruner(optuna, epochs):
+    """Median pruning, not before a quarter of the epochs: a regularised model (weight decay, dropout)
+    climbs more slowly at first and overtakes later, and pruning it at epoch 2 lost exactly those."""
+    return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=max(2, epochs // 4))
+
+
 def make_objective(args, space, trials_dir):
     import optuna
 
@@ -161,11 +187,20 @@ def make_objective(args, space, trials_dir):
                 trial.set_user_attr("stderr", err.getvalue()[-500:])
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(folder, ncf.LAST_CHECKPOINT))  # ours, and large: model.pth stays
+        if summary["interrupted"]:  # SIGTERM: the trial stopped early, so its figure is not the flags' own
+            raise KeyboardInterrupt
         trial.set_user_attr("test_hr", summary["best_hr"])
         trial.set_user_attr("best_epoch", summary["best_epoch"])
         return summary["best_valid_hr"]
 
     return objective
+
+
+def report_failure(study, trial):
+    """One line for a failed trial (a diverged run, flags ncf.py refuses); the search goes on."""
+    if trial.state.name == "FAIL":
+        print(f"tune.py: trial {trial.number} failed: {trial.user_attrs.get('error', 'see its train.log')}",
+              file=sys.stderr)
 
 
 def check_output(folder):
@@ -244,7 +279,8 @@ def import_optuna():
         import optuna
     except ImportError:
         raise UserError("tune.py needs Optuna: pip install -r requirements-tune.txt") from None
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Optuna would log a failed trial with its traceback; report_failure says it in one line instead.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     return optuna
 
 
@@ -264,13 +300,17 @@ def main(argv=None):
     check_output(args.output)
     check_data(args.data)
     optuna = import_optuna()
+    # SIGTERM ends the search as Ctrl-C does (a trial then running stops after its epoch, and is failed).
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     os.makedirs(args.output, exist_ok=True)
     with open(os.path.join(args.output, MARKER), "w") as f:
         json.dump({"created_by": "tune.py", "data": args.data, "space": space}, f, indent=1)
     storage = args.storage or f"sqlite:///{os.path.abspath(os.path.join(args.output, 'study.db'))}"
-    study = optuna.create_study(study_name=args.study_name, storage=storage, load_if_exists=True,
-                                direction="maximize", sampler=optuna.samplers.TPESampler(seed=args.seed),
-                                pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2))
+    study = optuna.create_study(study_name=args.study_name, storage=make_storage(optuna, storage),
+                                load_if_exists=True, direction="maximize",
+                                sampler=optuna.samplers.TPESampler(seed=args.seed),
+                                pruner=make_pruner(optuna, args.epochs))
+    fail_stale_trials(optuna, study)
     enqueue_defaults(study, space, ncf.parse_args(args.ncf_args))
     done = sum(t.state.is_finished() for t in study.trials)
     if done:
@@ -279,7 +319,7 @@ def main(argv=None):
         if args.trials > done:
             study.optimize(make_objective(args, space, os.path.join(args.output, "trials")),
                            n_trials=args.trials - done, timeout=args.timeout, catch=(UserError,),
-                           show_progress_bar=sys.stderr.isatty())
+                           callbacks=[report_failure], show_progress_bar=sys.stderr.isatty())
     finally:
         print_table(study)
     if not any(t.value is not None for t in study.trials):

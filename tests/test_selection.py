@@ -2,6 +2,10 @@
 decay and the learning-rate schedule, the paper's GMF and MLP branches and NeuMF from them, tune.py."""
 import json
 import math
+import os
+import signal
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -242,6 +246,98 @@ def test_tune_runs_trials_and_continues_a_stopped_study(valid_cache, tmp_path, c
     assert "valid HR" in first and "test HR" in first
 
 
+@pytest.fixture
+def sigterm_handler_kept():
+    """tune.main turns SIGTERM into KeyboardInterrupt: give the test process its own handler back."""
+    saved = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, saved)
+
+
+TUNE_FIXED = ["--space", None, "--", "--factors", "8", "--layers", "32", "16", "8", "--opt_level", "O0"]
+
+
+def tune_argv(cache, out, space, trials):
+    space.write_text(json.dumps({"learning_rate": {"low": 1e-3, "high": 1e-2, "log": True}}))
+    return ["--data", str(cache), "--trials", str(trials), "--epochs", "2", "--output", str(out),
+            "--no_plots", "--space", str(space), *TUNE_FIXED[2:]]
+
+
+def test_stop_request_restores_the_previous_sigterm_handler():
+    before = signal.getsignal(signal.SIGTERM)
+    with ncf.StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_trial_fails_it_and_ends_the_search(valid_cache, tmp_path, monkeypatch, capsys,
+                                                             sigterm_handler_kept):
+    """A trial cut short by SIGTERM has the figure of fewer epochs than its flags ask: never recorded as
+    complete. The search stops (exit 130), and the next command continues it."""
+    import optuna
+
+    import tune
+
+    real_update = ncf.update_progress
+
+    def sigterm_in_epoch_1(state, record, epoch, *args):
+        if epoch == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_update(state, record, epoch, *args)
+
+    monkeypatch.setattr(ncf, "update_progress", sigterm_in_epoch_1)
+    out = tmp_path / "tune"
+    with pytest.raises(SystemExit) as stopped:
+        tune.main(tune_argv(valid_cache, out, tmp_path / "space.json", trials=3))
+    assert stopped.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines() == [f"{os.path.basename(sys.argv[0])}: interrupted"]
+    study = optuna.load_study(study_name="ncf", storage=f"sqlite:///{out / 'study.db'}")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL]
+    assert signal.getsignal(signal.SIGTERM) is signal.default_int_handler  # ncf gave tune's handler back
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # the test's own ask() outside optimize()
+def test_a_trial_of_a_killed_search_is_failed_by_the_next_one(valid_cache, tmp_path, monkeypatch,
+                                                              sigterm_handler_kept):
+    import optuna
+
+    import tune
+
+    out = tmp_path / "tune"
+    out.mkdir()
+    (out / tune.MARKER).write_text("{}")
+    storage = tune.make_storage(optuna, f"sqlite:///{out / 'study.db'}")
+    study = optuna.create_study(study_name="ncf", storage=storage, direction="maximize")
+    orphan = study.ask()  # what `kill -9` during a trial leaves: running, with a heartbeat that stopped
+    storage.record_heartbeat(orphan._trial_id)
+    monkeypatch.setattr(tune, "GRACE_S", 1)
+    monkeypatch.setattr(tune, "HEARTBEAT_S", 1)
+    time.sleep(2.5)
+    tune.main(tune_argv(valid_cache, out, tmp_path / "space.json", trials=2))
+    states = [t.state for t in optuna.load_study(study_name="ncf", storage=f"sqlite:///{out / 'study.db'}").trials]
+    assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
+
+
+@pytest.mark.slow
+def test_a_diverging_trial_is_failed_in_one_line_and_the_search_goes_on(valid_cache, tmp_path, capsys,
+                                                                        sigterm_handler_kept):
+    import tune
+
+    space = tmp_path / "space.json"
+    argv = tune_argv(valid_cache, tmp_path / "tune", space, trials=2)
+    space.write_text(json.dumps({"learning_rate": {"low": 1e12, "high": 1e13, "log": True}}))
+    with pytest.raises(SystemExit) as ended:
+        tune.main(argv)
+    assert ended.value.code == 2  # no trial finished: a UserError, after both were tried
+    err = capsys.readouterr().err.strip().splitlines()
+    assert [line.split(": training diverged")[0] for line in err[:2]] == [
+        "tune.py: trial 0 failed", "tune.py: trial 1 failed"]
+    assert "no trial finished" in err[2] and len(err) == 3
+
+
 def test_tune_refuses_a_cache_without_validation_and_searched_flags_given_as_fixed(tmp_path):
     import tune
 
@@ -271,4 +367,4 @@ def test_suggested_flags_are_ncf_flags():
     argv = tune.flags_of(tune.suggest(Fixed(), tune.DEFAULT_SPACE))
     args = ncf.parse_args(argv)
     assert args.layers == [32, 16, 8] and args.learning_rate == 1e-4 and args.negative_samples == 1
-    assert np.isclose(args.weight_decay, 1e-7)
+    assert np.isclose(args.weight_decay, 1e-3) and args.model == "neumf"
