@@ -131,13 +131,19 @@ def train_seed(seed, args, threads):
         raise UserError(f"seed {seed}: ncf.py wrote no summary to {log_path}; its output is in {out_path}")
     summary = summaries[-1]
     return {"seed": seed, "best_hr": summary["best_hr"], "best_ndcg": summary["best_ndcg"],
-            "best_epoch": summary["best_epoch"], "wall_s": time.perf_counter() - start, "log": log_path}
+            "best_epoch": summary["best_epoch"], "valid_hr": summary.get("best_valid_hr"),
+            "selected_by": summary.get("selected_by"), "wall_s": time.perf_counter() - start, "log": log_path}
 
 
 def summarise(runs):
+    """Mean, sample std, min and max of the best (test) HR; with a validation split, also the mean
+    validation HR of the chosen epochs (what a choice between configurations may look at)."""
     hr = np.array([r["best_hr"] for r in runs])
-    return {"seeds": len(runs), "mean": float(hr.mean()), "std": float(hr.std(ddof=1)) if len(hr) > 1 else 0.0,
-            "min": float(hr.min()), "max": float(hr.max())}
+    summary = {"seeds": len(runs), "mean": float(hr.mean()), "std": float(hr.std(ddof=1)) if len(hr) > 1 else 0.0,
+               "min": float(hr.min()), "max": float(hr.max())}
+    if all(r.get("valid_hr") is not None for r in runs):
+        summary["valid_mean"] = float(np.mean([r["valid_hr"] for r in runs]))
+    return summary
 
 
 def histogram(runs, summary, path, k):
@@ -180,8 +186,9 @@ def main(argv=None):
     with ThreadPoolExecutor(args.jobs) as pool:
         runs = list(pool.map(lambda s: train_seed(s, args, threads), seeds))
     for r in runs:
+        chosen = f" (chosen by {r['selected_by']}: {r['valid_hr']:.4f})" if r.get("valid_hr") is not None else ""
         print(f"seed {r['seed']:>4}: best HR {r['best_hr']:.4f} NDCG {r['best_ndcg']:.4f} "
-              f"at epoch {r['best_epoch']} ({r['wall_s']:.0f} s)")
+              f"at epoch {r['best_epoch']}{chosen} ({r['wall_s']:.0f} s)")
     summary = summarise(runs)
     k = read_log(runs[0]["log"])[0].get("args", {}).get("topk", 10)
     report = {"data": args.data, "ncf_args": args.ncf_args, "complete": True, "topk": k, "summary": summary,
@@ -192,8 +199,9 @@ def main(argv=None):
     except OSError as err:
         raise EnvironmentFailure(f"cannot write the report into --output {args.output} ({err.strerror or err}); "
                                  "the per-seed logs are there: free some space and rerun") from None
+    valid = f" | validation HR@{k} mean {summary['valid_mean']:.4f}" if "valid_mean" in summary else ""
     print(f"best HR@{k} over {summary['seeds']} seeds: mean {summary['mean']:.4f} | std {summary['std']:.4f} | "
-          f"min {summary['min']:.4f} | max {summary['max']:.4f}")
+          f"min {summary['min']:.4f} | max {summary['max']:.4f}{valid}")
     print(json.dumps(summary))
 
 

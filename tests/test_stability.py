@@ -16,22 +16,25 @@ pytestmark = pytest.mark.slow
 
 
 def test_two_seeds_summary_and_histogram(tmp_path, run_cli):
-    cache = make_tiny_cache(tmp_path)
+    cache = make_tiny_cache(tmp_path, validation=True)
     output = tmp_path / "stability"
     result = run_cli(["benchmarks/stability.py", "--data", cache, "--seeds", 2, "--first_seed", 3, "--jobs", 2,
                       "--output", output, "--", "-e", 1, *TINY_MODEL])
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads((output / "stability.json").read_text())
     assert [r["seed"] for r in report["runs"]] == [3, 4]
-    best = []
+    best, valid = [], []
     for seed in (3, 4):
         records = read_log(output / f"seed_{seed}.json")
         assert records[0]["args"]["seed"] == seed
-        best.append(next(r for r in records if r["event"] == "summary")["best_hr"])
+        summary = next(r for r in records if r["event"] == "summary")
+        best.append(summary["best_hr"])
+        valid.append(summary["best_valid_hr"])
     assert best[0] != best[1]  # different seeds, different runs
     summary = report["summary"]
     assert summary == pytest.approx({"seeds": 2, "mean": np.mean(best), "std": np.std(best, ddof=1),
-                                     "min": min(best), "max": max(best)})
+                                     "min": min(best), "max": max(best), "valid_mean": np.mean(valid)})
+    assert f"(chosen by validation HR@10: {valid[0]:.4f})" in result.stdout
     assert json.loads(result.stdout.strip().splitlines()[-1]) == summary
     assert 0 < summary["min"] < 1
     png = (output / "stability_hr.png").read_bytes()
@@ -40,6 +43,12 @@ def test_two_seeds_summary_and_histogram(tmp_path, run_cli):
     assert report["created_by"] == stability.CREATED_BY and report["complete"]
     assert stability.is_own_output(str(output))
     stability.validate(stability.parse_args(["--data", str(cache), "--output", str(output)]))
+
+
+def test_summary_without_a_validation_split_has_no_validation_mean():
+    runs = [{"best_hr": 0.5, "valid_hr": None}, {"best_hr": 0.6, "valid_hr": None}]
+    assert stability.summarise(runs) == pytest.approx({"seeds": 2, "mean": 0.55, "std": np.std([0.5, 0.6], ddof=1),
+                                                       "min": 0.5, "max": 0.6})
 
 
 def test_flags_it_sets_itself_are_user_errors(run_cli, assert_user_error, tmp_path):
