@@ -5,6 +5,7 @@ Two sizes of data: `make_synthetic_cache` (799 users, converted by the command l
 runs) and `make_tiny_cache` (300 users x 200 items, converted in-process: on a busy 2-core machine a fresh
 interpreter spends seconds importing torch, which the tests of the command lines already pay for).
 """
+import importlib.util
 import os
 import subprocess
 import sys
@@ -13,6 +14,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_benchmark(name):
+    """benchmarks/NAME.py as a module (the folder is no package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 sys.path.insert(0, str(ROOT))  # the scripts are modules too, whichever way pytest is started
 
 

@@ -2,19 +2,15 @@
 sizes, so they are ready whenever a GPU is lent; the figures they print agree with each other and with
 the floor formula worked out by hand."""
 import argparse
-import importlib.util
 import json
 import os
 
 import pytest
-from conftest import ROOT, _run, epochs_of
+from conftest import ROOT, _run, epochs_of, load_benchmark
 
 
 def load_throughput():
-    spec = importlib.util.spec_from_file_location("throughput", ROOT / "benchmarks" / "throughput.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("throughput")
 
 
 def median(values):

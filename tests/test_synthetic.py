@@ -1,18 +1,14 @@
 """synthetic.py: MovieLens-shaped output whose planted structure is real."""
 import hashlib
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import make_tiny_cache
+from conftest import load_benchmark, make_tiny_cache
 
 import synthetic
 from dataloading import load_cache
-
-ROOT = Path(__file__).resolve().parent.parent
 
 USERS, ITEMS = 2000, 1000
 
@@ -100,13 +96,6 @@ def test_top_k_per_row_is_exact():
     np.testing.assert_array_equal(synthetic.top_k_per_row(values, counts), expected)
 
 
-def load_planted_ceiling():
-    spec = importlib.util.spec_from_file_location("planted_ceiling", ROOT / "benchmarks" / "planted_ceiling.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_ratings_sha256_is_that_of_the_written_file(tmp_path):
     path = tmp_path / "ratings.csv"
     synthetic.write_ratings_csv(path, users=50, items=100, interactions_per_user_mean=25, seed=3)
@@ -118,7 +107,7 @@ def test_planted_ceiling_ranks_by_the_generating_logits(tmp_path, capsys):
     """The planted model's HR@10/NDCG@10 on the cache's candidates, checked user by user, and well
     above item popularity; flags of another dataset are refused."""
     cache_path = make_tiny_cache(tmp_path, validation=True)
-    ceiling = load_planted_ceiling()
+    ceiling = load_benchmark("planted_ceiling")
     shape = ["--users", "300", "--items", "200", "--interactions_per_user_mean", "30"]
     ceiling.main(["--cache", str(cache_path), *shape])
     result = json.loads(capsys.readouterr().out.splitlines()[-1])
