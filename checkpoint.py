@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from cli import EnvironmentFailure, UserError, atomic_file
-from neumf import MODELS, build_model
+from neumf import MODELS, build_model, parameter_shapes
 
 
 def safe_load(path, what, fix):
@@ -98,9 +98,24 @@ def _check_content(ckpt, path, what, fix):
     tensors = ckpt["model"].values()
     if not all(isinstance(t, torch.Tensor) for t in tensors):
         raise UserError(f"{what} {path} holds model weights that are not tensors: {fix}")
+    _check_shapes(ckpt, path, what, fix)
     if not all(torch.isfinite(t).all() for t in tensors if t.is_floating_point()):
         raise UserError(f"{what} {path} holds non-finite weights (NaN or inf): the run that wrote it diverged; "
                         f"use a checkpoint of an earlier epoch, or train again with a lower --learning_rate")
+
+
+def _check_shapes(ckpt, path, what, fix):
+    """The weights must be those of the model the config describes, checked before anything is built:
+    an edited config (10^9 factors, say) would otherwise allocate until the process is killed."""
+    try:
+        expected = parameter_shapes(ckpt["config"])
+    except (ValueError, RuntimeError) as err:
+        raise UserError(f"{what} {path} has a config no model can be built from ({str(err)[:120]}): {fix}") from None
+    actual = {name: tuple(tensor.shape) for name, tensor in ckpt["model"].items()}
+    if actual != expected:
+        wrong = sorted(name for name in expected.keys() | actual.keys() if expected.get(name) != actual.get(name))
+        raise UserError(f"{what} {path} holds weights that do not fit its config ({wrong[0]}: "
+                        f"{actual.get(wrong[0])} stored, {expected.get(wrong[0])} expected): {fix}")
 
 
 def _check_dataset(ckpt, cache, path, what):

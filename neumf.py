@@ -189,6 +189,14 @@ def load_pretrained(neumf, gmf, mlp, alpha=PRETRAIN_ALPHA):
     neumf.final.bias[:] = alpha * gmf.final.bias + (1 - alpha) * mlp.final.bias
 
 
+def parameter_shapes(config):
+    """{name: shape} of the model a config builds, worked out without allocating it (on the meta
+    device): a checkpoint's weights are checked against it before a config of 10^9 factors is built."""
+    with torch.device("meta"):
+        model = NeuMF(**config)
+    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+
+
 def build_model(config, device):
     """NeuMF from its config (as checkpoints store it) on `device`. The one place the CPU kernels are
     chosen: on a CPU they compute the same functions faster (benchmarks/README.md)."""

@@ -106,6 +106,12 @@ def set_dataset(key, value):
     return edit
 
 
+def another_item_count(ckpt):
+    """A consistent checkpoint of a dataset with one item more."""
+    ckpt["config"]["nb_items"] = 201
+    ckpt["model"]["item_embed.weight"] = torch.cat([ckpt["model"]["item_embed.weight"]] * 2)[:201]
+
+
 REFUSED = {
     "NaN weight": (set_weight(float("nan")), "non-finite weights"),
     "infinite weight": (set_weight(float("inf")), "non-finite weights"),
@@ -117,7 +123,11 @@ REFUSED = {
     "model not a dict": (lambda ckpt: ckpt.update(model=[1, 2]), "no model or config"),
     "another source file": (set_dataset("source_sha256", "0" * 64), "another dataset of the same shape"),
     "another min_ratings": (set_dataset("min_ratings", 5), "another dataset of the same shape"),
-    "another item count": (set_config("nb_items", 201), "items"),
+    "another item count": (another_item_count, "items"),
+    # Refused from the shapes alone: building it would allocate terabytes before load_state_dict could object.
+    "a trillion factors": (set_config("mf_dim", 2**40), "do not fit its config"),
+    "weights of another config": (set_config("nb_items", 201), "do not fit its config"),
+    "odd first layer": (set_config("mlp_layer_sizes", [33, 16, 8]), "no model can be built"),
 }
 
 
