@@ -76,7 +76,9 @@ def test_unknown_user_is_a_user_error(trained, run_cli, assert_user_error):
 def test_checkpoint_of_another_dataset_is_a_user_error(trained, tmp_path):
     cache_dir, checkpoint = trained
     ckpt = torch.load(checkpoint, weights_only=True)
-    ckpt["config"]["nb_items"] += 1
+    ckpt["config"]["nb_items"] += 1  # a consistent checkpoint of a dataset with one item more
+    items = ckpt["model"]["item_embed.weight"]
+    ckpt["model"]["item_embed.weight"] = torch.cat([items, items[:1]])
     torch.save(ckpt, tmp_path / "other.pth")
     user = load_cache(str(cache_dir)).user_ids[0].item()
     with pytest.raises(UserError, match=r"--checkpoint .* items"):
