@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from cli import EnvironmentFailure, UserError, atomic_file
-from neumf import MODELS, build_model, parameter_shapes
+from neumf import MODELS, NeuMF, build_model
 
 
 def safe_load(path, what, fix):
@@ -116,6 +116,13 @@ def _check_shapes(ckpt, path, what, fix):
         wrong = sorted(name for name in expected.keys() | actual.keys() if expected.get(name) != actual.get(name))
         raise UserError(f"{what} {path} holds weights that do not fit its config ({wrong[0]}: "
                         f"{actual.get(wrong[0])} stored, {expected.get(wrong[0])} expected): {fix}")
+
+
+def parameter_shapes(config):
+    """{name: shape} of the model a config builds, worked out without allocating it (on the meta device)."""
+    with torch.device("meta"):
+        model = NeuMF(**config)
+    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
 
 
 def _check_dataset(ckpt, cache, path, what):

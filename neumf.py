@@ -31,8 +31,7 @@ SCORE_PIECE_SAMPLES = 4096  # CPU evaluation works on pieces of this many candid
 
 
 def branch_widths(mf_dim, mlp_layer_sizes, model):
-    """(mf_dim, mlp_layer_sizes) of a `model` built with these flags: the branch it leaves out has
-    factors 0 or no layers."""
+    """(mf_dim, mlp_layer_sizes) of a `model` of these flags: the branch left out has width 0."""
     return (0 if model == "mlp" else mf_dim), (() if model == "gmf" else tuple(mlp_layer_sizes))
 
 
@@ -187,14 +186,6 @@ def load_pretrained(neumf, gmf, mlp, alpha=PRETRAIN_ALPHA):
     neumf.final.weight[:, :mf] = alpha * gmf.final.weight
     neumf.final.weight[:, mf:] = (1 - alpha) * mlp.final.weight
     neumf.final.bias[:] = alpha * gmf.final.bias + (1 - alpha) * mlp.final.bias
-
-
-def parameter_shapes(config):
-    """{name: shape} of the model a config builds, worked out without allocating it (on the meta
-    device): a checkpoint's weights are checked against it before a config of 10^9 factors is built."""
-    with torch.device("meta"):
-        model = NeuMF(**config)
-    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
 
 
 def build_model(config, device):
