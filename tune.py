@@ -139,18 +139,20 @@ def enqueue_defaults(study, space, defaults):
     study.enqueue_trial(params)
 
 
+@contextlib.contextmanager
+def heartbeat_api(optuna):
+    """Optuna's heartbeat calls, without their warning: "experimental" since Optuna 2.9, and what its
+    own docs advise for trials of killed processes."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
+
+
 def make_storage(optuna, url):
     """The study's database, with a heartbeat: a trial whose process was killed (kill -9, a lost machine)
     is marked failed once its heartbeat is GRACE_S old, instead of staying "running" for ever."""
-    with warnings.catch_warnings():  # "experimental" since Optuna 2.9, and what Optuna's own docs advise
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    with heartbeat_api(optuna):
         return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
-
-
-def fail_stale_trials(optuna, study):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
 
 
 def make_pruner(optuna, epochs):
@@ -310,7 +312,8 @@ def main(argv=None):
                                 load_if_exists=True, direction="maximize",
                                 sampler=optuna.samplers.TPESampler(seed=args.seed),
                                 pruner=make_pruner(optuna, args.epochs))
-    fail_stale_trials(optuna, study)
+    with heartbeat_api(optuna):
+        optuna.storages.fail_stale_trials(study)
     enqueue_defaults(study, space, ncf.parse_args(args.ncf_args))
     done = sum(t.state.is_finished() for t in study.trials)
     if done:
