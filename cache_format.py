@@ -75,6 +75,29 @@ def files_problem(folder, metadata):
     return None
 
 
+def dataset_identity(metadata):
+    """What identifies the data a model was trained on, as checkpoints, exports and studies record it:
+    the counts, the source file's checksum and convert settings, whether the cache holds a validation
+    split, and the checksum of the training pairs themselves (which items were held out). A model trained
+    without the validation split trained on the validation items: its validation HR would be inflated."""
+    return {"num_users": metadata.get("num_users"), "num_items": metadata.get("num_items"),
+            "source_sha256": metadata.get("source_sha256"), "min_ratings": metadata.get("min_ratings"),
+            "validation": metadata.get("validation") is True, "train_sha256": _file_sha256(metadata, TENSOR_FILES[0])}
+
+
+def evaluation_identity(metadata):
+    """dataset_identity and the checksums of the held-out items and their negatives: two caches with the
+    same identity here give the same figures for the same model (what a tuning study compares)."""
+    held_out = {name: _file_sha256(metadata, name) for name in tensor_files(metadata) if name != TENSOR_FILES[0]}
+    return {**dataset_identity(metadata), "held_out_sha256": hashlib.sha256(
+        json.dumps(held_out, sort_keys=True).encode()).hexdigest()}
+
+
+def _file_sha256(metadata, name):
+    record = (metadata.get("files") or {}).get(name) if isinstance(metadata.get("files"), dict) else None
+    return record.get("sha256") if isinstance(record, dict) else None
+
+
 def cache_problem(folder):
     """Why `folder` is not a complete, intact cache of this format version, or None if it is."""
     if not os.path.isdir(folder):

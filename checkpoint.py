@@ -10,7 +10,8 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from cli import EnvironmentFailure, UserError, atomic_file
+import cache_format
+from cli import EnvironmentFailure, UserError, atomic_file, identity_mismatch
 from neumf import MODELS, NeuMF, build_model
 
 
@@ -54,11 +55,8 @@ def payload(model, args, dataset, epoch, record):
 
 
 def dataset_identity(cache):
-    """What identifies the data a model was trained on: the source file's checksum and the convert
-    settings that decide the training split, besides the counts."""
-    meta = cache.metadata
-    return {"num_users": cache.num_users, "num_items": cache.num_items, "source_sha256": meta.get("source_sha256"),
-            "min_ratings": meta.get("min_ratings")}
+    """What identifies the data and split a model was trained on (cache_format.dataset_identity)."""
+    return cache_format.dataset_identity(cache.metadata)
 
 
 CONFIG_TYPES = {"nb_users": int, "nb_items": int, "mf_dim": int, "mlp_layer_sizes": list, "dropout": (int, float)}
@@ -133,13 +131,18 @@ def _check_dataset(ckpt, cache, path, what):
             f"the dataset has {cache.num_users} users and {cache.num_items} items: "
             f"use the checkpoint with the dataset it was trained on"
         )
-    trained_on = ckpt.get("dataset") if isinstance(ckpt.get("dataset"), dict) else {}
-    here = dataset_identity(cache)
-    for key in ("source_sha256", "min_ratings"):
-        if trained_on.get(key) is not None and here[key] is not None and trained_on[key] != here[key]:
-            raise UserError(f"{what} {path} was trained on another dataset of the same shape ({key} "
-                            f"{str(trained_on[key])[:16]} there, {str(here[key])[:16]} here): use the checkpoint "
-                            f"with the dataset it was trained on")
+    mismatch = identity_mismatch(ckpt.get("dataset"), dataset_identity(cache))
+    if mismatch is None:
+        return
+    key, there, here = mismatch
+    if key == "validation":
+        split = "with a validation split" if there else "without a validation split, so on the validation items"
+        raise UserError(f"{what} {path} was trained on this data {split}, but the cache {cache.path} "
+                        f"{'has none' if there else 'holds one'}: use the checkpoint with the cache it was trained "
+                        f"on, or train on this one")
+    raise UserError(f"{what} {path} was trained on another dataset or split of the same shape ({key} "
+                    f"{str(there)[:16]} there, {str(here)[:16]} here): use the checkpoint with the dataset it was "
+                    f"trained on")
 
 
 def load_model_weights(model, ckpt, path):

@@ -1,14 +1,18 @@
-"""Shared command-line plumbing: thread settings and user-facing errors.
+"""Shared command-line plumbing: thread settings, user-facing errors, and the one owner of every write.
 
 Import this module before torch in every entrypoint. On small shared CPUs, OpenMP threads that spin
 while waiting were measured to slow a 2-thread training step up to 30x; a passive wait policy cures
 it, and it only takes effect if set before the OpenMP runtime starts (i.e. before `import torch`).
 """
 import contextlib
+import fcntl
 import functools
+import json
 import os
 import shutil
+import socket
 import sys
+import time
 import warnings
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -227,3 +231,156 @@ def staged_folder(output, may_replace, what):
         if os.path.isdir(output):  # the previous one is kept until the new one is in place
             shutil.rmtree(old, ignore_errors=True)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# One owner for every write (spec §9): a command writes, appends to or deletes a user-visible path only
+# through the helpers below, and each asks a proof first. A proof is a function of the path that reads
+# its content (a marker's "created_by", a checkpoint's own fields, a log's records): a file of the same
+# name is no proof. tests/test_write_owner.py walks the source and fails on a write that bypasses them.
+
+CREATED_BY = "created_by"  # the key of the JSON files this project writes that says which command wrote it
+
+
+def json_marker(created_by):
+    """A proof: the path is a JSON object whose "created_by" is `created_by` (a marker, a report)."""
+
+    def proof(path):
+        with open(path) as f:
+            content = json.load(f)
+        return isinstance(content, dict) and content.get(CREATED_BY) == created_by
+
+    proof.__doc__ = f"a JSON file written by {created_by}"
+    return proof
+
+
+def proven(proof, path):
+    """True iff `proof(path)` holds; a proof that cannot read the path (binary, unreadable, malformed) fails."""
+    try:
+        return bool(proof(path))
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError, TypeError, KeyError, AttributeError):
+        return False
+
+
+def may_write(path, proof):
+    """The one rule: `path` may be (re)written iff nothing is there, it is an empty regular file (nothing to
+    lose), or `proof` shows this project wrote it."""
+    if not os.path.lexists(path):
+        return True
+    if os.path.islink(path) or not os.path.isfile(path):
+        return False
+    return os.path.getsize(path) == 0 or proven(proof, path)
+
+
+def check_may_write(path, flag, proof, what):
+    """Raise a UserError, before any work, unless `path` can be written as a file and may_write allows it.
+    `what` names the content with its article ("a run log"), for the message."""
+    check_output_path(path, flag)
+    if not may_write(path, proof):
+        raise UserError(f"{flag} {path} exists and is not {what} this project wrote, so it is not replaced: move "
+                        f"it away or choose another path")
+    return path
+
+
+@contextlib.contextmanager
+def owned_file(path, flag, proof, what):
+    """atomic_file, after check_may_write: the way a command writes or replaces one of its files."""
+    check_may_write(path, flag, proof, what)
+    with atomic_file(path) as f:
+        yield f
+
+
+def open_owned_for_append(path, flag, proof, what):
+    """A text file opened for appending (line-buffered), after check_may_write: logs that runs add to."""
+    check_may_write(path, flag, proof, what)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    return open(path, "a", buffering=1)
+
+
+def remove_owned(path, proof):
+    """Delete the file `path` iff may_write allows it (a file of ours, or an empty one); True if removed."""
+    if not os.path.isfile(path) or not may_write(path, proof):
+        return False
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+    return True
+
+
+def remove_owned_folder(folder, names, proof):
+    """Delete `folder` iff it holds nothing but regular files named in `names` for which `proof` holds
+    (a file's proof gets its path) and no sub-folder: what a command wrote there and nothing else."""
+    if not os.path.isdir(folder) or os.path.islink(folder):
+        return False
+    entries = os.listdir(folder)
+    if not all(name in names and may_write(os.path.join(folder, name), proof) for name in entries):
+        return False
+    for name in entries:
+        os.remove(os.path.join(folder, name))
+    os.rmdir(folder)
+    return True
+
+
+def lock_note(path):
+    """A proof for lock files: empty, or the one line hold_lock writes."""
+    with open(path) as f:
+        text = f.read(4096)
+    return text == "" or (text.startswith("pid ") and text.count("\n") == 1 and " started " in text)
+
+
+def hold_lock(path, what, proof=lock_note, holder_note=True):
+    """An exclusive lock on `path` (created if needed) for as long as the returned file stays open.
+
+    Two runs writing one checkpoint folder or one log would each report the other's files as their
+    own; the second is refused, naming the holder. flock locks die with their process, so a killed
+    run never leaves a stale lock. A file that exists and that `proof` does not show to be ours is
+    refused before it is opened for writing.
+    """
+    if not may_write(path, proof):
+        raise UserError(f"{what}: {path} exists and is not a file this project wrote, so it is not taken as "
+                        f"a lock: move it away, or choose another {what.split()[0]}")
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() if holder_note else ""
+        handle.close()
+        raise UserError(f"{what} is in use by another run{f' ({holder})' if holder else ''}: wait for it to end, "
+                        f"or choose another {what.split()[0]}") from None
+    if holder_note:
+        handle.truncate(0)
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+    return handle
+
+
+# ---------------------------------------------------------------------------------------------
+# One identity for every reuse (spec §9): checkpoints, exports and studies record what they were made
+# from as a flat dict; every reader compares it with what it is given here, through this one function.
+
+
+def identity_mismatch(recorded, current):
+    """The first key on which two identities disagree, as (key, recorded value, current value), or None.
+
+    A key absent from the recorded identity (an artefact older than the key) or None on either side is
+    not compared; every other key is.
+    """
+    recorded = recorded if isinstance(recorded, dict) else {}
+    for key, value in current.items():
+        if key in recorded and recorded[key] is not None and value is not None and recorded[key] != value:
+            return key, recorded[key], value
+    return None
+
+
+def check_identity(recorded, current, what, fix):
+    """Raise a UserError naming the first difference between `recorded` (what `what` was made with) and
+    `current` (what it is used with now), and `fix`."""
+    mismatch = identity_mismatch(recorded, current)
+    if mismatch:
+        key, there, here = mismatch
+        raise UserError(f"{what} was made with {key} {_short(there)}, but this run has {key} {_short(here)}: {fix}")
+
+
+def _short(value):
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= 40 else text[:16] + "..."

@@ -23,6 +23,7 @@ class Cache:
     metadata: dict
     valid: torch.Tensor = None  # [U, 2] with --validation: row u is (u, validation item of u or -1)
     valid_negatives: torch.Tensor = None  # [U, negatives]
+    path: str = ""  # the folder it was loaded from, for messages
 
     @property
     def has_validation(self):
@@ -78,6 +79,7 @@ def load_cache(path):
         metadata=metadata,
         valid=tensors.get("valid_ratings.pt"),
         valid_negatives=tensors.get("valid_negatives.pt"),
+        path=path,
     )
     _check_cache(cache, path, fix)
     problem = files_problem(path, metadata)

@@ -56,7 +56,9 @@ def test_payload_round_trip(tiny, tmp_path):
         assert torch.equal(a, b)
     assert (ckpt["epoch"], ckpt["hr"], ckpt["ndcg"], ckpt["args"]) == (3, 0.5, 0.25, {"factors": 4})
     assert ckpt["dataset"] == {"num_users": tiny.num_users, "num_items": tiny.num_items,
-                               "source_sha256": tiny.metadata["source_sha256"], "min_ratings": 20}
+                               "source_sha256": tiny.metadata["source_sha256"], "min_ratings": 20,
+                               "validation": False,
+                               "train_sha256": tiny.metadata["files"]["train_ratings.pt"]["sha256"]}
 
 
 def test_rng_states_round_trip():
@@ -121,9 +123,12 @@ REFUSED = {
     "negative factors": (set_config("mf_dim", -8), "broken config"),
     "weights not tensors": (lambda ckpt: ckpt["model"].update({"final.bias": [0.0]}), "not tensors"),
     "model not a dict": (lambda ckpt: ckpt.update(model=[1, 2]), "no model or config"),
-    "another source file": (set_dataset("source_sha256", "0" * 64), "another dataset of the same shape"),
-    "another min_ratings": (set_dataset("min_ratings", 5), "another dataset of the same shape"),
+    "another source file": (set_dataset("source_sha256", "0" * 64), "another dataset or split"),
+    "another min_ratings": (set_dataset("min_ratings", 5), "another dataset or split"),
     "another item count": (another_item_count, "items"),
+    # The same ratings converted with and without --validation: the training pairs differ.
+    "trained with a validation split, cache without": (set_dataset("validation", True), "with a validation split"),
+    "another training split": (set_dataset("train_sha256", "0" * 64), "another dataset or split"),
     # Refused from the shapes alone: building it would allocate terabytes before load_state_dict could object.
     "a trillion factors": (set_config("mf_dim", 2**40), "do not fit its config"),
     "weights of another config": (set_config("nb_items", 201), "do not fit its config"),

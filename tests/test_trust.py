@@ -122,7 +122,7 @@ def test_mode_test_refuses_a_checkpoint_with_non_finite_weights(world, tmp_path,
 def test_mode_test_refuses_another_dataset_of_the_same_shape(world, capsys):
     status, _, err = run_ncf(capsys, "--data", world["twin"], "--mode", "test", "--load_checkpoint_path",
                              world["ck"] / "model.pth")
-    one_line(err, status, 2, "another dataset of the same shape")
+    one_line(err, status, 2, "another dataset or split")
 
 
 @pytest.mark.parametrize("case", ["another dataset", "model-only last.pth"])
@@ -130,7 +130,7 @@ def test_resume_refuses_and_changes_nothing(world, tmp_path, capsys, case):
     ck = copy_run(world, tmp_path)
     if case == "model-only last.pth":
         shutil.copy(ck / "model.pth", ck / "last.pth")
-    data, words = (world["twin"], "another dataset of the same shape") if case == "another dataset" else \
+    data, words = (world["twin"], "another dataset or split") if case == "another dataset" else \
         (world["cache"], "last.pth")
     before = snapshot(ck)
     status, _, err = run_ncf(capsys, "--data", data, "-e", "3", "--checkpoint_dir", ck, "--resume", *TINY_MODEL)
