@@ -34,6 +34,15 @@ def safe_load(path, what, fix):
 
 
 
+def is_checkpoint_file(path):
+    """A proof (cli.may_write) that ncf.py wrote `path`: it loads as a checkpoint of ours (its own fields)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    return isinstance(content, dict) and isinstance(content.get("model"), dict) and \
+        isinstance(content.get("config"), dict)
+
+
 def save_atomic(obj, path):
     """torch.save through a temporary file renamed into place: a crash never leaves half a checkpoint."""
     try:

@@ -350,6 +350,10 @@ def convert(args):
         raise UserError(f"--path {args.path}: no training pairs are left, because each of the {num_users} "
                         "user(s) kept has a single distinct item, which becomes their test item; pass a file "
                         "where users have at least two distinct items")
+    if args.validation and not (valid_items >= 0).any():
+        raise UserError(f"--validation: none of the {num_users} user(s) has the 3 distinct items it takes to hold out "
+                        "a validation item besides the test item and one to train on, so the split would be empty: "
+                        "convert without --validation, or pass data (or a --min_ratings) that keeps longer histories")
     stages.update()
     stage("negatives")
     test_negatives = sample_negatives(positive_keys, num_users, num_items, args.negatives, args.seed)

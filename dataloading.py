@@ -86,6 +86,9 @@ def load_cache(path):
     if problem:
         raise UserError(f"dataset cache {path}: {problem}: {fix}")
     _check_ids(cache, path, fix)
+    if cache.has_validation and not (cache.valid[:, 1] >= 0).any():
+        raise UserError(f"dataset cache {path} has a validation split in which no user has a validation item, so "
+                        f"nothing could be selected on it: convert it without --validation")
     return cache
 
 

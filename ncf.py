@@ -15,11 +15,9 @@ import cli  # noqa: F401, I001  (first: sets the OpenMP wait policy before torch
 import argparse
 import contextlib
 import datetime
-import fcntl
 import math
 import os
 import signal
-import socket
 import sys
 import time
 import warnings
@@ -31,10 +29,11 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import checkpoint
-from cli import UserError, check_output_path, main_guard, remove_stale_temporaries
+from cli import (UserError, check_may_write, check_output_path, hold_lock, lock_note, main_guard, remove_owned,
+                 remove_owned_folder, remove_stale_temporaries)
 from dataloading import EpochSampler, FullRankingData, TestData, load_cache
 from devices import Precision, choose_precision, matmul_precision, pick_device, set_matmul_precision
-from logger import RunLogger
+from logger import RunLogger, is_run_log
 from metrics import ItemPopularity, full_ranks, rank_metric_sums, sampled_ranks
 from neumf import DROPOUT, FACTORS, LAYERS, MODELS, branch_widths, build_model, load_pretrained
 
@@ -42,12 +41,15 @@ DATA_DIR = os.environ.get("DATA_DIR", "./data")
 BEST_CHECKPOINT = "model.pth"  # the best epoch's model
 LAST_CHECKPOINT = "last.pth"  # the last epoch's full state, for --resume
 LOCK_FILE = ".lock"  # held by the run writing the folder (see hold_lock)
-# Flags that define the model's shape: on --resume the checkpoint's values win.
-ARCHITECTURE_FLAGS = ("model", "factors", "layers")
-# Flags that change the optimisation: on --resume a difference is allowed, with a warning.
-TRAINING_FLAGS = (
-    "batch_size", "negative_samples", "learning_rate", "beta1", "beta2", "eps", "dropout",
+# --resume continues a run: the flags below take last.pth's values unless given on the command line.
+# These cannot change: the model's shape, and the k that the run's best figures so far are HR@k of.
+FIXED_ON_RESUME = ("model", "factors", "layers", "topk")
+# These may: a value given on the command line is applied (to the restored optimizer and schedule too),
+# printed with a warning, and recorded in the new last.pth.
+RESUMED_FLAGS = (
+    "epochs", "batch_size", "negative_samples", "learning_rate", "beta1", "beta2", "eps", "dropout",
     "grads_accumulated", "opt_level", "amp_dtype", "seed", "weight_decay", "lr_schedule", "warmup_epochs",
+    "threshold", "patience", "valid_batch_size", "full_ranking", "save_every",
 )
 
 
@@ -169,58 +171,46 @@ def validate_args(args):
     if (args.init_gmf is None) != (args.init_mlp is None) or (args.init_gmf and args.model != "neumf"):
         raise UserError("--init_gmf and --init_mlp go together, with --model neumf: pass a GMF and an MLP "
                         "checkpoint (train them with --model gmf and --model mlp)")
+    starts = [flag for flag, given in (("--resume", args.resume), ("--load_checkpoint_path", args.load_checkpoint_path),
+                                       ("--init_gmf", args.init_gmf)) if given]
+    if args.mode == "train" and len(starts) > 1:
+        raise UserError(f"{' and '.join(starts)}: a run starts from one of them (last.pth, a model checkpoint, or "
+                        f"pretrained branches), not several: pass only one")
     if args.batch_size % args.grads_accumulated:
         raise UserError(f"--batch_size {args.batch_size} is not divisible by --grads_accumulated "
                         f"{args.grads_accumulated}: choose sizes that divide")
-
-
-def hold_lock(path, what, holder_note=True):
-    """An exclusive lock on `path` (created if needed) for as long as the returned file stays open.
-
-    Two runs writing one checkpoint folder or one log would each report the other's files as their
-    own; the second is refused, naming the holder. flock locks die with their process, so a killed
-    run never leaves a stale lock.
-    """
-    handle = open(path, "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() if holder_note else ""
-        handle.close()
-        raise UserError(f"{what} is in use by another run{f' ({holder})' if holder else ''}: wait for it to end, "
-                        f"or choose another {what.split()[0]}") from None
-    if holder_note:
-        handle.truncate(0)
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        handle.flush()
-    return handle
 
 
 def hold_run_locks(args):
     """Rank 0's locks on the checkpoint folder (train mode) and the log, and the paths that taking them
     created, so that a run that fails before writing anything leaves nothing behind."""
     locks, created = [], []
-    if args.mode == "train":
-        if not os.path.exists(args.checkpoint_dir):
-            created.append(args.checkpoint_dir)
-        os.makedirs(args.checkpoint_dir, exist_ok=True)
-        locks.append(hold_lock(os.path.join(args.checkpoint_dir, LOCK_FILE), f"--checkpoint_dir {args.checkpoint_dir}"))
-    if args.log_path:
-        if not os.path.exists(args.log_path):
-            created.append(args.log_path)
-        locks.append(hold_lock(args.log_path, f"--log_path {args.log_path}", holder_note=False))
+    try:
+        if args.mode == "train":
+            if not os.path.exists(args.checkpoint_dir):
+                created.append(args.checkpoint_dir)
+            os.makedirs(args.checkpoint_dir, exist_ok=True)
+            locks.append(hold_lock(os.path.join(args.checkpoint_dir, LOCK_FILE),
+                                   f"--checkpoint_dir {args.checkpoint_dir}"))
+        if args.log_path:
+            if not os.path.exists(args.log_path):
+                created.append(args.log_path)
+            locks.append(hold_lock(args.log_path, f"--log_path {args.log_path}", is_run_log, holder_note=False))
+    except BaseException:  # the log's lock refused: let go of the folder's, and remove what was made for it
+        for lock in locks:
+            lock.close()
+        remove_if_unused(created)
+        raise
     return locks, created
 
 
 def remove_if_unused(created):
     """Remove the folders and files that hold_run_locks created and nothing has written to since."""
     for path in created:
-        if os.path.isdir(path) and os.listdir(path) == [LOCK_FILE]:
-            os.remove(os.path.join(path, LOCK_FILE))
-            os.rmdir(path)
+        if os.path.isdir(path):
+            remove_owned_folder(path, {LOCK_FILE}, lock_note)
         elif os.path.isfile(path) and os.path.getsize(path) == 0:
-            os.remove(path)
+            remove_owned(path, is_run_log)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,21 +428,44 @@ def run_evaluation(model, test_data, full_data, topk, batch_size, precision, ctx
     return record
 
 
-def resolved_resume_args(args, saved_args):
-    """The flags of a resumed run: a new namespace, with a warning for every flag that differs from
-    last.pth's saying which value wins (the checkpoint's for the model's shape, this command line's else)."""
+def resolved_resume_args(args, saved_args, given):
+    """The flags of a resumed run, as a new namespace: last.pth's values for the flags not given on the
+    command line (a resume continues that run); a given flag of RESUMED_FLAGS that differs is applied,
+    with a warning; one of FIXED_ON_RESUME that differs is refused."""
     resolved = vars(args).copy()
-    for name in ARCHITECTURE_FLAGS:
+    for name in FIXED_ON_RESUME:
         saved = saved_args.get(name, "neumf" if name == "model" else None)  # before --model, all were NeuMF
-        if saved is not None and getattr(args, name) != saved:
-            warnings.warn(f"--resume: --{name} is {getattr(args, name)} here but {saved} in last.pth; "
-                          f"the checkpoint's value wins (the model's shape cannot change)", stacklevel=2)
-            resolved[name] = saved
-    for name in TRAINING_FLAGS:
-        if getattr(args, name) != saved_args.get(name):
-            warnings.warn(f"--resume: --{name} is {getattr(args, name)} here but {saved_args.get(name)} in "
-                          f"last.pth; this command line's value wins", stacklevel=2)
+        if saved is None:
+            continue
+        if name in given and getattr(args, name) != saved:
+            why = "the run's best figures so far are HR@k of that k" if name == "topk" else "the model's shape"
+            raise UserError(f"--resume: --{name} is {getattr(args, name)} here but {saved} in last.pth, and it "
+                            f"cannot change ({why}): leave --{name} out to continue that run, or start a new run in "
+                            f"another --checkpoint_dir")
+        resolved[name] = saved
+    for name in RESUMED_FLAGS:
+        if name not in saved_args:
+            continue
+        if name not in given:
+            resolved[name] = saved_args[name]
+        elif getattr(args, name) != saved_args[name] and name != "epochs":  # more epochs: the usual resume
+            warnings.warn(f"--resume: --{name} is {getattr(args, name)} here but {saved_args[name]} in last.pth; "
+                          f"this command line's value is applied from here on", stacklevel=2)
     return argparse.Namespace(**resolved)
+
+
+def apply_optimizer_flags(optimizer, scheduler, args):
+    """Put the run's optimizer and schedule flags into an optimizer and schedule restored from last.pth,
+    whose state_dicts carry the previous run's: what a resumed run prints, does and records must agree."""
+    for group in optimizer.param_groups:
+        group.update(betas=(args.beta1, args.beta2), eps=args.eps, weight_decay=args.weight_decay,
+                     initial_lr=args.learning_rate)
+        if "decoupled_weight_decay" in group:  # an Adam state loaded into AdamW, or the reverse
+            group["decoupled_weight_decay"] = bool(args.weight_decay)
+    scheduler.base_lrs = [args.learning_rate] * len(optimizer.param_groups)
+    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)  # the step about to be taken
+    for group in optimizer.param_groups:
+        group["lr"] = args.learning_rate * factor
 
 
 # ---------------------------------------------------------------------------------------------
@@ -577,15 +590,22 @@ def restore_scaler(scaler, state):
                       "fresh loss scale", stacklevel=2)
 
 
-def build_training(args, ctx, cache, last_path, steps_per_epoch):
+def load_resume_state(args, given, cache):
+    """(last.pth's content, the run's flags reconciled with it) for --resume, else (None, args)."""
+    if not args.resume:
+        return None, args
+    last_path = os.path.join(args.checkpoint_dir, LAST_CHECKPOINT)
+    if not os.path.isfile(last_path):
+        raise UserError(f"--resume: {last_path} does not exist: run without --resume, or pass the "
+                        f"--checkpoint_dir of the run to continue")
+    resumed = checkpoint.load_checkpoint(last_path, cache, "--resume checkpoint", resume=True)
+    return resumed, resolved_resume_args(args, resumed["args"], given)
+
+
+def build_training(args, ctx, cache, resumed, steps_per_epoch):
+    """The model, optimizer, precision, scaler, schedule and progress: fresh, or restored from last.pth's
+    content `resumed` (args already reconciled with it)."""
     torch.manual_seed(args.seed)
-    resumed = None
-    if args.resume:
-        if not os.path.isfile(last_path):
-            raise UserError(f"--resume: {last_path} does not exist: run without --resume, or pass the "
-                            f"--checkpoint_dir of the run to continue")
-        resumed = checkpoint.load_checkpoint(last_path, cache, "--resume checkpoint", resume=True)
-        args = resolved_resume_args(args, resumed["args"])
     model = build_model(model_config(args, cache), ctx.device)
     if not resumed:
         initial_weights(model, args, cache)
@@ -597,11 +617,12 @@ def build_training(args, ctx, cache, last_path, steps_per_epoch):
     state = {"epoch": 0, "best_hr": -1.0, "best_ndcg": 0.0, "best_epoch": 0, "time_to_target_s": None,
              "best_train_throughput": 0.0, "best_eval_throughput": 0.0, "elapsed_s": 0.0}
     if resumed:
-        checkpoint.load_model_weights(model, resumed, last_path)
+        checkpoint.load_model_weights(model, resumed, os.path.join(args.checkpoint_dir, LAST_CHECKPOINT))
         optimizer.load_state_dict(resumed["optimizer"])
         restore_scaler(scaler, resumed["scaler"])
         if resumed.get("scheduler"):
             scheduler.load_state_dict(resumed["scheduler"])
+        apply_optimizer_flags(optimizer, scheduler, args)
         state.update(resumed["state"])
         checkpoint.restore_rng_states(resumed["rng"], ctx)
     else:
@@ -674,6 +695,15 @@ def weights_are_finite(model):
     return bool(torch.stack([p.isfinite().all() for p in model.parameters()]).all())
 
 
+def warn_if_replacing(folder):
+    """A fresh run in a folder with a previous run's checkpoints replaces them as it goes: say so."""
+    previous = [name for name in (BEST_CHECKPOINT, LAST_CHECKPOINT) if os.path.isfile(os.path.join(folder, name))]
+    if previous:
+        warnings.warn(f"--checkpoint_dir {folder} holds a previous run's {' and '.join(previous)}, which this run "
+                      f"replaces: pass --resume to continue that run instead, or another --checkpoint_dir to keep "
+                      f"them", stacklevel=2)
+
+
 def log_start(log, run, ctx, cache, sampler, test_data):
     """The set-up figures, and the item-popularity baseline the model must beat."""
     args = run.args
@@ -705,15 +735,19 @@ def stop_reason(run, record, epoch, reached, stop, ctx):
     return None
 
 
-def train_mode(args, ctx, cache, log, on_epoch=None):
-    """Train; `on_epoch(record)` is called with every epoch's figures (tune.py prunes trials with it)."""
+def train_mode(args, given, ctx, cache, log, on_epoch=None):
+    """Train; `given` names the flags of the command line (for --resume); `on_epoch(record)` is called with
+    every epoch's figures (tune.py prunes trials with it)."""
     if ctx.is_main:
         for name in (LAST_CHECKPOINT, BEST_CHECKPOINT):
             remove_stale_temporaries(os.path.join(args.checkpoint_dir, name))
+    resumed, args = load_resume_state(args, given, cache)
     sampler = EpochSampler(cache.train, cache.num_items, args.negative_samples, ctx.device, args.seed)
     steps = sampler.steps_per_epoch(args.batch_size, ctx.world_size * args.grads_accumulated)
-    run = build_training(args, ctx, cache, os.path.join(args.checkpoint_dir, LAST_CHECKPOINT), steps)
+    run = build_training(args, ctx, cache, resumed, steps)
     args, state = run.args, run.state
+    if ctx.is_main and not resumed:
+        warn_if_replacing(args.checkpoint_dir)
     train_model = DistributedDataParallel(run.model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None) \
         if ctx.distributed else run.model
     eval_data = evaluation_data(cache, args.full_ranking, ctx, cache.has_validation)
@@ -747,6 +781,18 @@ def train_mode(args, ctx, cache, log, on_epoch=None):
     return summary
 
 
+def check_outputs(args):
+    """Before any work: the checkpoint folder and log can be written, and the files there that a run
+    replaces or appends to are ours (cli.check_may_write: a checkpoint's own fields, a log's records)."""
+    if args.mode == "train":
+        check_output_path(args.checkpoint_dir, "--checkpoint_dir", folder=True)
+        for name in (BEST_CHECKPOINT, LAST_CHECKPOINT):
+            check_may_write(os.path.join(args.checkpoint_dir, name), "--checkpoint_dir", checkpoint.is_checkpoint_file,
+                            "a checkpoint")
+    if args.log_path:
+        check_may_write(args.log_path, "--log_path", is_run_log, "a run log")
+
+
 def run(argv=None, on_epoch=None):
     """What `python ncf.py ARGS` does, errors raised rather than reported (tune.py runs trials with it);
     returns the training summary (None in --mode test)."""
@@ -761,10 +807,7 @@ def run(argv=None, on_epoch=None):
                             f"--grads_accumulated {args.grads_accumulated}: choose a multiple of "
                             f"{ctx.world_size * args.grads_accumulated}")
         if ctx.is_main:
-            if args.mode == "train":
-                check_output_path(args.checkpoint_dir, "--checkpoint_dir", folder=True)
-            if args.log_path:
-                check_output_path(args.log_path, "--log_path")
+            check_outputs(args)
         cache = load_cache(args.data)
         candidates = cache.test_negatives.shape[1] + 1
         if args.topk > candidates and not args.full_ranking:
@@ -777,7 +820,7 @@ def run(argv=None, on_epoch=None):
             test_mode(args, given_flags(argv), ctx, cache, log)
             result = None
         else:
-            result = train_mode(args, ctx, cache, log, on_epoch)
+            result = train_mode(args, given_flags(argv), ctx, cache, log, on_epoch)
         created = []  # the run got through: what it made stays
         return result
     finally:

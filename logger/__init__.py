@@ -5,9 +5,10 @@ This is the one place that knows the metric names and units. Each JSON line is a
 "test" (`--mode test`).
 """
 import json
-import os
 import sys
 import time
+
+from cli import open_owned_for_append
 
 # JSON key -> (console label, format). Keys absent from a record are not printed.
 _FIELDS = {
@@ -61,8 +62,7 @@ class RunLogger:
         if self.log_path is None:
             return
         if self._file is None:
-            os.makedirs(os.path.dirname(os.path.abspath(self.log_path)), exist_ok=True)
-            self._file = open(self.log_path, "a", buffering=1)
+            self._file = open_owned_for_append(self.log_path, "--log_path", is_run_log, "a run log")
         self._file.write(json.dumps({"event": event, "time": time.time(), **record}) + "\n")
 
     def log(self, event, **record):
@@ -74,6 +74,12 @@ class RunLogger:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def is_run_log(path):
+    """A proof (cli.may_write) that `path` is a log RunLogger wrote: every line one of its records."""
+    with open(path) as f:
+        return all(record_problem(json.loads(line)) is None for line in f if line.strip())
 
 
 def read_log(path):

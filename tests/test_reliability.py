@@ -71,6 +71,14 @@ def not_a_checkpoint(world):
     return path
 
 
+def foreign_file(world, name, folder="foreign"):
+    """A folder holding a user's own file named as one ncf.py writes (its content is no checkpoint or log)."""
+    path = world["tmp"] / folder / name
+    path.parent.mkdir(exist_ok=True)
+    path.write_text("my notes\n")
+    return path
+
+
 # (case, argv builder, words the one stderr line must contain)
 BAD_INPUTS = [
     ("missing cache", lambda w: ncf_argv(w, "--data", w["tmp"] / "nowhere"),
@@ -107,6 +115,18 @@ BAD_INPUTS = [
      ["--checkpoint_dir", "is a file"]),
     ("unwritable log folder", lambda w: ncf_argv(w, "--log_path", w["file"] / "logs" / "log.json"),
      ["--log_path", "is a file"]),
+    ("a model.pth ncf.py did not write", lambda w: ncf_argv(w, "--checkpoint_dir", foreign_file(w, "model.pth").parent),
+     ["model.pth", "not replaced"]),
+    ("a lock file ncf.py did not write", lambda w: ncf_argv(w, "--checkpoint_dir",
+                                                           foreign_file(w, ".lock", "foreign-2").parent),
+     [".lock", "not taken as a lock"]),
+    ("a log ncf.py did not write", lambda w: ncf_argv(w, "--log_path", foreign_file(w, "notes.txt", "foreign-3")),
+     ["--log_path", "not replaced"]),
+    ("resume and pretrained branches", lambda w: ncf_argv(w, "--resume", "--init_gmf", w["ck"], "--init_mlp", w["ck"]),
+     ["--resume and --init_gmf", "pass only one"]),
+    ("start checkpoint and pretrained branches", lambda w: ncf_argv(w, "--load_checkpoint_path", w["ck"], "--init_gmf",
+                                                                    w["ck"], "--init_mlp", w["ck"]),
+     ["--load_checkpoint_path and --init_gmf"]),
     ("batch not divisible", lambda w: ncf_argv(w, "-b", "1000", "--grads_accumulated", "3"),
      ["--batch_size 1000", "--grads_accumulated 3"]),
     ("dropout out of range", lambda w: ncf_argv(w, "--dropout", "1.0"), ["--dropout"]),
@@ -133,7 +153,10 @@ def test_bad_input_is_one_clear_line(world, run_cli, assert_user_error, case, ar
     assert_user_error(result, *words)
     created = set(os.listdir(world["tmp"])) - before - {"ck-new"}
     assert not (world["tmp"] / "ck-new").exists(), "an early error left a checkpoint folder"
-    assert not {name for name in created if not name.startswith(("broken-", "truncated", "list"))}
+    assert not {name for name in created if not name.startswith(("broken-", "truncated", "list", "foreign"))}
+    for folder in ("foreign", "foreign-2", "foreign-3"):  # the user's files there are untouched, and nothing was added
+        if (world["tmp"] / folder).exists():
+            assert [p.read_text() for p in (world["tmp"] / folder).iterdir()] == ["my notes\n"]
 
 
 def test_a_pickle_that_runs_code_is_refused(world, tmp_path, run_cli, assert_user_error):

@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import TINY_MODEL, make_tiny_cache
 
+import cache_format
 import convert
 import ncf
 from cli import UserError
@@ -64,6 +65,30 @@ def test_validation_holds_out_each_users_second_to_last_item(tmp_path):
     train = {(cache.user_ids[u].item(), cache.item_ids[i].item()) for u, i in cache.train.tolist()}
     assert train == {(1, 10), (1, 11), (2, 20), (3, 33), (3, 30), (4, 40)}
     assert cache.metadata["validation"] is True and cache.metadata["num_valid"] == 3
+
+
+def test_a_validation_split_no_user_can_fill_is_refused(tmp_path):
+    """Users of two items each: nobody can spare a validation item. convert says so rather than write a
+    split that selection would divide by zero on; a cache like it (edited) is refused when loaded."""
+    csv = tmp_path / "ratings.csv"
+    csv.write_text("user_id,item_id,timestamp\n" + "".join(f"{u},{u * 10 + k},{k}\n" for u in range(1, 4)
+                                                         for k in range(2)))
+    argv = ["--path", str(csv), "--min_ratings", "1", "--negatives", "3", "--no_progress"]
+    with pytest.raises(UserError, match=r"none of the 3 user\(s\) has the 3 distinct items"):
+        convert.convert(convert.parse_args([*argv, "--output", str(tmp_path / "cache"), "--validation"]))
+    assert not (tmp_path / "cache").exists()
+    convert.main([*argv, "--output", str(tmp_path / "cache")])
+    meta = json.loads((tmp_path / "cache" / "metadata.json").read_text())
+    assert load_cache(str(tmp_path / "cache")).num_users == 3
+    valid = torch.stack([torch.arange(3), torch.full((3,), -1)], 1).int()  # what an empty split would hold
+    for name, tensor in (("valid_ratings.pt", valid), ("valid_negatives.pt", torch.zeros(3, 3, dtype=torch.int32))):
+        torch.save(tensor, tmp_path / "cache" / name)
+        meta["files"][name] = {"bytes": (tmp_path / "cache" / name).stat().st_size,
+                               "sha256": cache_format.sha256_of(tmp_path / "cache" / name)}
+    meta.update(validation=True, num_valid=0)
+    (tmp_path / "cache" / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="no user has a validation item"):
+        load_cache(str(tmp_path / "cache"))
 
 
 def test_validation_negatives_are_distinct_unseen_items_and_test_negatives_do_not_move(tmp_path):
@@ -239,10 +264,10 @@ def test_tune_runs_trials_and_continues_a_stopped_study(valid_cache, tmp_path, c
 
     study = optuna.load_study(study_name="ncf", storage=f"sqlite:///{out / 'study.db'}")
     assert len(study.trials) == 3
-    best = json.loads((out / "best.json").read_text())
+    best = json.loads((out / "ncf" / "best.json").read_text())
     assert best["valid_hr"] == max(t.value for t in study.trials if t.value is not None)
     assert best["command"].startswith("python ncf.py --data") and "--learning_rate" in best["command"]
-    assert (out / "optimization_history.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "ncf" / "optimization_history.png").read_bytes()[:4] == b"\x89PNG"
     assert "valid HR" in first and "test HR" in first
 
 
@@ -307,18 +332,18 @@ def test_a_trial_of_a_killed_search_is_failed_by_the_next_one(valid_cache, tmp_p
     import tune
 
     out = tmp_path / "tune"
-    out.mkdir()
-    (out / tune.MARKER).write_text("{}")
+    tune.main(tune_argv(valid_cache, out, tmp_path / "space.json", trials=1))  # a study as tune.py starts it
     storage = tune.make_storage(optuna, f"sqlite:///{out / 'study.db'}")
-    study = optuna.create_study(study_name="ncf", storage=storage, direction="maximize")
+    study = optuna.load_study(study_name="ncf", storage=storage)
     orphan = study.ask()  # what `kill -9` during a trial leaves: running, with a heartbeat that stopped
     storage.record_heartbeat(orphan._trial_id)
     monkeypatch.setattr(tune, "GRACE_S", 1)
     monkeypatch.setattr(tune, "HEARTBEAT_S", 1)
     time.sleep(2.5)
-    tune.main(tune_argv(valid_cache, out, tmp_path / "space.json", trials=2))
+    tune.main(tune_argv(valid_cache, out, tmp_path / "space.json", trials=3))  # the failed orphan counts as finished
     states = [t.state for t in optuna.load_study(study_name="ncf", storage=f"sqlite:///{out / 'study.db'}").trials]
-    assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
+    assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL,
+                      optuna.trial.TrialState.COMPLETE]
 
 
 @pytest.mark.slow
@@ -358,13 +383,13 @@ def test_suggested_flags_are_ncf_flags():
         def suggest_categorical(self, name, choices):
             return choices[0]
 
-        def suggest_int(self, name, low, high):
+        def suggest_int(self, name, low, high, log=False):
             return low
 
         def suggest_float(self, name, low, high, log=False):
             return low
 
-    argv = tune.flags_of(tune.suggest(Fixed(), tune.DEFAULT_SPACE))
+    argv = tune.flags_of(tune.suggest(Fixed(), tune.DEFAULT_SPACE, {"batch_size", "factors", "negative_samples"}))
     args = ncf.parse_args(argv)
     assert args.layers == [32, 16, 8] and args.learning_rate == 1e-4 and args.negative_samples == 1
     assert np.isclose(args.weight_decay, 1e-3) and args.model == "neumf"

@@ -6,16 +6,19 @@ ncf.py runs in-process here (its main(argv), the code its command line runs) on 
 import hashlib
 import json
 import shutil
+import warnings
 
 import pytest
 import torch
 from conftest import TINY_MODEL, make_tiny_cache
 
 import checkpoint
+import cli
 import dataloading
 import ncf
 from dataloading import load_cache
 from devices import choose_precision
+from logger import is_run_log
 from neumf import build_model
 
 CPU = torch.device("cpu")
@@ -37,14 +40,17 @@ def world(tmp_path_factory):
 
 
 def run_ncf(capsys, *argv):
-    """(exit status, stdout, stderr) of ncf.main(argv)."""
-    try:
-        ncf.main([str(a) for a in argv])
-        status = 0
-    except SystemExit as exit_:
-        status = exit_.code
+    """(exit status, stdout, stderr) of ncf.main(argv); warnings join stderr as the command line prints them."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            ncf.main([str(a) for a in argv])
+            status = 0
+        except SystemExit as exit_:
+            status = exit_.code
     out, err = capsys.readouterr()
-    return status, out, err
+    printed = "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
+    return status, out, printed + err
 
 
 def one_line(err, status, expected_status, *words):
@@ -143,7 +149,7 @@ def test_resume_refuses_and_changes_nothing(world, tmp_path, capsys, case):
 
 def test_a_second_run_on_a_held_checkpoint_folder_is_refused_naming_the_holder(world, tmp_path, capsys):
     ck = copy_run(world, tmp_path)
-    held = ncf.hold_lock(str(ck / ncf.LOCK_FILE), "--checkpoint_dir")
+    held = cli.hold_lock(str(ck / ncf.LOCK_FILE), "--checkpoint_dir")
     try:
         before = snapshot(ck)
         status, _, err = run_ncf(capsys, "--data", world["cache"], "-e", "1", "--checkpoint_dir", ck, *TINY_MODEL)
@@ -157,7 +163,7 @@ def test_a_second_run_on_a_held_checkpoint_folder_is_refused_naming_the_holder(w
 def test_a_second_run_on_a_held_log_is_refused(world, tmp_path, capsys):
     log = tmp_path / "log.json"
     log.write_text('{"event": "note"}\n')
-    held = ncf.hold_lock(str(log), "--log_path", holder_note=False)
+    held = cli.hold_lock(str(log), "--log_path", is_run_log, holder_note=False)
     try:
         status, _, err = run_ncf(capsys, "--data", world["cache"], "-e", "1", "--checkpoint_dir", tmp_path / "ck",
                                  "--log_path", log, *TINY_MODEL)
@@ -255,3 +261,112 @@ def test_ctrl_c_is_one_line_exit_130_and_keeps_the_last_checkpoint(world, tmp_pa
     assert snapshot(ck) == before
     ckpt = checkpoint.load_checkpoint(str(ck / "last.pth"), load_cache(str(world["cache"])), resume=True)
     assert ckpt["state"]["epoch"] == 2
+
+
+# -- a resume does what it prints and records (issue 20.1) -------------------------------------------------
+
+
+def resumed_last(ck, world):
+    return checkpoint.load_checkpoint(str(ck / "last.pth"), load_cache(str(world["cache"])), resume=True)
+
+
+def test_resume_applies_a_new_learning_rate_and_records_it(world, tmp_path, capsys):
+    ck = copy_run(world, tmp_path)
+    status, _, err = run_ncf(capsys, "--data", world["cache"], "-e", "3", "--checkpoint_dir", ck, "--resume",
+                             "-l", "0.002", "--beta1", "0.5", "--weight_decay", "0.01")
+    assert status == 0, err
+    assert "--learning_rate is 0.002 here but 0.0045 in last.pth; this command line's value is applied" in err
+    last = resumed_last(ck, world)
+    (group,) = last["optimizer"]["param_groups"]
+    assert (group["lr"], group["betas"], group["weight_decay"]) == (0.002, (0.5, 0.5), 0.01)
+    assert group.get("decoupled_weight_decay", True)
+    assert (last["args"]["learning_rate"], last["args"]["beta1"]) == (0.002, 0.5)
+
+
+def test_resume_continues_with_last_pth_flags_not_given(world, tmp_path, capsys):
+    """A resume that names only the data, the folder and the epochs continues the run as it was: TINY_MODEL's
+    batch, precision and shape, not ncf.py's defaults (a 2^20 batch in bf16)."""
+    ck = copy_run(world, tmp_path)
+    status, out, err = run_ncf(capsys, "--data", world["cache"], "-e", "3", "--checkpoint_dir", ck, "--resume",
+                               "--no_progress")
+    assert status == 0 and "warning" not in err, err
+    assert "global batch 4,096" in out and "(O0)" in out
+    last = resumed_last(ck, world)
+    assert (last["args"]["batch_size"], last["args"]["opt_level"], last["args"]["factors"]) == (4096, "O0", 8)
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--factors", "16"], "--factors is 16 here but 8"),
+    (["-k", "5"], "--topk is 5 here but 10"),
+])
+def test_resume_refuses_a_change_it_cannot_apply(world, tmp_path, capsys, flags, words):
+    ck = copy_run(world, tmp_path)
+    before = snapshot(ck)
+    status, _, err = run_ncf(capsys, "--data", world["cache"], "-e", "3", "--checkpoint_dir", ck, "--resume", *flags)
+    one_line(err, status, 2, words, "cannot change")
+    assert snapshot(ck) == before
+
+
+@pytest.mark.parametrize("start", [["--resume"], ["--load_checkpoint_path", "MODEL"]])
+def test_pretrained_branches_with_another_start_are_refused(world, tmp_path, capsys, start):
+    ck = copy_run(world, tmp_path)
+    before = snapshot(ck)
+    start = [str(ck / "model.pth") if flag == "MODEL" else flag for flag in start]
+    status, _, err = run_ncf(capsys, "--data", world["cache"], "-e", "3", "--checkpoint_dir", ck, *start,
+                             "--init_gmf", ck / "model.pth", "--init_mlp", ck / "model.pth")
+    one_line(err, status, 2, "--init_gmf", "pass only one")
+    assert snapshot(ck) == before
+
+
+# -- a checkpoint is used only with its split (issue 20.2) --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def split_twin(world, tmp_path_factory):
+    """The tiny ratings converted with --validation: same source, shape and settings, another split."""
+    from conftest import make_tiny_cache
+
+    return make_tiny_cache(tmp_path_factory.mktemp("split"), validation=True)
+
+
+@pytest.mark.parametrize("use", ["--mode test", "--resume", "--load_checkpoint_path", "--init_gmf"])
+def test_a_checkpoint_trained_without_the_validation_split_is_refused_on_it(world, split_twin, tmp_path, capsys, use):
+    ck = copy_run(world, tmp_path)
+    model = ck / "model.pth"
+    before = snapshot(ck)
+    argv = {"--mode test": ["--mode", "test", "--load_checkpoint_path", model],
+            "--resume": ["--resume", "-e", "3"],
+            "--load_checkpoint_path": ["--load_checkpoint_path", model],
+            "--init_gmf": ["--init_gmf", model, "--init_mlp", model]}[use]
+    status, _, err = run_ncf(capsys, "--data", split_twin, "--checkpoint_dir", ck, *TINY_MODEL, *argv)
+    one_line(err, status, 2, "without a validation split")
+    assert snapshot(ck) == before
+
+
+# -- files that ncf.py did not write are never replaced (issue 20.7) ----------------------------------------
+
+
+@pytest.mark.parametrize("name", ["model.pth", "last.pth", ".lock"])
+def test_a_foreign_file_in_the_checkpoint_folder_is_never_replaced(world, tmp_path, capsys, name):
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / name).write_text("my notes\n")
+    before = {p.name: p.read_bytes() for p in ck.iterdir()}
+    status, _, err = run_ncf(capsys, "--data", world["cache"], "-e", "1", "--checkpoint_dir", ck, *TINY_MODEL)
+    one_line(err, status, 2, name, "not replaced" if name != ".lock" else "not taken as a lock")
+    assert {p.name: p.read_bytes() for p in ck.iterdir()} == before
+
+
+def test_a_foreign_log_is_never_appended_to(world, tmp_path, capsys):
+    log = tmp_path / "notes.txt"
+    log.write_text("my notes\n")
+    status, _, err = run_ncf(capsys, "--data", world["cache"], "-e", "1", "--checkpoint_dir", tmp_path / "ck",
+                             "--log_path", log, *TINY_MODEL)
+    one_line(err, status, 2, "--log_path", "not replaced")
+    assert log.read_text() == "my notes\n" and not (tmp_path / "ck").exists()
+
+
+def test_a_fresh_run_over_a_previous_one_says_it_replaces_it(world, tmp_path, capsys):
+    ck = copy_run(world, tmp_path)
+    status, _, err = run_ncf(capsys, "--data", world["cache"], "-e", "1", "--checkpoint_dir", ck, *TINY_MODEL)
+    assert status == 0 and "holds a previous run's model.pth and last.pth, which this run replaces" in err
