@@ -77,6 +77,8 @@ def load_checkpoint(path, cache, what="checkpoint", resume=False):
     `cache`'s dataset when one is given. `resume`: it must also hold what --resume needs."""
     fix = "pass a checkpoint written by ncf.py (--load_checkpoint_path), or train first"
     ckpt = safe_load(path, what, fix)
+    if is_nvidia_state_dict(ckpt):
+        ckpt = from_nvidia(ckpt, path, what)
     _check_content(ckpt, path, what, fix)
     if resume and not all(key in ckpt for key in RESUME_KEYS):
         raise UserError(f"{what} {path} lacks the optimizer and progress state of a last.pth (it is a model-only "
@@ -84,6 +86,55 @@ def load_checkpoint(path, cache, what="checkpoint", resume=False):
     if cache is not None:
         _check_dataset(ckpt, cache, path, what)
     return ckpt
+
+
+# NVIDIA's recipe saves model.pth as the plain state dict of its NeuMF: GMF and MLP embeddings in four
+# tables (one table per side here, [GMF | MLP] columns), and "module." before every name when saved from
+# DDP. Its mlp.N and final layers are named and ordered as here ([GMF | MLP] into the output layer).
+NVIDIA_TABLES = {"user_embed.weight": ("mf_user_embed.weight", "mlp_user_embed.weight"),
+                 "item_embed.weight": ("mf_item_embed.weight", "mlp_item_embed.weight")}
+NVIDIA_DROPOUT = 0.5  # not in its checkpoint: the recipe's default (it changes training, not scores)
+
+
+def is_nvidia_state_dict(content):
+    return isinstance(content, dict) and "model" not in content and any(
+        isinstance(name, str) and name.removeprefix("module.") == "mf_user_embed.weight" for name in content)
+
+
+def from_nvidia(state_dict, path, what):
+    """A checkpoint of ours from NVIDIA's model.pth, its config worked out from the tensor shapes. It records
+    no dataset, so only the user and item counts can be compared with a cache."""
+    weights = {name.removeprefix("module."): tensor for name, tensor in state_dict.items()}
+    tables = [weights.get(name) for pair in NVIDIA_TABLES.values() for name in pair]
+    layers = sorted(int(name.split(".")[1]) for name in weights if name.startswith("mlp.") and name.endswith(".weight")
+                    and name.split(".")[1].isdigit())
+    shapes_ok = all(isinstance(t, torch.Tensor) and t.dim() == 2 for t in tables) and \
+        tables[0].shape[0] == tables[1].shape[0] and tables[2].shape[0] == tables[3].shape[0] and \
+        tables[0].shape[1] == tables[2].shape[1] and tables[1].shape[1] == tables[3].shape[1] and \
+        layers == list(range(len(layers))) and all(isinstance(weights.get(f"mlp.{i}.weight"), torch.Tensor) and
+                                                    weights[f"mlp.{i}.weight"].dim() == 2 for i in layers)
+    if not shapes_ok:
+        raise UserError(f"{what} {path} looks like an NVIDIA-recipe model.pth but its tables or layers do not fit "
+                        f"together: pass the model.pth that NVIDIA's ncf.py wrote, unedited")
+    model = {ours: torch.cat([weights.pop(name) for name in pair], dim=1) for ours, pair in NVIDIA_TABLES.items()}
+    model.update(weights)
+    config = {"nb_users": tables[0].shape[0], "nb_items": tables[2].shape[0], "mf_dim": tables[0].shape[1],
+              "mlp_layer_sizes": [2 * tables[1].shape[1]] + [model[f"mlp.{i}.weight"].shape[0] for i in layers],
+              "dropout": NVIDIA_DROPOUT}
+    return {"model": model, "config": config, "format": "nvidia"}
+
+
+def to_nvidia(ckpt):
+    """NVIDIA's model.pth (a plain state dict of its NeuMF) from a NeuMF checkpoint of ours."""
+    config = ckpt["config"]
+    if config.get("model", "neumf") != "neumf":
+        raise UserError(f"NVIDIA's recipe has NeuMF only, and this checkpoint holds its {config['model']} branch "
+                        f"alone: export a NeuMF checkpoint")
+    state = {name: tensor for name, tensor in ckpt["model"].items() if name not in NVIDIA_TABLES}
+    for ours, (gmf, mlp) in NVIDIA_TABLES.items():
+        state[gmf], state[mlp] = (t.clone() for t in ckpt["model"][ours].split(
+            (config["mf_dim"], config["mlp_layer_sizes"][0] // 2), dim=1))
+    return state
 
 
 def _check_content(ckpt, path, what, fix):

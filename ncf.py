@@ -88,12 +88,13 @@ def build_parser():
     p.add_argument("-l", "--learning_rate", type=float, default=0.0045, help="Adam learning rate")
     p.add_argument("-k", "--topk", type=int, default=10, help="rank cut-off k of HR@k and NDCG@k")
     p.add_argument("-t", "--threshold", type=float, default=1.0, help="stop training once HR@k reaches this")
-    p.add_argument("--beta1", type=float, default=0.25, help="Adam beta1")
-    p.add_argument("--beta2", type=float, default=0.5, help="Adam beta2")
+    p.add_argument("--beta1", "-b1", type=float, default=0.25, help="Adam beta1")
+    p.add_argument("--beta2", "-b2", type=float, default=0.5, help="Adam beta2")
     p.add_argument("--eps", type=float, default=1e-8, help="Adam epsilon")
     p.add_argument("--dropout", type=float, default=DROPOUT, help="dropout after each MLP hidden layer")
     p.add_argument("--checkpoint_dir", default=os.path.join(DATA_DIR, "checkpoints"),
-                   help="where model.pth (best epoch) and last.pth (for --resume) are written")
+                   help="where model.pth (best epoch) and last.pth (for --resume) are written; '' saves nothing "
+                        "(as NVIDIA's newest recipe)")
     p.add_argument("--load_checkpoint_path", "--checkpoint-path", dest="load_checkpoint_path", default=None,
                    help="model checkpoint to evaluate (--mode test) or to start training from")
     p.add_argument("--mode", choices=("train", "test"), default="train",
@@ -186,13 +187,15 @@ def hold_run_locks(args):
     created, so that a run that fails before writing anything leaves nothing behind."""
     locks, created = [], []
     try:
-        if args.mode == "train":
+        if args.mode == "train" and args.checkpoint_dir:
             if not os.path.exists(args.checkpoint_dir):
                 created.append(args.checkpoint_dir)
             os.makedirs(args.checkpoint_dir, exist_ok=True)
             locks.append(hold_lock(os.path.join(args.checkpoint_dir, LOCK_FILE),
                                    f"--checkpoint_dir {args.checkpoint_dir}"))
         if args.log_path:
+            created += missing_folders(args.log_path)
+            os.makedirs(os.path.dirname(os.path.abspath(args.log_path)), exist_ok=True)
             if not os.path.exists(args.log_path):
                 created.append(args.log_path)
             locks.append(hold_lock(args.log_path, f"--log_path {args.log_path}", is_run_log, holder_note=False))
@@ -204,9 +207,19 @@ def hold_run_locks(args):
     return locks, created
 
 
+def missing_folders(path):
+    """The folders above `path` that do not exist yet, outermost first."""
+    missing, folder = [], os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        missing.insert(0, folder)
+        folder = os.path.dirname(folder)
+    return missing
+
+
 def remove_if_unused(created):
-    """Remove the folders and files that hold_run_locks created and nothing has written to since."""
-    for path in created:
+    """Remove the folders and files that hold_run_locks created and nothing has written to since,
+    innermost first."""
+    for path in reversed(created):
         if os.path.isdir(path):
             remove_owned_folder(path, {LOCK_FILE}, lock_note)
         elif os.path.isfile(path) and os.path.getsize(path) == 0:
@@ -500,7 +513,7 @@ class StopRequest:
         return self.stopped
 
 
-def print_setup(log, ctx, precision, optimizer_name, cache, args, steps):
+def print_setup(log, ctx, precision, optimizer_name, cache, args, steps, parameters):
     per_rank = args.batch_size // ctx.world_size
     log.info(
         f"device {ctx.device} | world size {ctx.world_size} | precision {precision.name} ({args.opt_level}) | "
@@ -509,7 +522,8 @@ def print_setup(log, ctx, precision, optimizer_name, cache, args, steps):
         f"{cache.train.shape[0]:,} train positives, {cache.test.shape[0]:,} test users x "
         f"{1 + cache.test_negatives.shape[1]} candidates\n"
         f"global batch {args.batch_size:,} | per rank {per_rank:,} | micro-batch "
-        f"{per_rank // args.grads_accumulated:,} | steps per epoch {steps:,}"
+        f"{per_rank // args.grads_accumulated:,} | steps per epoch {steps:,}\n"
+        f"model {args.model}: {parameters:,} parameters"
     )
 
 
@@ -535,6 +549,9 @@ def test_precision(args, given, saved_args, device):
 
 
 def test_mode(args, given, ctx, cache, log):
+    if not (args.load_checkpoint_path or args.checkpoint_dir):
+        raise UserError("--mode test with --checkpoint_dir '' needs --load_checkpoint_path: pass the checkpoint "
+                        "to evaluate")
     path = args.load_checkpoint_path or os.path.join(args.checkpoint_dir, BEST_CHECKPOINT)
     if not os.path.isfile(path):
         raise UserError(f"--mode test needs a checkpoint, and {path} does not exist: pass --load_checkpoint_path "
@@ -594,6 +611,9 @@ def load_resume_state(args, given, cache):
     """(last.pth's content, the run's flags reconciled with it) for --resume, else (None, args)."""
     if not args.resume:
         return None, args
+    if not args.checkpoint_dir:
+        raise UserError("--resume continues from CHECKPOINT_DIR/last.pth, and --checkpoint_dir is '': pass the "
+                        "--checkpoint_dir of the run to continue")
     last_path = os.path.join(args.checkpoint_dir, LAST_CHECKPOINT)
     if not os.path.isfile(last_path):
         raise UserError(f"--resume: {last_path} does not exist: run without --resume, or pass the "
@@ -643,10 +663,15 @@ def update_progress(state, record, epoch, elapsed_s, threshold):
     state["elapsed_s"] = elapsed_s
     state["best_train_throughput"] = max(state["best_train_throughput"], record["train_throughput"])
     state["best_eval_throughput"] = max(state["best_eval_throughput"], record["eval_throughput"])
+    # Sums for the recipe's mean throughputs (a last.pth written before them starts them here).
+    state["train_throughput_sum"] = state.get("train_throughput_sum", 0.0) + record["train_throughput"]
+    state["eval_throughput_sum"] = state.get("eval_throughput_sum", 0.0) + record["eval_throughput"]
+    state["timed_epochs"] = state.get("timed_epochs", 0) + 1
     selection = selection_metric(record)
     improved = selection > state.get("best_selection", state["best_hr"])
     if improved:
-        state.update(best_selection=selection, best_hr=record["hr"], best_ndcg=record["ndcg"], best_epoch=epoch)
+        state.update(best_selection=selection, best_hr=record["hr"], best_ndcg=record["ndcg"], best_epoch=epoch,
+                     time_to_best_model_s=elapsed_s)
     reached = selection >= threshold
     if reached and state["time_to_target_s"] is None:
         state["time_to_target_s"] = elapsed_s
@@ -708,7 +733,8 @@ def log_start(log, run, ctx, cache, sampler, test_data):
     """The set-up figures, and the item-popularity baseline the model must beat."""
     args = run.args
     steps = sampler.steps_per_epoch(args.batch_size, ctx.world_size * args.grads_accumulated)
-    print_setup(log, ctx, run.precision, run.optimizer_name, cache, args, steps)
+    print_setup(log, ctx, run.precision, run.optimizer_name, cache, args, steps,
+                sum(p.numel() for p in run.model.parameters()))
     popularity_hr, popularity_ndcg = evaluate(ItemPopularity(sampler.items, cache.num_items), test_data, args.topk,
                                               args.valid_batch_size, run.precision, ctx)
     log.info(f"item-popularity baseline: HR@{args.topk} {popularity_hr:.4f} | NDCG@{args.topk} {popularity_ndcg:.4f}")
@@ -729,7 +755,9 @@ def stop_reason(run, record, epoch, reached, stop, ctx):
     if args.patience and epoch - state["best_epoch"] >= args.patience:
         return (f"{chosen_by}@{args.topk} has not improved for {args.patience} epochs (--patience; best "
                 f"{state['best_selection']:.4f} at epoch {state['best_epoch']}): stopping")
-    if stop.agreed(ctx):
+    if stop.agreed(ctx) and not args.checkpoint_dir:
+        return f"stopped by SIGTERM after epoch {epoch}; nothing saved (--checkpoint_dir '')"
+    if stop.stopped:
         return (f"stopped by SIGTERM after epoch {epoch}; {os.path.join(args.checkpoint_dir, LAST_CHECKPOINT)} is "
                 f"saved: continue with --resume")
     return None
@@ -738,7 +766,7 @@ def stop_reason(run, record, epoch, reached, stop, ctx):
 def train_mode(args, given, ctx, cache, log, on_epoch=None):
     """Train; `given` names the flags of the command line (for --resume); `on_epoch(record)` is called with
     every epoch's figures (tune.py prunes trials with it)."""
-    if ctx.is_main:
+    if ctx.is_main and args.checkpoint_dir:
         for name in (LAST_CHECKPOINT, BEST_CHECKPOINT):
             remove_stale_temporaries(os.path.join(args.checkpoint_dir, name))
     resumed, args = load_resume_state(args, given, cache)
@@ -746,7 +774,7 @@ def train_mode(args, given, ctx, cache, log, on_epoch=None):
     steps = sampler.steps_per_epoch(args.batch_size, ctx.world_size * args.grads_accumulated)
     run = build_training(args, ctx, cache, resumed, steps)
     args, state = run.args, run.state
-    if ctx.is_main and not resumed:
+    if ctx.is_main and not resumed and args.checkpoint_dir:
         warn_if_replacing(args.checkpoint_dir)
     train_model = DistributedDataParallel(run.model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None) \
         if ctx.distributed else run.model
@@ -766,15 +794,20 @@ def train_mode(args, given, ctx, cache, log, on_epoch=None):
             # last.pth (~380 MB with Adam's moments at ml-20m size) every --save_every epochs, and whenever the
             # run ends, so that a short GPU epoch does not wait on the disk every time.
             write_last = bool(reason) or epoch == args.epochs or epoch % args.save_every == 0
-            save_checkpoints(run, cache, ctx, epoch, record, improved, write_last, args.checkpoint_dir)
+            if args.checkpoint_dir:  # '' saves nothing
+                save_checkpoints(run, cache, ctx, epoch, record, improved, write_last, args.checkpoint_dir)
             if reason:
                 log.info(reason)
                 break
     selected_by = f"validation HR@{args.topk}" if cache.has_validation else f"test HR@{args.topk}"
+    timed = max(1, state.get("timed_epochs", 0))
     summary = {"best_hr": state["best_hr"], "best_ndcg": state["best_ndcg"], "best_epoch": state["best_epoch"],
                "selected_by": selected_by, "time_to_target_s": state["time_to_target_s"],
+               "time_to_best_model_s": state.get("time_to_best_model_s"), "run_time_s": state["elapsed_s"],
                "best_train_throughput": state["best_train_throughput"],
-               "best_eval_throughput": state["best_eval_throughput"], "interrupted": stop.stopped}
+               "best_eval_throughput": state["best_eval_throughput"],
+               "mean_train_throughput": state.get("train_throughput_sum", 0.0) / timed,
+               "mean_eval_throughput": state.get("eval_throughput_sum", 0.0) / timed, "interrupted": stop.stopped}
     if cache.has_validation:
         summary["best_valid_hr"] = state["best_selection"]
     log.log("summary", **summary)
@@ -784,7 +817,7 @@ def train_mode(args, given, ctx, cache, log, on_epoch=None):
 def check_outputs(args):
     """Before any work: the checkpoint folder and log can be written, and the files there that a run
     replaces or appends to are ours (cli.check_may_write: a checkpoint's own fields, a log's records)."""
-    if args.mode == "train":
+    if args.mode == "train" and args.checkpoint_dir:
         check_output_path(args.checkpoint_dir, "--checkpoint_dir", folder=True)
         for name in (BEST_CHECKPOINT, LAST_CHECKPOINT):
             check_may_write(os.path.join(args.checkpoint_dir, name), "--checkpoint_dir", checkpoint.is_checkpoint_file,

@@ -3,6 +3,10 @@
 This is the one place that knows the metric names and units. Each JSON line is an object with an
 "event" field: "config" (once, at start), "epoch" (once per epoch), "summary" (once, at the end) or
 "test" (`--mode test`).
+
+Each record also carries the keys NVIDIA's recipe logs (DLLogger), with the recipe's meanings, so that a
+recipe user's log readers work unchanged: see RECIPE_KEYS. Epochs stay 1-based here, in the console and
+the "epoch" field; "step" holds the recipe's 0-based epoch.
 """
 import json
 import sys
@@ -29,9 +33,29 @@ _FIELDS = {
     "best_valid_hr": ("its valid HR@{k}", "{:.4f}"),
     "selected_by": ("chosen by", "{}"),
     "time_to_target_s": ("time to target", "{:.2f} s"),
+    "time_to_best_model_s": ("time to best model", "{:.2f} s"),
     "best_train_throughput": ("best train", "{:,.0f} samples/s"),
     "best_eval_throughput": ("best eval", "{:,.0f} samples/s"),
+    "mean_train_throughput": ("mean train", "{:,.0f} samples/s"),
+    "mean_eval_throughput": ("mean eval", "{:,.0f} samples/s"),
 }
+_NUMBER_FIELDS = ("run_time_s",)  # logged, not printed
+
+# This project's key -> the key NVIDIA's recipe logs the same figure under ({k}: --topk). The recipe's
+# time_to_target is the time from start to the end of training, reached or not (its 2019 and newest code
+# alike); time_to_target_s here is null unless --threshold was reached, so run_time_s carries it.
+RECIPE_KEYS = {
+    "loss": "train_loss", "hr": "hr@{k}", "train_time_s": "train_epoch_time", "eval_time_s": "validation_epoch_time",
+    "best_hr": "best_accuracy", "time_to_best_model_s": "time_to_best_model", "run_time_s": "time_to_target",
+}
+
+
+def with_recipe_keys(record, k):
+    """`record` plus the recipe's names of its figures, and the recipe's 0-based epoch as "step"."""
+    extra = {RECIPE_KEYS[key].format(k=k): value for key, value in record.items() if key in RECIPE_KEYS}
+    if "epoch" in record:
+        extra["step"] = [record["epoch"] - 1]
+    return {**record, **extra}
 
 
 def format_record(record, k):
@@ -63,7 +87,7 @@ class RunLogger:
             return
         if self._file is None:
             self._file = open_owned_for_append(self.log_path, "--log_path", is_run_log, "a run log")
-        self._file.write(json.dumps({"event": event, "time": time.time(), **record}) + "\n")
+        self._file.write(json.dumps({"event": event, "time": time.time(), **with_recipe_keys(record, self.k)}) + "\n")
 
     def log(self, event, **record):
         """Print `record` as one console line and write it as one JSON line."""
@@ -103,7 +127,7 @@ def record_problem(record):
         return f"is a JSON {_JSON_TYPES.get(type(record), 'value')}, not an object"
     if not isinstance(record.get("event"), str):
         return 'has no "event" field naming its kind'
-    for key in _FIELDS:
+    for key in (*_FIELDS, *_NUMBER_FIELDS):
         value = record.get(key)
         if value is None:
             continue

@@ -370,3 +370,11 @@ def test_a_fresh_run_over_a_previous_one_says_it_replaces_it(world, tmp_path, ca
     ck = copy_run(world, tmp_path)
     status, _, err = run_ncf(capsys, "--data", world["cache"], "-e", "1", "--checkpoint_dir", ck, *TINY_MODEL)
     assert status == 0 and "holds a previous run's model.pth and last.pth, which this run replaces" in err
+
+
+def test_a_run_that_fails_after_its_locks_leaves_no_folder_it_made(world, tmp_path, capsys):
+    log = tmp_path / "a" / "b" / "log.json"
+    status, _, err = run_ncf(capsys, "--data", world["cache"], "-e", "1", "--checkpoint_dir", tmp_path / "ck",
+                             "--log_path", log, "--resume", *TINY_MODEL)
+    one_line(err, status, 2, "last.pth does not exist")
+    assert list(tmp_path.iterdir()) == []
