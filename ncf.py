@@ -103,11 +103,11 @@ def build_parser():
                    help="split each global batch into this many micro-batches (same result, less memory)")
     p.add_argument("--opt_level", choices=("O0", "O2"), default="O2",
                    help="O2: mixed precision (fp16 + loss scaling on CUDA, bf16 on CPU); O0: fp32")
-    add_additions(p)
+    add_project_flags(p)
     return p
 
 
-def add_additions(p):
+def add_project_flags(p):
     """The rest of the flags: the seed, this project's additions and the launcher's --local_rank."""
     p.add_argument("--amp", dest="opt_level", action="store_const", const="O2", help="same as --opt_level O2")
     p.add_argument("--amp_dtype", choices=("auto", "float16", "bfloat16"), default="auto",
@@ -536,7 +536,7 @@ def evaluation_data(cache, full_ranking, ctx, validation=False):
     return test_data, full_data, valid_data
 
 
-def test_precision(args, given, saved_args, device):
+def checkpoint_precision(args, given, saved_args, device):
     """--mode test evaluates in the precision the checkpoint was trained in, so that it reproduces the
     checkpoint's figures, unless --opt_level, --amp or --amp_dtype is given on this command line."""
     opt_level, amp_dtype = args.opt_level, args.amp_dtype
@@ -548,7 +548,7 @@ def test_precision(args, given, saved_args, device):
     return choose_precision(opt_level, amp_dtype, device)
 
 
-def test_mode(args, given, ctx, cache, log):
+def evaluate_checkpoint(args, given, ctx, cache, log):
     if not (args.load_checkpoint_path or args.checkpoint_dir):
         raise UserError("--mode test with --checkpoint_dir '' needs --load_checkpoint_path: pass the checkpoint "
                         "to evaluate")
@@ -557,7 +557,7 @@ def test_mode(args, given, ctx, cache, log):
         raise UserError(f"--mode test needs a checkpoint, and {path} does not exist: pass --load_checkpoint_path "
                         f"(or train first)")
     model, ckpt = checkpoint.load_model(path, cache, ctx.device)
-    precision = test_precision(args, given, ckpt.get("args"), ctx.device)
+    precision = checkpoint_precision(args, given, ckpt.get("args"), ctx.device)
     log.info(f"device {ctx.device} | world size {ctx.world_size} | precision {precision.name} | checkpoint {path} "
              f"(epoch {ckpt.get('epoch')})")
     test_data, full_data, _ = evaluation_data(cache, args.full_ranking, ctx)
@@ -678,41 +678,30 @@ def update_progress(state, record, epoch, elapsed_s, threshold):
     return improved, reached
 
 
-def save_checkpoints(run, cache, ctx, epoch, record, improved, write_last, folder):
+def save_checkpoints(training, cache, ctx, epoch, record, improved, write_last, folder):
     """model.pth when the epoch is the best so far, and last.pth (for --resume) when `write_last`; rank 0
     writes, the other ranks go on (only the RNG states are gathered from them)."""
     rngs = checkpoint.rng_states(ctx) if write_last else None  # a collective: every rank takes part
     if not ctx.is_main:
         return
-    best = checkpoint.payload(run.model, vars(run.args), checkpoint.dataset_identity(cache), epoch, record)
+    best = checkpoint.payload(training.model, vars(training.args), checkpoint.dataset_identity(cache), epoch, record)
     if improved:
         checkpoint.save_atomic(best, os.path.join(folder, BEST_CHECKPOINT))
     if not write_last:
         return
-    last = {**best, "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
-            "scheduler": run.scheduler.state_dict(), "state": dict(run.state), "rng": rngs}
+    last = {**best, "optimizer": training.optimizer.state_dict(), "scaler": training.scaler.state_dict(),
+            "scheduler": training.scheduler.state_dict(), "state": dict(training.state), "rng": rngs}
     checkpoint.save_atomic(last, os.path.join(folder, LAST_CHECKPOINT))
 
 
-def train_one_epoch_and_evaluate(run, train_model, sampler, eval_data, epoch, ctx, progress):
-    """Train one epoch, stop on a non-finite loss, evaluate; returns the epoch's record."""
-    args = run.args
-    start = time.perf_counter()
-    loss, samples = train_epoch(train_model, run.optimizer, run.scaler, run.precision, sampler, epoch,
-                                args.batch_size, args.grads_accumulated, ctx, progress, run.scheduler)
-    train_time = time.perf_counter() - start
-    # Checked before any figure is computed: a diverged model's NaN scores must never be reported,
-    # saved as the best epoch, or stop the run as if it had reached --threshold.
-    if not math.isfinite(loss) or not weights_are_finite(run.model):
+def check_finite(loss, model, epoch, learning_rate):
+    """Stop a diverged run before any figure is computed: a diverged model's NaN scores must never be
+    reported, saved as the best epoch, or stop the run as if it had reached --threshold."""
+    if not math.isfinite(loss) or not weights_are_finite(model):
         what = f"the mean loss of epoch {epoch} is {loss}" if not math.isfinite(loss) else \
             f"epoch {epoch} left non-finite weights"
-        raise UserError(f"training diverged: {what}; lower --learning_rate (now {args.learning_rate}) or resume "
+        raise UserError(f"training diverged: {what}; lower --learning_rate (now {learning_rate}) or resume "
                         f"from an earlier last.pth")
-    record = {"epoch": epoch, "loss": loss, "train_time_s": train_time, "train_throughput": samples / train_time}
-    test_data, full_data, valid_data = eval_data
-    record.update(run_evaluation(run.model, test_data, full_data, args.topk, args.valid_batch_size, run.precision,
-                                 ctx, valid_data))
-    return record
 
 
 def weights_are_finite(model):
@@ -729,26 +718,26 @@ def warn_if_replacing(folder):
                       f"them", stacklevel=2)
 
 
-def log_start(log, run, ctx, cache, sampler, test_data):
+def log_start(log, training, ctx, cache, sampler, test_data):
     """The set-up figures, and the item-popularity baseline the model must beat."""
-    args = run.args
+    args = training.args
     steps = sampler.steps_per_epoch(args.batch_size, ctx.world_size * args.grads_accumulated)
-    print_setup(log, ctx, run.precision, run.optimizer_name, cache, args, steps,
-                sum(p.numel() for p in run.model.parameters()))
+    print_setup(log, ctx, training.precision, training.optimizer_name, cache, args, steps,
+                sum(p.numel() for p in training.model.parameters()))
     popularity_hr, popularity_ndcg = evaluate(ItemPopularity(sampler.items, cache.num_items), test_data, args.topk,
-                                              args.valid_batch_size, run.precision, ctx)
+                                              args.valid_batch_size, training.precision, ctx)
     log.info(f"item-popularity baseline: HR@{args.topk} {popularity_hr:.4f} | NDCG@{args.topk} {popularity_ndcg:.4f}")
-    if run.state["epoch"] > 0:
+    if training.state["epoch"] > 0:
         log.info(f"resumed from {os.path.join(args.checkpoint_dir, LAST_CHECKPOINT)} after epoch "
-                 f"{run.state['epoch']}")
+                 f"{training.state['epoch']}")
     log.write("config", args=vars(args), world_size=ctx.world_size, device=str(ctx.device),
-              precision=run.precision.name, optimizer=run.optimizer_name, popularity_hr=popularity_hr,
+              precision=training.precision.name, optimizer=training.optimizer_name, popularity_hr=popularity_hr,
               popularity_ndcg=popularity_ndcg)
 
 
-def stop_reason(run, record, epoch, reached, stop, ctx):
+def stop_reason(training, record, epoch, reached, stop, ctx):
     """Why training stops after this epoch (a line for the log), or None to go on."""
-    args, state = run.args, run.state
+    args, state = training.args, training.state
     chosen_by = "validation HR" if "valid_hr" in record else "HR"
     if reached:
         return f"{chosen_by}@{args.topk} {selection_metric(record):.4f} reached --threshold {args.threshold}: stopping"
@@ -765,50 +754,69 @@ def stop_reason(run, record, epoch, reached, stop, ctx):
 
 def train_mode(args, given, ctx, cache, log, on_epoch=None):
     """Train; `given` names the flags of the command line (for --resume); `on_epoch(record)` is called with
-    every epoch's figures (tune.py prunes trials with it)."""
+    every epoch's figures (tune.py prunes trials with it). Returns the run's summary."""
+    training, sampler, eval_data = set_up_training(args, given, ctx, cache, log)
+    args, state, model = training.args, training.state, training.model
+    train_model = DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None) \
+        if ctx.distributed else model
+    with StopRequest() as stop:
+        progress = ctx.is_main and not args.no_progress and sys.stderr.isatty()
+        run_start = time.perf_counter() - state["elapsed_s"]
+        for epoch in range(state["epoch"] + 1, args.epochs + 1):
+            start = time.perf_counter()
+            loss, samples = train_epoch(train_model, training.optimizer, training.scaler, training.precision, sampler,
+                                        epoch, args.batch_size, args.grads_accumulated, ctx, progress,
+                                        training.scheduler)
+            train_time = time.perf_counter() - start
+            check_finite(loss, model, epoch, args.learning_rate)
+            record = {"epoch": epoch, "loss": loss, "train_time_s": train_time,
+                      "train_throughput": samples / train_time,
+                      **run_evaluation(model, *eval_data[:2], args.topk, args.valid_batch_size, training.precision, ctx,
+                                       eval_data[2])}
+            log.log("epoch", **record)
+            improved, reached = update_progress(state, record, epoch, time.perf_counter() - run_start, args.threshold)
+            if on_epoch is not None:
+                on_epoch(record)
+            reason = stop_reason(training, record, epoch, reached, stop, ctx)
+            # last.pth (~380 MB with Adam's moments at ml-20m size) every --save_every epochs, and whenever the
+            # run ends, so that a short GPU epoch does not wait on the disk every time.
+            write_last = bool(reason) or epoch == args.epochs or epoch % args.save_every == 0
+            if args.checkpoint_dir:  # '' saves nothing
+                save_checkpoints(training, cache, ctx, epoch, record, improved, write_last, args.checkpoint_dir)
+            if reason:
+                log.info(reason)
+                break
+    return log_summary(log, state, args.topk, cache.has_validation, stop.stopped)
+
+
+def set_up_training(args, given, ctx, cache, log):
+    """The run's Training (fresh, or restored for --resume), its epoch sampler and evaluation data; prints and
+    logs the set-up."""
     if ctx.is_main and args.checkpoint_dir:
         for name in (LAST_CHECKPOINT, BEST_CHECKPOINT):
             remove_stale_temporaries(os.path.join(args.checkpoint_dir, name))
     resumed, args = load_resume_state(args, given, cache)
     sampler = EpochSampler(cache.train, cache.num_items, args.negative_samples, ctx.device, args.seed)
     steps = sampler.steps_per_epoch(args.batch_size, ctx.world_size * args.grads_accumulated)
-    run = build_training(args, ctx, cache, resumed, steps)
-    args, state = run.args, run.state
+    training = build_training(args, ctx, cache, resumed, steps)
     if ctx.is_main and not resumed and args.checkpoint_dir:
         warn_if_replacing(args.checkpoint_dir)
-    train_model = DistributedDataParallel(run.model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None) \
-        if ctx.distributed else run.model
     eval_data = evaluation_data(cache, args.full_ranking, ctx, cache.has_validation)
-    log_start(log, run, ctx, cache, sampler, eval_data[0])
+    log_start(log, training, ctx, cache, sampler, eval_data[0])
+    return training, sampler, eval_data
 
-    with StopRequest() as stop:
-        progress = ctx.is_main and not args.no_progress and sys.stderr.isatty()
-        run_start = time.perf_counter() - state["elapsed_s"]
-        for epoch in range(state["epoch"] + 1, args.epochs + 1):
-            record = train_one_epoch_and_evaluate(run, train_model, sampler, eval_data, epoch, ctx, progress)
-            log.log("epoch", **record)
-            improved, reached = update_progress(state, record, epoch, time.perf_counter() - run_start, args.threshold)
-            if on_epoch is not None:
-                on_epoch(record)
-            reason = stop_reason(run, record, epoch, reached, stop, ctx)
-            # last.pth (~380 MB with Adam's moments at ml-20m size) every --save_every epochs, and whenever the
-            # run ends, so that a short GPU epoch does not wait on the disk every time.
-            write_last = bool(reason) or epoch == args.epochs or epoch % args.save_every == 0
-            if args.checkpoint_dir:  # '' saves nothing
-                save_checkpoints(run, cache, ctx, epoch, record, improved, write_last, args.checkpoint_dir)
-            if reason:
-                log.info(reason)
-                break
-    selected_by = f"validation HR@{args.topk}" if cache.has_validation else f"test HR@{args.topk}"
+
+def log_summary(log, state, topk, validation, interrupted):
+    """The end-of-run figures (this project's and, through the logger, the recipe's keys), logged and returned."""
     timed = max(1, state.get("timed_epochs", 0))
     summary = {"best_hr": state["best_hr"], "best_ndcg": state["best_ndcg"], "best_epoch": state["best_epoch"],
-               "selected_by": selected_by, "time_to_target_s": state["time_to_target_s"],
-               "time_to_best_model_s": state.get("time_to_best_model_s"), "run_time_s": state["elapsed_s"],
-               "best_train_throughput": state["best_train_throughput"],
+               "selected_by": f"{'validation' if validation else 'test'} HR@{topk}",
+               "time_to_target_s": state["time_to_target_s"], "time_to_best_model_s": state.get("time_to_best_model_s"),
+               "run_time_s": state["elapsed_s"], "best_train_throughput": state["best_train_throughput"],
                "best_eval_throughput": state["best_eval_throughput"],
                "mean_train_throughput": state.get("train_throughput_sum", 0.0) / timed,
-               "mean_eval_throughput": state.get("eval_throughput_sum", 0.0) / timed, "interrupted": stop.stopped}
-    if cache.has_validation:
+               "mean_eval_throughput": state.get("eval_throughput_sum", 0.0) / timed, "interrupted": interrupted}
+    if validation:
         summary["best_valid_hr"] = state["best_selection"]
     log.log("summary", **summary)
     return summary
@@ -850,7 +858,7 @@ def run(argv=None, on_epoch=None):
             locks, created = hold_run_locks(args)
         log = RunLogger(args.log_path, enabled=ctx.is_main, k=args.topk)
         if args.mode == "test":
-            test_mode(args, given_flags(argv), ctx, cache, log)
+            evaluate_checkpoint(args, given_flags(argv), ctx, cache, log)
             result = None
         else:
             result = train_mode(args, given_flags(argv), ctx, cache, log, on_epoch)

@@ -3,7 +3,8 @@
 A GMF branch (element-wise product of user and item embeddings of size `mf_dim`) and an MLP branch
 (concatenated user and item embeddings of size `mlp_layer_sizes[0] / 2` each, then Linear+ReLU layers
 with dropout) are concatenated and projected to one logit. Initialisation as the recipe's: embeddings
-N(0, 0.01), MLP layers Glorot-uniform, output layer LeCun-uniform, biases zero.
+N(0, 0.01), MLP layers Glorot-uniform, output layer LeCun-uniform, biases left at PyTorch's default
+U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as NVIDIA's neumf.py leaves them (the paper's Keras code zeroes them).
 
 `model="gmf"` and `model="mlp"` are the paper's two branches alone (GMF: its embeddings and an output
 layer; MLP: its tower and an output layer), trained to initialise NeuMF (§3.4.1, `load_pretrained`).
@@ -73,11 +74,9 @@ class NeuMF(nn.Module):
         nn.init.normal_(self.item_embed.weight, std=0.01)
         for layer in self.mlp:
             nn.init.xavier_uniform_(layer.weight)
-            nn.init.zeros_(layer.bias)
         # LeCun uniform: U(-sqrt(3/fan_in), sqrt(3/fan_in)).
         bound = math.sqrt(3.0 / self.final.in_features)
         nn.init.uniform_(self.final.weight, -bound, bound)
-        nn.init.zeros_(self.final.bias)
 
     def forward(self, user, item):
         """Logits of shape [B] for index tensors `user`, `item` of shape [B] (int32 or int64)."""

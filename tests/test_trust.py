@@ -223,10 +223,11 @@ def test_world_size_without_a_rendezvous_is_one_line(world, tmp_path, capsys, mo
 def test_mode_test_takes_the_checkpoints_precision_unless_told_otherwise():
     args = ncf.parse_args(["--amp_dtype", "bfloat16"])  # O2 by default
     saved = {"opt_level": "O0", "amp_dtype": "auto"}
-    assert ncf.test_precision(args, {"amp_dtype"}, saved, CPU).name == "fp32"
-    assert ncf.test_precision(args, {"amp_dtype", "opt_level"}, saved, CPU).name == "bf16 autocast"
-    assert ncf.test_precision(args, set(), {"opt_level": "O2", "amp_dtype": "bfloat16"}, CPU).name == "bf16 autocast"
-    assert ncf.test_precision(args, set(), {"opt_level": 7}, CPU).name == "bf16 autocast"  # junk: the flags'
+    assert ncf.checkpoint_precision(args, {"amp_dtype"}, saved, CPU).name == "fp32"
+    assert ncf.checkpoint_precision(args, {"amp_dtype", "opt_level"}, saved, CPU).name == "bf16 autocast"
+    bf16 = {"opt_level": "O2", "amp_dtype": "bfloat16"}
+    assert ncf.checkpoint_precision(args, set(), bf16, CPU).name == "bf16 autocast"
+    assert ncf.checkpoint_precision(args, set(), {"opt_level": 7}, CPU).name == "bf16 autocast"  # junk: the flags'
     assert ncf.given_flags(["--amp", "--data", "x"]) == {"opt_level", "data"}
 
 
