@@ -13,10 +13,15 @@ import os
 
 FORMAT_VERSION = 2  # 2: metadata.json records each tensor file's size and SHA-256
 METADATA_FILE = "metadata.json"  # written last: a cache without it is incomplete
-TENSOR_FILES = ("train_ratings.pt", "test_ratings.pt", "test_negatives.pt", "user_ids.pt", "item_ids.pt")
-# Written only by `convert.py --validation` (metadata "validation": true): each user's held-out
-# second-to-last item (-1 for a user with too few items to spare one) and its negatives.
-VALIDATION_FILES = ("valid_ratings.pt", "valid_negatives.pt")
+# The cache's tensors: the name each is known by in code (dataloading.Cache's fields) -> its file.
+FILE_OF = {"train": "train_ratings.pt", "test": "test_ratings.pt", "test_negatives": "test_negatives.pt",
+           "user_ids": "user_ids.pt", "item_ids": "item_ids.pt",
+           # Written only by `convert.py --validation` (metadata "validation": true): each user's held-out
+           # second-to-last item (-1 for a user with too few items to spare one) and its negatives.
+           "valid": "valid_ratings.pt", "valid_negatives": "valid_negatives.pt"}
+VALIDATION_FIELDS = ("valid", "valid_negatives")
+TENSOR_FILES = tuple(file for field, file in FILE_OF.items() if field not in VALIDATION_FIELDS)
+VALIDATION_FILES = tuple(FILE_OF[field] for field in VALIDATION_FIELDS)
 CACHE_FILES = (*TENSOR_FILES, *VALIDATION_FILES, METADATA_FILE)
 CREATED_BY = "convert.py"
 

@@ -4,12 +4,21 @@ The cache is written by convert.py (see its docstring for the protocol). Everyth
 whatever device it is given; nothing assumes CUDA.
 """
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
 
-from cache_format import FORMAT_VERSION, METADATA_FILE, files_problem, is_replaceable, read_metadata, tensor_files
-from checkpoint import safe_load
+from cache_format import (
+    FILE_OF,
+    FORMAT_VERSION,
+    METADATA_FILE,
+    VALIDATION_FIELDS,
+    files_problem,
+    is_replaceable,
+    read_metadata,
+    tensor_files,
+)
 from cli import UserError
 
 
@@ -36,6 +45,23 @@ class Cache:
     @property
     def num_items(self):
         return self.metadata["num_items"]
+
+
+def safe_load(path, what, fix):
+    """torch.load restricted to tensors and plain data (weights_only), with one-line user errors."""
+    if not os.path.isfile(path):
+        raise UserError(f"{what} {path} does not exist: {fix}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's pickle-protocol chatter would add stderr lines
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, not a torch file, or a pickle that runs code
+        text = str(err).strip()
+        if "Weights only load failed" in text:
+            reason = "it holds Python objects, not just tensors and plain data, and is not loaded for safety"
+        else:
+            reason = text.splitlines()[0][:200] if text else type(err).__name__
+        raise UserError(f"cannot load {what} {path} ({reason}): {fix}") from None
 
 
 COUNT_FIELDS = ("num_users", "num_items", "num_train", "negatives")
@@ -69,18 +95,10 @@ def load_cache(path):
         value = metadata[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise UserError(f"{meta_path}: the field '{key}' is {value!r:.60}, not a count: {fix}")
-    tensors = {name: safe_load(os.path.join(path, name), "cache file", fix) for name in tensor_files(metadata)}
-    cache = Cache(
-        train=tensors["train_ratings.pt"],
-        test=tensors["test_ratings.pt"],
-        test_negatives=tensors["test_negatives.pt"],
-        user_ids=tensors["user_ids.pt"],
-        item_ids=tensors["item_ids.pt"],
-        metadata=metadata,
-        valid=tensors.get("valid_ratings.pt"),
-        valid_negatives=tensors.get("valid_negatives.pt"),
-        path=path,
-    )
+    files = tensor_files(metadata)
+    tensors = {field: safe_load(os.path.join(path, name), "cache file", fix) for field, name in FILE_OF.items()
+               if name in files}
+    cache = Cache(**tensors, metadata=metadata, path=path)
     _check_cache(cache, path, fix)
     problem = files_problem(path, metadata)
     if problem:
@@ -94,39 +112,41 @@ def load_cache(path):
 
 def _rebuild_advice(path):
     """The fix for a broken cache at `path`: one that works, since convert.py replaces only its own caches."""
+    command = f"convert.py --path RATINGS --output {path}{_convert_settings(path)}"
     if is_replaceable(path):
-        return f"rebuild it with ./prepare_dataset.sh NAME (or convert.py --path RATINGS --output {path})"
+        return f"rebuild it with ./prepare_dataset.sh NAME (or {command})"
     return (f"move {path} away (it holds files convert.py did not write, so nothing replaces it), then rebuild it "
-            f"with ./prepare_dataset.sh NAME (or convert.py --path RATINGS --output {path})")
+            f"with ./prepare_dataset.sh NAME (or {command})")
+
+
+def _convert_settings(path):
+    """The convert flags a cache was written with, as far as its metadata.json still says: a rebuild with
+    convert's defaults would draw other negatives (or no validation split) and give other figures."""
+    try:
+        meta = read_metadata(path)
+    except (OSError, ValueError):
+        return ""
+    flags = [f" --{flag} {meta[key]}" for flag, key in (("negatives", "negatives"), ("seed", "seed"),
+                                                       ("min_ratings", "min_ratings"))
+             if isinstance(meta.get(key), int) and not isinstance(meta.get(key), bool)]
+    return "".join(flags) + (" --validation" if meta.get("validation") is True else "")
 
 
 def _check_cache(cache, path, fix):
     meta = cache.metadata
-    expected = {
-        "train_ratings.pt": (meta["num_train"], 2),
-        "test_ratings.pt": (meta["num_users"], 2),
-        "test_negatives.pt": (meta["num_users"], meta["negatives"]),
-        "user_ids.pt": (meta["num_users"],),
-        "item_ids.pt": (meta["num_items"],),
-    }
-    actual = {
-        "train_ratings.pt": cache.train,
-        "test_ratings.pt": cache.test,
-        "test_negatives.pt": cache.test_negatives,
-        "user_ids.pt": cache.user_ids,
-        "item_ids.pt": cache.item_ids,
-    }
-    if cache.has_validation:
-        expected.update({"valid_ratings.pt": (meta["num_users"], 2),
-                         "valid_negatives.pt": (meta["num_users"], meta["negatives"])})
-        actual.update({"valid_ratings.pt": cache.valid, "valid_negatives.pt": cache.valid_negatives})
-    for name, shape in expected.items():
-        tensor = actual[name]
+    users, negatives = meta["num_users"], meta["negatives"]
+    expected = {"train": (meta["num_train"], 2), "test": (users, 2), "test_negatives": (users, negatives),
+                "user_ids": (users,), "item_ids": (meta["num_items"],), "valid": (users, 2),
+                "valid_negatives": (users, negatives)}
+    for field, shape in expected.items():
+        tensor = getattr(cache, field)
+        if field in VALIDATION_FIELDS and not cache.has_validation:
+            continue
         if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape:
             got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-            raise UserError(f"{path}/{name} has shape {got} but metadata.json says {shape}: {fix}")
+            raise UserError(f"{path}/{FILE_OF[field]} has shape {got} but metadata.json says {shape}: {fix}")
         if tensor.dtype not in INTEGER_DTYPES:
-            raise UserError(f"{path}/{name} holds {tensor.dtype} values, not integer ids: {fix}")
+            raise UserError(f"{path}/{FILE_OF[field]} holds {tensor.dtype} values, not integer ids: {fix}")
     if meta["num_users"] == 0 or meta["num_train"] == 0:
         raise UserError(f"dataset cache {path} is empty: {fix}")
 
@@ -139,26 +159,25 @@ def _check_ids(cache, path, fix):
         return bool(((values < 0) | (values >= count)).any())
 
     problems = (
-        ("train_ratings.pt", lambda: outside(cache.train[:, 0], users), f"user ids outside 0..{users - 1}"),
-        ("train_ratings.pt", lambda: outside(cache.train[:, 1], items), f"item ids outside 0..{items - 1}"),
-        ("train_ratings.pt", lambda: not _sorted_unique_pairs(cache.train, items),
+        ("train", lambda: outside(cache.train[:, 0], users), f"user ids outside 0..{users - 1}"),
+        ("train", lambda: outside(cache.train[:, 1], items), f"item ids outside 0..{items - 1}"),
+        ("train", lambda: not _sorted_unique_pairs(cache.train, items),
          "pairs that are not sorted by (user, item) or that repeat"),
-        ("test_ratings.pt", lambda: not torch.equal(cache.test[:, 0].long(), torch.arange(users)),
+        ("test", lambda: not torch.equal(cache.test[:, 0].long(), torch.arange(users)),
          "rows that are not users 0..U-1 in order"),
-        ("test_ratings.pt", lambda: outside(cache.test[:, 1], items), f"item ids outside 0..{items - 1}"),
-        ("test_negatives.pt", lambda: outside(cache.test_negatives, items), f"item ids outside 0..{items - 1}"),
+        ("test", lambda: outside(cache.test[:, 1], items), f"item ids outside 0..{items - 1}"),
+        ("test_negatives", lambda: outside(cache.test_negatives, items), f"item ids outside 0..{items - 1}"),
     )
     if cache.has_validation:
         problems += (
-            ("valid_ratings.pt", lambda: not torch.equal(cache.valid[:, 0].long(), torch.arange(users)),
+            ("valid", lambda: not torch.equal(cache.valid[:, 0].long(), torch.arange(users)),
              "rows that are not users 0..U-1 in order"),
-            ("valid_ratings.pt", lambda: outside(cache.valid[:, 1] + 1, items + 1),
-             f"item ids outside -1..{items - 1}"),
-            ("valid_negatives.pt", lambda: outside(cache.valid_negatives, items), f"item ids outside 0..{items - 1}"),
+            ("valid", lambda: outside(cache.valid[:, 1] + 1, items + 1), f"item ids outside -1..{items - 1}"),
+            ("valid_negatives", lambda: outside(cache.valid_negatives, items), f"item ids outside 0..{items - 1}"),
         )
-    for name, broken, what in problems:
+    for field, broken, what in problems:
         if broken():
-            raise UserError(f"{path}/{name} has {what}: {fix}")
+            raise UserError(f"{path}/{FILE_OF[field]} has {what}: {fix}")
 
 
 def _sorted_unique_pairs(train, num_items):

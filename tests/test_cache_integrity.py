@@ -168,7 +168,8 @@ def test_a_damaged_cache_is_refused_naming_the_file_and_the_fix(cache, other_cac
 @pytest.mark.parametrize("case", sorted(DAMAGES))
 def test_the_suggested_convert_command_repairs_it(pristine, cache, other_cache, case, capsys):
     damage(case, cache, other_cache)
-    convert.main(["--path", str(pristine[1]), "--output", str(cache), "--negatives", "50", "--no_progress"])
+    convert.main(["--path", str(pristine[1]), "--output", str(cache), "--negatives", "50", "--seed", "0",
+                  "--no_progress"])
     repaired = load_cache(str(cache))
     good = load_cache(str(pristine[0]))
     for name in ("train", "test", "test_negatives", "user_ids", "item_ids"):
@@ -220,7 +221,8 @@ def test_a_folder_convert_did_not_write_gets_advice_that_works(cache, pristine):
     assert exit_info.value.code == 2
     assert sorted(p.name for p in cache.iterdir()) == sorted(TENSOR_FILES)  # untouched
     shutil.move(cache, cache.with_name("moved-away"))
-    convert.main(["--path", str(pristine[1]), "--output", str(cache), "--negatives", "50", "--no_progress"])
+    convert.main(["--path", str(pristine[1]), "--output", str(cache), "--negatives", "50", "--seed", "0",
+                  "--no_progress"])
     load_cache(str(cache))
 
 
@@ -260,3 +262,10 @@ def test_an_edited_cache_is_refused_or_loads_unchanged(pristine, tmp_path_factor
     for name in ("train", "test", "test_negatives", "user_ids", "item_ids"):
         assert torch.equal(getattr(loaded, name), getattr(good, name)), name
     assert (loaded.num_users, loaded.num_items) == (good.num_users, good.num_items)
+
+
+def test_the_suggested_command_names_the_caches_own_convert_settings(cache, other_cache):
+    """Convert's defaults (seed 1) would draw other negatives than this cache's (seed 0): the fix says which."""
+    damage("truncated file", cache, other_cache)
+    with pytest.raises(UserError, match=r"--output \S+ --negatives 50 --seed 0 --min_ratings 20\)"):
+        load_cache(str(cache))
