@@ -149,7 +149,7 @@ def validate_args(args):
         "--save_every": args.save_every,
     }
     for flag, value in positive.items():
-        if not value > 0 or not math.isfinite(value):  # NaN compares false both ways
+        if not value > 0 or value in (math.inf, -math.inf):  # NaN compares false both ways; huge ints are finite
             raise UserError(f"{flag} must be positive, got {value}")
     if any(size <= 0 for size in args.layers):
         raise UserError(f"--layers sizes must be positive, got {args.layers}")
@@ -167,7 +167,7 @@ def validate_args(args):
         raise UserError(f"--seed must be in [0, 2^32), got {args.seed}")
     for flag, value in (("--weight_decay", args.weight_decay), ("--warmup_epochs", args.warmup_epochs),
                         ("--patience", args.patience)):
-        if not value >= 0 or not math.isfinite(value):
+        if not value >= 0 or value in (math.inf, -math.inf):
             raise UserError(f"{flag} must be 0 or more, got {value}")
     if (args.init_gmf is None) != (args.init_mlp is None) or (args.init_gmf and args.model != "neumf"):
         raise UserError("--init_gmf and --init_mlp go together, with --model neumf: pass a GMF and an MLP "
@@ -317,6 +317,26 @@ def model_config(args, cache):
     config = {"nb_users": cache.num_users, "nb_items": cache.num_items, "mf_dim": args.factors,
               "mlp_layer_sizes": list(args.layers), "dropout": args.dropout}
     return config if args.model == "neumf" else {**config, "model": args.model}
+
+
+def check_memory(args, cache, device):
+    """Refuse, before anything is allocated, a model or epoch that cannot fit in the device's memory at all:
+    fp32 weights, gradients and Adam's two moments (4 copies of every parameter), and the epoch's int64
+    permutation of positives x (1 + --negative_samples). A lower bound: passing it does not promise a fit."""
+    try:
+        shapes = checkpoint.parameter_shapes(model_config(args, cache))
+    except (RuntimeError, ValueError, OverflowError, TypeError) as err:  # sizes beyond int64: torch cannot hold them
+        raise UserError(f"--factors {args.factors} and --layers {args.layers} describe no model torch can build "
+                        f"({str(err).splitlines()[0][:80]}): choose smaller values") from None
+    parameters = sum(math.prod(shape) for shape in shapes.values())
+    need = {"the model (--factors, --layers)": 16 * parameters,
+            "an epoch's samples (--negative_samples)": 8 * cache.train.shape[0] * (1 + args.negative_samples)}
+    total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else \
+        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for what, size in need.items():
+        if size > total:
+            raise UserError(f"{what} would need at least {size / 2**30:,.0f} GiB, more than the {total / 2**30:,.0f} "
+                            f"GiB of {device}: choose smaller values")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -842,6 +862,7 @@ def run(argv=None, on_epoch=None):
     ctx = setup_distributed(args.device, args.local_rank)
     log = None
     locks, created = [], []
+    succeeded = False
     try:
         if args.batch_size % (ctx.world_size * args.grads_accumulated):
             raise UserError(f"--batch_size {args.batch_size} is not divisible by world size {ctx.world_size} x "
@@ -854,6 +875,8 @@ def run(argv=None, on_epoch=None):
         if args.topk > candidates and not args.full_ranking:
             raise UserError(f"--topk {args.topk} is larger than the {candidates} candidates per test user: "
                             f"choose --topk <= {candidates}")
+        if args.mode == "train":
+            check_memory(args, cache, ctx.device)
         if ctx.is_main:
             locks, created = hold_run_locks(args)
         log = RunLogger(args.log_path, enabled=ctx.is_main, k=args.topk)
@@ -863,6 +886,7 @@ def run(argv=None, on_epoch=None):
         else:
             result = train_mode(args, given_flags(argv), ctx, cache, log, on_epoch)
         created = []  # the run got through: what it made stays
+        succeeded = True
         return result
     finally:
         if log is not None:
@@ -870,7 +894,19 @@ def run(argv=None, on_epoch=None):
         for lock in locks:
             lock.close()
         remove_if_unused(created)
-        if ctx.distributed:
+        if ctx.distributed and succeeded:
+            # The ranks leave together, once rank 0 has written its files and closed the log (issue 21). A rank
+            # that went straight on into interpreter shutdown could still have a gloo worker thread holding its
+            # last collective's tensors: freeing them then needs the GIL, Python ends such a thread, and the C++
+            # runtime aborts the process ("terminate called without an active exception", exit -6).
+            # destroy_process_group does not stop those threads (DDP keeps the gloo backend alive). A peer
+            # that dies breaks the barrier at once (its sockets close), a stuck one after the group's timeout.
+            # A rank that failed does not wait here for the others: it ends with its error, and the launcher
+            # ends them.
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(wait_all_ranks=True)  # on the calling thread; names a missing rank
+            else:
+                dist.barrier()
             dist.destroy_process_group()
 
 

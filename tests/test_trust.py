@@ -379,3 +379,16 @@ def test_a_run_that_fails_after_its_locks_leaves_no_folder_it_made(world, tmp_pa
                              "--log_path", log, "--resume", *TINY_MODEL)
     one_line(err, status, 2, "last.pth does not exist")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["-n", str(10**20)], "an epoch's samples (--negative_samples) would need"),
+    (["-f", str(10**12)], "the model (--factors, --layers) would need"),
+    (["--layers", "8", str(10**30)], "describe no model torch can build"),
+    (["-b", str(10**400), "-l", "1e400"], "--learning_rate must be positive, got inf"),
+])
+def test_sizes_no_machine_can_hold_are_one_line_before_any_allocation(world, tmp_path, capsys, flags, words):
+    status, _, err = run_ncf(capsys, "--data", world["cache"], "-e", "1", "--checkpoint_dir", tmp_path / "ck",
+                             *TINY_MODEL, *flags)
+    one_line(err, status, 2, words)
+    assert not (tmp_path / "ck").exists()
