@@ -2,20 +2,30 @@
 
     python convert.py --path data/ml-20m/ratings.csv --output data/cache/ml-20m
     python convert.py --path data/ml-1m/ratings.dat --output data/cache/ml-1m --min_ratings 20
+    python convert.py --path /data/ml-20m/ratings.csv --output /data/cache/ml-20m --valid_negative 100 -s 1
     python convert.py --check data/cache/ml-20m     # exit 0 iff the cache is complete and intact
+
+The recipe's flags work with its meaning and defaults: --path ($DATA_DIR/ml-20m/ratings.csv, the
+recipe's /data/ml-20m/ratings.csv in the Docker image), --output, --valid_negative (also spelled
+--negatives; 100) and -s/--seed (1). The recipe's --output default, /data itself, is the folder above
+the input, which is never written here: the default is $DATA_DIR/cache/ml-20m, where prepare_dataset.sh
+puts it.
 
 Protocol: every interaction is a positive; users with fewer than --min_ratings interactions (counted
 before de-duplication, as the recipe does) are dropped; ids become dense in file order; after a
 stable sort by timestamp, duplicate (user, item) pairs keep their first occurrence and each user's
 last remaining interaction is the test item. Each user gets --negatives distinct test negatives drawn
-uniformly from the items they never interacted with. Everything is vectorised: no Python loop runs
-per user or per row.
+uniformly from the items they never interacted with. `--negatives_protocol recipe` draws them as the
+2019 recipe did instead (see sample_recipe_negatives: with replacement, only training items excluded,
+so the test item and repeats can occur). Everything is vectorised: no Python loop runs per user or per
+row.
 
 The cache is written into a sibling temporary folder with metadata.json last, then renamed into
 place, so an interrupted run (Ctrl-C, a full disk, a kill) never leaves a folder that `cache_is_complete`
 accepts, and a cache it was replacing stays in place until the new one is complete. metadata.json
-records each tensor file's size and SHA-256; `--check` verifies them and the format version, so
-prepare_dataset.sh rebuilds a damaged or outdated cache instead of calling it complete.
+records each tensor file's size and SHA-256; `--check` verifies them and the format version (with
+--path, also that the cache was converted from that file, with --validation as given), so
+prepare_dataset.sh rebuilds a damaged, outdated or other cache instead of calling it complete.
 
 What --output may be, checked before any work: a new folder, an empty one, or a cache convert.py
 wrote (see cache_format.is_replaceable: nothing but the cache's files, metadata.json saying
@@ -34,7 +44,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from cache_format import (CREATED_BY, FORMAT_VERSION, METADATA_FILE, cache_problem, file_record, is_replaceable,
-                          sha256_of)
+                          read_metadata, sha256_of)
 from cli import UserError, check_output_folder, main_guard, staged_folder
 
 FORMATS = ("ml-20m", "ml-1m", "ml-100k", "custom")
@@ -44,16 +54,56 @@ CUSTOM_COLUMNS = ("user_id", "item_id", "timestamp")
 # items, are sampled from their complement; for everyone else rejection sampling ends in a few rounds.
 COMPLEMENT_FACTOR = 2
 COMPLEMENT_CHUNK_CELLS = 1 << 24
+# How test negatives are drawn (metadata "negatives_protocol"): "exact", this project's (distinct, never an
+# item of the user), or "recipe", the 2019 recipe's (see sample_recipe_negatives).
+PROTOCOLS = ("exact", "recipe")
+MAX_NEGATIVES = np.iinfo(np.int32).max  # item ids are stored as int32; more is a typo, never a request
+
+
+class _Parser(argparse.ArgumentParser):
+    """A bad flag is a UserError like any other bad input: one stderr line, exit status 2, no usage dump."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
+
+
+class _OneValue(argparse.Action):
+    """Store the value; refuse a second, different one. --valid_negative (the recipe's name) and
+    --negatives name one setting, and so do -s and --seed: silently keeping the last would hide a typo."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        given = getattr(self, "given", None)
+        if given is not None and given[1] != value:
+            parser.error(f"{given[0]} {given[1]} and {option_string} {value} disagree: both set "
+                         f"{'/'.join(self.option_strings)}; give one value")
+        self.given = (option_string, value)
+        setattr(namespace, self.dest, value)
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--path", help="ratings file: ratings.csv, ratings.dat, u.data or a custom CSV")
-    parser.add_argument("--output", help="cache folder to create (replaced atomically if it is a cache "
-                                         "convert.py wrote; any other non-empty folder is refused)")
-    parser.add_argument("--negatives", type=int, default=100, help="test negatives per user")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the test-negative generator")
+    """The flags, with `path_given` saying whether --path was on the command line (--check and --check_output
+    compare with it only then)."""
+    data_dir = os.environ.get("DATA_DIR", "./data")  # as ncf.py: the Docker image sets /data, the recipe's
+    defaults = {"path": os.path.join(data_dir, "ml-20m", "ratings.csv"),
+                "output": os.path.join(data_dir, "cache", "ml-20m"), "check": None, "check_output": None}
+    parser = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # SUPPRESS: absent unless given, so that parse_args can tell (and no "default: None" in the help).
+    parser.add_argument("--path", default=argparse.SUPPRESS,
+                        help="ratings file: ratings.csv, ratings.dat, u.data or a custom CSV (default: "
+                             f"$DATA_DIR/ml-20m/ratings.csv, here {defaults['path']}; in the Docker image the "
+                             "recipe's /data/ml-20m/ratings.csv)")
+    parser.add_argument("--output", default=argparse.SUPPRESS,
+                        help="cache folder to create (replaced atomically if it is a cache convert.py wrote; any "
+                             f"other non-empty folder is refused) (default: $DATA_DIR/cache/ml-20m, here "
+                             f"{defaults['output']})")
+    parser.add_argument("--valid_negative", "--negatives", dest="negatives", metavar="N", type=int, default=100,
+                        action=_OneValue,
+                        help="test negatives per user (--valid_negative is the recipe's name)")
+    parser.add_argument("-s", "--seed", type=int, default=1, action=_OneValue,
+                        help="seed of the test-negative generator")
+    parser.add_argument("--negatives_protocol", choices=PROTOCOLS, default="exact", action=_OneValue,
+                        help="exact: distinct negatives, never an item of the user; recipe: as the 2019 recipe, drawn "
+                             "with replacement and excluding only training items (the test item can be drawn)")
     parser.add_argument("--min_ratings", type=int, default=20,
                         help="drop users with fewer interactions (counted before de-duplication)")
     parser.add_argument("--validation", action="store_true",
@@ -62,25 +112,30 @@ def parse_args(argv=None):
     parser.add_argument("--format", choices=("auto", *FORMATS), default="auto",
                         help="input format; auto detects it from the file name or header")
     parser.add_argument("--no_progress", action="store_true", help="no tqdm display of the stages")
-    parser.add_argument("--check", metavar="DIR",
-                        help="only check whether DIR is a complete, intact cache of this version: exit 0 if "
+    parser.add_argument("--check", metavar="DIR", default=argparse.SUPPRESS,
+                        help="only check whether DIR is a complete, intact cache of this version (with --path, "
+                             "also that it was converted from that file, with --validation as given): exit 0 if "
                              "so, 1 (saying why) if not")
-    parser.add_argument("--check_output", metavar="DIR",
+    parser.add_argument("--check_output", metavar="DIR", default=argparse.SUPPRESS,
                         help="only check that DIR may be written as --output (with --path, that it does not "
                              "hold the input): exit 0 if so, 2 (saying why) if not")
-    return parser.parse_args(argv)
+    given = vars(parser.parse_args(argv))
+    return argparse.Namespace(**{**defaults, **given}, path_given="path" in given)
 
 
 def validate_args(args):
-    if args.path is None or args.output is None:
-        raise UserError("--path and --output are both required (or use --check DIR alone)")
+    if not args.path or not args.output:
+        raise UserError("--path and --output must not be empty (or use --check DIR alone)")
     if not os.path.isfile(args.path):
         raise UserError(f"--path {args.path}: no such file; download it with ./download_dataset.sh "
                         "or pass the right path")
     if os.path.getsize(args.path) == 0:
         raise UserError(f"--path {args.path} is empty; download it again or pass another file")
-    if args.negatives < 1:
-        raise UserError(f"--negatives {args.negatives}: must be at least 1")
+    if not 1 <= args.negatives <= MAX_NEGATIVES:
+        raise UserError(f"--valid_negative/--negatives {args.negatives}: must be from 1 to {MAX_NEGATIVES}")
+    if args.negatives_protocol == "recipe" and args.validation:
+        raise UserError("--negatives_protocol recipe reproduces the recipe's test set, which has no validation split: "
+                        "drop --validation, or keep the exact protocol (the default) to hold out validation items")
     if args.min_ratings < 1:
         raise UserError(f"--min_ratings {args.min_ratings}: must be at least 1")
     if args.seed < 0:
@@ -91,6 +146,17 @@ def validate_args(args):
 def check_output(output, path=None):
     """Refuse, before any work, an --output that cannot be written or must not be replaced."""
     check_output_folder(output, {"--path": path}, is_replaceable, "a convert cache")
+
+
+def source_problem(folder, path, validation):
+    """Why the complete cache `folder` is not what `--path path` (with `validation`) converts into, or None.
+    The file is compared by its SHA-256 only while it is there: a cache outlives its download."""
+    metadata = read_metadata(folder)
+    if (metadata.get("validation") is True) != validation:
+        return f"it was converted {'without' if validation else 'with'} --validation"
+    if os.path.isfile(path) and metadata.get("source_sha256") != sha256_of(path):
+        return f"it was converted from another file than {path}"
+    return None
 
 
 def cache_is_complete(path):
@@ -278,7 +344,7 @@ def sample_negatives(positive_keys, num_users, num_items, negatives, seed):
     unseen = num_items - positives_per_user
     short = int((unseen < negatives).sum())
     if short:
-        raise UserError(f"{short} user(s) have fewer than --negatives {negatives} items they never "
+        raise UserError(f"{short} user(s) have fewer than --valid_negative/--negatives {negatives} items they never "
                         f"interacted with (of {num_items} items); use a smaller --negatives or a "
                         "dataset with more items")
     rng = np.random.default_rng(seed)
@@ -288,6 +354,57 @@ def sample_negatives(positive_keys, num_users, num_items, negatives, seed):
     out[~dense] = sample_by_rejection(everyone[~dense], positive_keys, num_items, negatives, rng)
     out[dense] = sample_from_complement(everyone[dense], positive_keys, num_items, negatives, rng)
     return out
+
+
+def sample_recipe_negatives(train_keys, num_users, num_items, negatives, seed):
+    """Test negatives drawn as the 2019 recipe's convert.py draws them (--negatives_protocol recipe).
+
+    Each of a user's draws is uniform, with replacement, over the items 0..S-1 the user did not train on,
+    S being the largest item id among the training pairs + 1 (the recipe sizes its item range from them).
+    Only training items are excluded, so the user's test item can be drawn and an item can repeat: the
+    recipe's evaluation masks both (its dup_mask), and without that mask they count against the model.
+    The rules are the recipe's, not its torch random stream: a seed gives other items than the recipe's.
+    """
+    train_users, train_items = np.divmod(train_keys, num_items)
+    span = int(train_items.max()) + 1
+    per_user = np.bincount(train_users, minlength=num_users)
+    if negatives > span:
+        raise UserError(f"--valid_negative/--negatives {negatives}: more than the {span} items the recipe protocol "
+                        "draws from; with replacement the extra draws only repeat items, which its evaluation "
+                        f"masks: use at most {span}")
+    full = int((per_user == span).sum())
+    if full:
+        raise UserError(f"{full} user(s) trained on every one of the {span} items the recipe protocol draws from, "
+                        "so it has nothing to draw for them (the recipe's sampler never ends): use the exact "
+                        "protocol or a dataset with more items")
+    rank = np.random.default_rng(seed).integers(0, (span - per_user)[:, None], size=(num_users, negatives))
+    return nth_untrained_item(train_users, train_items, per_user, span, rank)
+
+
+def nth_untrained_item(train_users, train_items, per_user, span, rank):
+    """Item number rank[u, j] (from 0) among the items 0..span-1 that user u did not train on.
+
+    With a user's training items t_0 < t_1 < ..., t_j - j of the allowed items lie below t_j; the r-th
+    allowed item is r plus the count of training items with t_j - j <= r: one searchsorted for all users.
+    """
+    start = np.r_[0, np.cumsum(per_user)[:-1]]
+    allowed_below = train_items - (np.arange(len(train_items)) - start[train_users])
+    keys = train_users * (span + 1) + allowed_below  # sorted, since the pairs are sorted by (user, item)
+    users = np.arange(len(per_user))[:, None]
+    skipped = np.searchsorted(keys, users * (span + 1) + rank, side="right") - start[:, None]
+    return rank + skipped
+
+
+def draw_negatives(keys, num_users, num_items, negatives, seed, protocol, validation):
+    """(test negatives, validation negatives or None); keys = (positive keys, training keys)."""
+    positive_keys, train_keys = keys
+    if protocol == "recipe":
+        return sample_recipe_negatives(train_keys, num_users, num_items, negatives, seed), None
+    test_negatives = sample_negatives(positive_keys, num_users, num_items, negatives, seed)
+    if not validation:
+        return test_negatives, None
+    # Its own stream, so that the test negatives are those of a cache without --validation.
+    return test_negatives, sample_negatives(positive_keys, num_users, num_items, negatives, [seed, 1])
 
 
 def write_cache(output, tensors, metadata):
@@ -356,10 +473,8 @@ def convert(args):
                         "convert without --validation, or pass data (or a --min_ratings) that keeps longer histories")
     stages.update()
     stage("negatives")
-    test_negatives = sample_negatives(positive_keys, num_users, num_items, args.negatives, args.seed)
-    if args.validation:
-        # Its own stream, so that the test negatives are those of a cache without --validation.
-        valid_negatives = sample_negatives(positive_keys, num_users, num_items, args.negatives, [args.seed, 1])
+    test_negatives, valid_negatives = draw_negatives((positive_keys, train_keys), num_users, num_items, args.negatives,
+                                                     args.seed, args.negatives_protocol, args.validation)
     stages.update()
     stage("hash")
     source_sha256 = sha256_of(args.path)
@@ -373,7 +488,7 @@ def convert(args):
         "format_version": FORMAT_VERSION, "source_file": os.path.basename(args.path), "source_sha256": source_sha256,
         "format": fmt, "num_users": num_users, "num_items": num_items, "num_train": len(train_keys),
         "num_test": num_users, "min_ratings": args.min_ratings, "negatives": args.negatives, "seed": args.seed,
-        "created_by": CREATED_BY,
+        "negatives_protocol": args.negatives_protocol, "created_by": CREATED_BY,
     }
     if args.validation:
         metadata.update(validation=True, num_valid=int((valid_items >= 0).sum()))
@@ -388,16 +503,19 @@ def main(argv=None):
     args = parse_args(argv)
     if args.check is not None:
         problem = cache_problem(args.check)
+        if problem is None and args.path_given:
+            problem = source_problem(args.check, args.path, args.validation)
         if problem:
             print(f"{args.check} is not a complete cache: {problem}")
         sys.exit(1 if problem else 0)
     if args.check_output is not None:
-        check_output(args.check_output, args.path)
+        check_output(args.check_output, args.path if args.path_given else None)
         return
     validate_args(args)
     metadata = convert(args)
     print(f"wrote {args.output}: {metadata['num_users']} users, {metadata['num_items']} items, "
-          f"{metadata['num_train']} train pairs, {args.negatives} negatives per user")
+          f"{metadata['num_train']} train pairs, {args.negatives} negatives per user "
+          f"({args.negatives_protocol} protocol)")
 
 
 if __name__ == "__main__":

@@ -258,6 +258,10 @@ class TestData:
     users: torch.Tensor  # [U_rank] int32, this rank's share of the evaluated users
     candidates: torch.Tensor  # [U_rank, 1 + negatives] int32
     total_samples: int  # user-item pairs scored over all ranks
+    # [U_rank, negatives] bool: which negatives count in the rank. None: all of them (distinct negatives, never
+    # the held-out item: convert's exact protocol). A cache of the recipe's protocol repeats items and may
+    # hold the held-out item among them; as the recipe's dup_mask does, only an item's first appearance counts.
+    counted: torch.Tensor = None
 
     @classmethod
     def from_cache(cls, cache, device, rank=0, world_size=1, split="test"):
@@ -267,10 +271,12 @@ class TestData:
         users = rank_share(cache.num_users, rank, world_size)
         users = users[held_out[users, 1] >= 0]
         candidates = torch.cat((held_out[users, 1:2], negatives[users]), dim=1)
+        counted = first_appearances(candidates)[:, 1:] if cache.metadata.get("negatives_protocol") == "recipe" else None
         return cls(
             users=users.to(device=device, dtype=torch.int32),
             candidates=candidates.to(device=device, dtype=torch.int32),
             total_samples=int((held_out[:, 1] >= 0).sum()) * candidates.shape[1],
+            counted=None if counted is None else counted.to(device),
         )
 
     @property
@@ -308,6 +314,15 @@ class FullRankingData:
         """(row - lo, item) of the training pairs of rows lo:hi."""
         a, b = self.row_ptr[lo], self.row_ptr[hi]
         return self.train_rows[a:b] - lo, self.train_items[a:b]
+
+
+def first_appearances(candidates):
+    """[users, C] bool: True where a row's item appears for the first time, reading left to right (so the
+    held-out item in column 0 always counts, and a negative repeating it or an earlier negative does not)."""
+    order = torch.sort(candidates, dim=1, stable=True)
+    repeat = torch.zeros_like(candidates, dtype=torch.bool)
+    repeat[:, 1:] = order.values[:, 1:] == order.values[:, :-1]
+    return ~torch.zeros_like(repeat).scatter_(1, order.indices, repeat)
 
 
 def rank_share(count, rank, world_size):

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Download a MovieLens dataset from GroupLens, verify its MD5 and unzip it into DATA_DIR/NAME/.
 #   ./download_dataset.sh [NAME] [DATA_DIR]      NAME: ml-20m (default) ml-25m ml-32m ml-1m ml-100k
+# Without curl it downloads with python's urllib, without unzip it extracts with python's zipfile.
 # DATA_DIR defaults to $DATA_DIR, then ./data. MOVIELENS_URL replaces the GroupLens base URL.
 # The zip is downloaded to a temporary name and renamed only once verified, and the folder is unzipped
 # elsewhere and renamed into place, so a failed run leaves nothing a rerun would take as good.
@@ -14,6 +15,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 name=${1:-ml-20m}
 data_dir=${2:-${DATA_DIR:-./data}}
 base_url=${MOVIELENS_URL:-https://files.grouplens.org/datasets/movielens}
+python=${PYTHON:-python3}  # only without curl or unzip
 
 case "$name" in
   ml-20m|ml-25m|ml-32m) ratings=ratings.csv ;;
@@ -57,7 +59,7 @@ download() {
   if command -v curl >/dev/null; then
     curl --fail --location --silent --show-error --retry 2 --output "$part" "$url"
   else
-    "${PYTHON:-python3}" -c 'import sys, urllib.request; urllib.request.urlretrieve(sys.argv[1], sys.argv[2])' "$url" "$part"
+    "$python" -c 'import sys, urllib.request; urllib.request.urlretrieve(sys.argv[1], sys.argv[2])' "$url" "$part"
   fi
 }
 
@@ -75,9 +77,20 @@ else
   mv "$part" "$zip"
 fi
 
+extract() {
+  if command -v unzip >/dev/null; then
+    unzip -q "$zip" -d "$unzip_dir"
+  else
+    # A slim image without unzip (the recipe's Dockerfile installs it; ours does too): python's zipfile
+    # reads the same archives and, like unzip, keeps members inside the target folder.
+    echo "$prog: unzip not found; extracting with python's zipfile"
+    "$python" -m zipfile -e "$zip" "$unzip_dir" 2>/dev/null
+  fi
+}
+
 echo "$prog: unzipping $zip"
 mkdir -p "$unzip_dir"
-if ! unzip -q "$zip" -d "$unzip_dir" || [ ! -f "$unzip_dir/$name/$ratings" ]; then
+if ! extract || [ ! -f "$unzip_dir/$name/$ratings" ]; then
   echo "$prog: error: $zip does not unzip to $name/$ratings; delete $zip and rerun" >&2
   exit 1
 fi

@@ -20,10 +20,12 @@ def rank_metric_sums(rank, k):
     return hit.double().sum(), ndcg.sum()
 
 
-def sampled_ranks(scores):
-    """Ranks of column 0 of `scores` [users, candidates] among the other columns."""
+def sampled_ranks(scores, counted=None):
+    """Ranks of column 0 of `scores` [users, candidates] among the other columns (those `counted` [users,
+    candidates - 1] marks, when given: a recipe-protocol cache's repeated negatives count once)."""
     positive, others = scores[:, :1], scores[:, 1:]
-    beaten_by = ((others >= positive) & others.isfinite()).sum(dim=1)
+    beats = (others >= positive) & others.isfinite()
+    beaten_by = (beats if counted is None else beats & counted).sum(dim=1)
     return torch.where(positive.squeeze(1).isfinite(), beaten_by, UNRANKED)
 
 

@@ -411,7 +411,8 @@ def evaluate(model, test_data, topk, batch_size, precision, ctx):
         users = test_data.users[start : start + users_per_batch]
         with precision.autocast():
             scores = score(users, candidates)
-        sums[:2] += torch.stack(rank_metric_sums(sampled_ranks(scores), topk))
+        counted = None if test_data.counted is None else test_data.counted[start : start + users_per_batch]
+        sums[:2] += torch.stack(rank_metric_sums(sampled_ranks(scores, counted), topk))
     return _all_reduce_means(sums, test_data.users.shape[0], ctx)
 
 

@@ -1,25 +1,41 @@
 #!/usr/bin/env bash
 # Download (or generate) a dataset and convert it into the cache ncf.py trains on.
-#   ./prepare_dataset.sh [NAME]     NAME: ml-20m (default, as the recipe) ml-25m ml-32m ml-1m ml-100k synthetic
-#   ./prepare_dataset.sh NAME --validation   also hold out a validation item per user (convert.py --validation),
-#                                    into $DATA_DIR/cache/NAME-validation/ (for tune.py and honest model selection)
-#   DATA_DIR=/data ./prepare_dataset.sh ml-1m      the cache lands in $DATA_DIR/cache/NAME/
+#   ./prepare_dataset.sh [NAME] [DATA_DIR] [CACHE_DIR] [--validation]
+#     NAME: ml-20m (default, as the recipe) ml-25m ml-32m ml-1m ml-100k synthetic
+#     DATA_DIR: where NAME.zip and NAME/ go (default $DATA_DIR, else ./data; the Docker image sets /data)
+#     CACHE_DIR: the cache (default DATA_DIR/cache/NAME)
+#   These are the recipe's positional arguments, with its meaning: `./prepare_dataset.sh ml-1m /data`
+#   works as there. An empty one takes its default, as in the recipe.
+#   --validation (anywhere): also hold out a validation item per user (convert.py --validation), into
+#     DATA_DIR/cache/NAME-validation/ unless CACHE_DIR is given (for tune.py and honest model selection).
 # Returns at once when the cache is already complete and intact (convert.py --check verifies its format
-# version and each file's SHA-256); an incomplete, outdated or damaged cache is rebuilt. Before any
-# download or generation, convert.py --check_output refuses a cache folder it may not replace (one
-# holding other files, or the input). PYTHON picks the interpreter; without it the project's .venv is
+# version, each file's SHA-256, its source file and split); an incomplete, outdated, damaged or other
+# cache is rebuilt. Before any download or generation, convert.py --check_output refuses a cache folder
+# it may not replace (one holding other files, or the input). PYTHON picks the interpreter; without it the project's .venv is
 # used when present, else python3.
 set -euo pipefail
 
 prog=$(basename "$0")
 here=$(cd "$(dirname "$0")" && pwd)
-name=${1:-ml-20m}
-validation=${2:-}
-if [ -n "$validation" ] && [ "$validation" != --validation ]; then
-  echo "$prog: error: unknown option '$validation'; the only option after NAME is --validation" >&2
+usage="usage: $prog [NAME] [DATA_DIR] [CACHE_DIR] [--validation]"
+positional=()
+validation=
+for arg in "$@"; do
+  case "$arg" in
+    --validation) validation=--validation ;;
+    -h|--help) echo "$usage"; exit 0 ;;
+    -*)
+      echo "$prog: error: unknown option '$arg'; the only option is --validation ($usage)" >&2
+      exit 2 ;;
+    *) positional+=("$arg") ;;
+  esac
+done
+if [ "${#positional[@]}" -gt 3 ]; then
+  echo "$prog: error: too many arguments (${#positional[@]}); $usage" >&2
   exit 2
 fi
-data_dir=${DATA_DIR:-./data}
+name=${positional[0]:-ml-20m}
+data_dir=${positional[1]:-${DATA_DIR:-./data}}
 if [ -z "${PYTHON:-}" ] && [ -x "$here/.venv/bin/python" ]; then
   python="$here/.venv/bin/python"
 else
@@ -36,8 +52,10 @@ case "$name" in
     exit 2 ;;
 esac
 
-cache="$data_dir/cache/$name${validation:+-validation}"
-if [ -e "$cache" ] && "$python" "$here/convert.py" --check "$cache"; then
+cache=${positional[2]:-$data_dir/cache/$name${validation:+-validation}}
+# With --path, --check also wants the cache converted from that file (when it is still there) and with
+# --validation as asked: a CACHE_DIR holding another dataset's cache is not "already complete".
+if [ -e "$cache" ] && "$python" "$here/convert.py" --check "$cache" --path "$ratings" ${validation:+"$validation"}; then
   echo "$prog: cache $cache is already complete; nothing to do"
   exit 0
 fi
@@ -57,4 +75,5 @@ else
   "$here/download_dataset.sh" "$name" "$data_dir"
 fi
 
-"$python" "$here/convert.py" --path "$ratings" --output "$cache" ${validation:+--validation}
+"$python" "$here/convert.py" --path "$ratings" --output "$cache" ${validation:+"$validation"}
+echo "$prog: $cache is ready; train with: torchrun --standalone --nproc_per_node=<number of GPUs> ncf.py --data $cache"

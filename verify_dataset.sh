@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # Check a MovieLens zip against the MD5 GroupLens publishes for it.
-#   ./verify_dataset.sh NAME ZIP     exit 0 if ZIP matches, 1 if not, 2 for an unknown NAME
+#   ./verify_dataset.sh [NAME] [ZIP]     NAME: ml-20m (default) ml-25m ml-32m ml-1m ml-100k; ZIP: ./NAME.zip
+# Prints PASSED or FAILED on stdout, as the recipe's script does (so `./verify_dataset.sh ml-1m` run in the
+# folder holding ml-1m.zip works as there), and also answers by exit status: 0 PASSED, 1 FAILED (the
+# reason on stderr), 2 for an unknown NAME or a bad command line.
 # MOVIELENS_MD5=<hex> replaces the built-in checksum (tests use it for their own small zips).
 set -euo pipefail
 
 prog=$(basename "$0")
-if [ "$#" -ne 2 ]; then
-  echo "$prog: error: usage: $prog NAME ZIP (NAME is one of ml-20m ml-25m ml-32m ml-1m ml-100k)" >&2
+if [ "$#" -gt 2 ]; then
+  echo "$prog: error: usage: $prog [NAME] [ZIP] (NAME is one of ml-20m ml-25m ml-32m ml-1m ml-100k)" >&2
   exit 2
 fi
-name=$1
-zip=$2
+name=${1:-ml-20m}
+zip=${2:-$name.zip}
 
 # The .md5 files GroupLens publishes next to each zip on files.grouplens.org/datasets/movielens/.
 # ml-32m's value is quoted from memory and not re-checked offline; if it fails for a genuine download,
@@ -27,17 +30,24 @@ case "$name" in
 esac
 expected=${MOVIELENS_MD5:-$expected}
 
+failed() {
+  echo FAILED
+  echo "$prog: error: $1" >&2
+  exit 1
+}
+
 if [ ! -f "$zip" ]; then
-  echo "$prog: error: $zip does not exist; download it with ./download_dataset.sh $name" >&2
-  exit 1
+  failed "$zip does not exist (or is not a file); download it with ./download_dataset.sh $name, or pass the zip's path"
 fi
-if command -v md5sum >/dev/null; then
-  actual=$(md5sum "$zip" | cut -d' ' -f1)
-else
-  actual=$("${PYTHON:-python3}" -c 'import hashlib, sys; print(hashlib.md5(open(sys.argv[1], "rb").read()).hexdigest())' "$zip")
-fi
+md5_of() {
+  if command -v md5sum >/dev/null; then
+    md5sum "$1" | cut -d' ' -f1
+  else
+    "${PYTHON:-python3}" -c 'import hashlib, sys; print(hashlib.md5(open(sys.argv[1], "rb").read()).hexdigest())' "$1"
+  fi
+}
+actual=$(md5_of "$zip" 2>/dev/null) || failed "cannot read $zip: check its permissions"
 if [ "$actual" != "$expected" ]; then
-  echo "$prog: error: $zip has MD5 $actual, expected $expected: the download is corrupt or truncated; delete it and download again" >&2
-  exit 1
+  failed "$zip has MD5 $actual, expected $expected: the download is corrupt or truncated; delete it and download again"
 fi
-echo "$prog: $zip matches the MD5 for $name"
+echo PASSED

@@ -109,6 +109,7 @@ def test_dtypes_and_metadata(tmp_path):
         "min_ratings": 2,
         "negatives": 2,
         "seed": 7,
+        "negatives_protocol": "exact",
         "created_by": "convert.py",
     }
     assert sorted(os.listdir(tmp_path)) == ["cache", "ratings.csv"]  # no temp folder left

@@ -3,6 +3,7 @@ import functools
 import hashlib
 import http.server
 import json
+import os
 import re
 import threading
 import zipfile
@@ -246,3 +247,111 @@ def test_the_readme_names_the_override_for_the_unconfirmed_ml32m_checksum():
     readme = " ".join((ROOT / "README.md").read_text().split())
     sentences = [s for s in re.split(r"(?<=\.) ", readme) if "MOVIELENS_MD5" in s and "ml-32m" in s]
     assert sentences and all(re.search(r"overrid|replace", s) for s in sentences), sentences
+
+
+# ---- the recipe's command lines: positional folders, PASSED/FAILED, unzip -----------------------------------
+
+
+def small_synthetic(data_dir):
+    """DATA_DIR/synthetic/ratings.csv, small: prepare_dataset.sh synthetic converts it without generating."""
+    import synthetic
+
+    csv = data_dir / "synthetic" / "ratings.csv"
+    synthetic.write_ratings_csv(csv, users=300, items=200, interactions_per_user_mean=30)
+    return csv
+
+
+def test_prepare_takes_the_recipes_positional_folders(tmp_path, run_cli, movielens_server):
+    """`./prepare_dataset.sh ml-1m DATA_DIR [CACHE_DIR]`, as in the recipe: the zip and ratings under DATA_DIR,
+    the cache in DATA_DIR/cache/NAME or CACHE_DIR; $DATA_DIR is not used when the folder is given. A CACHE_DIR
+    holding another dataset's cache, or one without the asked split, is rebuilt, never called complete."""
+    served, url = movielens_server
+    env = {"MOVIELENS_URL": url, "MOVIELENS_MD5": ml1m_zip(served / "ml-1m.zip"), "DATA_DIR": str(tmp_path / "unused")}
+    data = tmp_path / "raw"
+    first = run_cli(["prepare_dataset.sh", "ml-1m", data], env=env, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert (data / "ml-1m.zip").is_file() and convert.cache_is_complete(data / "cache" / "ml-1m")
+    assert not (tmp_path / "unused").exists()
+
+    cache = tmp_path / "elsewhere" / "ml-1m"
+    named = run_cli(["prepare_dataset.sh", "ml-1m", data, cache], env=env, cwd=tmp_path)
+    assert named.returncode == 0, named.stderr
+    assert json.loads((cache / "metadata.json").read_text())["format"] == "ml-1m"
+    again = run_cli(["prepare_dataset.sh", "ml-1m", data, cache], env=env, cwd=tmp_path)
+    assert "already complete" in again.stdout, again.stdout + again.stderr
+
+    small_synthetic(data)
+    other = run_cli(["prepare_dataset.sh", "synthetic", data, cache], env=env, cwd=tmp_path)
+    assert other.returncode == 0, other.stderr
+    assert "already complete" not in other.stdout and "rebuilding" in other.stdout
+    assert json.loads((cache / "metadata.json").read_text())["num_users"] == 300
+    split = run_cli(["prepare_dataset.sh", "synthetic", data, cache, "--validation"], env=env, cwd=tmp_path)
+    assert split.returncode == 0, split.stderr
+    assert json.loads((cache / "metadata.json").read_text())["validation"] is True
+
+
+BAD_PREPARE = {
+    "too many folders": (["ml-1m", "a", "b", "c"], ["too many arguments", "CACHE_DIR"]),
+    "unknown option": (["ml-1m", "--valid_negative"], ["unknown option", "--valid_negative", "--validation"]),
+    "data folder is a file": (["synthetic", "afile"], ["afile", "is a file"]),
+    "cache folder is a file": (["synthetic", "data", "afile"], ["afile", "is a file"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PREPARE))
+def test_prepare_refuses_a_bad_command_line_in_one_line(tmp_path, run_cli, assert_user_error, case):
+    args, words = BAD_PREPARE[case]
+    (tmp_path / "afile").write_text("mine")
+    result = run_cli(["prepare_dataset.sh", *args], env={"DATA_DIR": str(tmp_path / "data")}, cwd=tmp_path)
+    assert_user_error(result, *words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_verify_prints_passed_or_failed_as_the_recipe(tmp_path, run_cli):
+    """The recipe's `./verify_dataset.sh ml-1m`, run where the zip is, prints PASSED or FAILED; the exit
+    status says the same (0, 1), and the reason for FAILED is on stderr."""
+    md5 = ml1m_zip(tmp_path / "ml-1m.zip")
+    passed = run_cli(["verify_dataset.sh", "ml-1m"], env={"MOVIELENS_MD5": md5}, cwd=tmp_path)
+    assert (passed.returncode, passed.stdout, passed.stderr) == (0, "PASSED\n", "")
+    failed = run_cli(["verify_dataset.sh", "ml-1m"], env={"MOVIELENS_MD5": "0" * 32}, cwd=tmp_path)
+    assert (failed.returncode, failed.stdout) == (1, "FAILED\n")
+    assert f"expected {'0' * 32}" in failed.stderr
+    missing = run_cli(["verify_dataset.sh"], cwd=tmp_path)  # the recipe's default: ml-20m.zip, here
+    assert (missing.returncode, missing.stdout) == (1, "FAILED\n")
+    assert "ml-20m.zip does not exist" in missing.stderr
+    unreadable = tmp_path / "ml-100k.zip"
+    unreadable.mkdir()
+    folder = run_cli(["verify_dataset.sh", "ml-100k", unreadable], cwd=tmp_path)
+    assert (folder.returncode, folder.stdout) == (1, "FAILED\n")
+
+
+def path_without(tmp_path, command):
+    """A PATH with every command of the current one but `command` (links in a fresh folder)."""
+    bin_dir = tmp_path / f"bin-without-{command}"
+    bin_dir.mkdir()
+    for folder in os.environ["PATH"].split(os.pathsep):
+        if not os.path.isdir(folder):
+            continue
+        for name in os.listdir(folder):
+            target = os.path.join(folder, name)
+            if name != command and not (bin_dir / name).exists() and os.access(target, os.X_OK):
+                (bin_dir / name).symlink_to(target)
+    return str(bin_dir)
+
+
+def test_download_without_unzip_extracts_with_python(tmp_path, run_cli, movielens_server):
+    served, url = movielens_server
+    env = {"MOVIELENS_URL": url, "MOVIELENS_MD5": ml1m_zip(served / "ml-1m.zip"), "DATA_DIR": str(tmp_path / "data"),
+           "PATH": path_without(tmp_path, "unzip")}
+    result = run_cli(["download_dataset.sh", "ml-1m"], env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "extracting with python's zipfile" in result.stdout
+    assert (tmp_path / "data" / "ml-1m" / "ratings.dat").read_bytes().startswith(b"1::")
+    assert _leftovers(tmp_path / "data") == ["ml-1m", "ml-1m.zip"]
+
+
+def test_the_image_installs_unzip_as_the_recipes_does():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    runs = [line for line in re.split(r"\n(?=\S)", dockerfile) if line.startswith("RUN ")]
+    assert any(re.search(r"apt-get install -y\b.*\bunzip\b", " ".join(run.split())) for run in runs), runs

@@ -89,3 +89,16 @@ def test_full_ranks_of_non_finite_scores(bad):
     assert ranks.tolist() == [UNRANKED, 1]
     hits, ndcg = rank_metric_sums(ranks, 10)  # more than the items
     assert hits.item() == 1 and ndcg.item() <= 1.0
+
+
+def test_a_recipe_protocol_row_counts_each_negative_item_once_and_never_the_test_item():
+    """The recipe's negatives repeat items and may hold the test item; its dup_mask counts an item's first
+    appearance only. Row: test item 5, negatives 5 (the test item again), 7, 7, 9."""
+    from dataloading import first_appearances
+
+    candidates = torch.tensor([[5, 5, 7, 7, 9], [1, 2, 3, 4, 6]])
+    assert first_appearances(candidates).tolist() == [[True, False, True, False, True], [True] * 5]
+    scores = torch.tensor([[0.5, 0.5, 0.9, 0.9, 0.1], [0.5, 0.9, 0.9, 0.1, 0.2]])
+    counted = first_appearances(candidates)[:, 1:]
+    assert sampled_ranks(scores).tolist() == [3, 2]  # unmasked: the tie with itself and 7 twice count against it
+    assert sampled_ranks(scores, counted).tolist() == [1, 2]  # masked: 7 once; a distinct row is unchanged
