@@ -739,12 +739,29 @@ def warn_if_replacing(folder):
                       f"them", stacklevel=2)
 
 
+MIN_STEPS_PER_EPOCH = 20  # fewer: Adam takes too few steps per epoch to learn on a small dataset (README)
+
+
+def warn_if_few_steps(steps, samples_per_epoch, batch_size):
+    """The recipe's batch (2^20) suits ml-20m's 100M samples per epoch; on a dataset of 100k ratings it is one
+    optimizer step per epoch, and the model trails item popularity for many epochs. Say so, with a batch
+    that gives MIN_STEPS_PER_EPOCH or more steps (a power of two, as the recipe's)."""
+    if steps >= MIN_STEPS_PER_EPOCH:
+        return
+    suggested = 2 ** max(8, int(math.log2(max(1, samples_per_epoch // MIN_STEPS_PER_EPOCH))))
+    warnings.warn(f"an epoch here is {steps} optimizer step(s) of --batch_size {batch_size:,} ({samples_per_epoch:,} "
+                  f"samples): too few to learn well on a dataset this small; try -b {suggested:,} "
+                  f"({math.ceil(samples_per_epoch / suggested)} steps)", stacklevel=2)
+
+
 def log_start(log, training, ctx, cache, sampler, test_data):
     """The set-up figures, and the item-popularity baseline the model must beat."""
     args = training.args
     steps = sampler.steps_per_epoch(args.batch_size, ctx.world_size * args.grads_accumulated)
     print_setup(log, ctx, training.precision, training.optimizer_name, cache, args, steps,
                 sum(p.numel() for p in training.model.parameters()))
+    if ctx.is_main:
+        warn_if_few_steps(steps, sampler.samples_per_epoch, args.batch_size)
     popularity_hr, popularity_ndcg = evaluate(ItemPopularity(sampler.items, cache.num_items), test_data, args.topk,
                                               args.valid_batch_size, training.precision, ctx)
     log.info(f"item-popularity baseline: HR@{args.topk} {popularity_hr:.4f} | NDCG@{args.topk} {popularity_ndcg:.4f}")

@@ -291,9 +291,9 @@ def test_resume_continues_with_last_pth_flags_not_given(world, tmp_path, capsys)
     status, out, err = run_ncf(capsys, "--data", world["cache"], "-e", "3", "--checkpoint_dir", ck, "--resume",
                                "--no_progress")
     assert status == 0 and "warning" not in err, err
-    assert "global batch 4,096" in out and "(O0)" in out
+    assert "global batch 2,048" in out and "(O0)" in out
     last = resumed_last(ck, world)
-    assert (last["args"]["batch_size"], last["args"]["opt_level"], last["args"]["factors"]) == (4096, "O0", 8)
+    assert (last["args"]["batch_size"], last["args"]["opt_level"], last["args"]["factors"]) == (2048, "O0", 8)
 
 
 @pytest.mark.parametrize("flags, words", [
@@ -392,3 +392,13 @@ def test_sizes_no_machine_can_hold_are_one_line_before_any_allocation(world, tmp
                              *TINY_MODEL, *flags)
     one_line(err, status, 2, words)
     assert not (tmp_path / "ck").exists()
+
+
+def test_an_epoch_of_few_steps_is_warned_with_a_batch_that_gives_enough(world, tmp_path, capsys):
+    """The recipe's 2^20 batch is one optimizer step per epoch on a small dataset (issue 25.4)."""
+    flags = [f for f in TINY_MODEL if f not in ("-b", "2048")]
+    status, _, err = run_ncf(capsys, "--data", world["cache"], "-e", "1", "--checkpoint_dir", "", *flags)
+    assert status == 0 and "an epoch here is 1 optimizer step(s) of --batch_size 1,048,576" in err, err
+    assert "try -b 2,048 (22 steps)" in err
+    status, _, err = run_ncf(capsys, "--data", world["cache"], "-e", "1", "--checkpoint_dir", "", *TINY_MODEL)
+    assert status == 0 and "optimizer step" not in err, err

@@ -195,7 +195,6 @@ BAD_INPUT = {
     "space unknown key": (_space({"dropout": {"low": 0.0, "high": 0.5, "step": 0.1}}), ['{"choices": [...]}']),
     "space no choices": (_space({"dropout": {"choices": []}}), ['{"choices": [...]}']),
     "space nested too deeply": (_space("[" * 100000 + "]" * 100000), ["cannot read it as JSON"]),
-    "space a huge integer": (_space({"batch_size": {"choices": [10**400]}}), ["too large"]),
     "space not an object": (_space([1, 2]), ["JSON object"]),
     "timeout -5": (_flags("--timeout", "-5"), ["--timeout", "positive"]),
     "timeout nan": (_flags("--timeout", "nan"), ["--timeout"]),
