@@ -6,7 +6,9 @@ Recommend (original MovieLens ids in, original ids out), from a checkpoint or fr
 Export the scoring model, the id maps and a manifest (`--format onnx` needs requirements-export.txt):
     python inference.py export --checkpoint data/checkpoints/model.pth --data data/cache/ml-20m \
         --format onnx --output data/export/ml-20m
-Benchmark (no data needed: without --checkpoint/--data it builds the default model on ml-20m's shape):
+Benchmark (no data needed: without --checkpoint/--data it builds the default model on ml-20m's shape; a
+model or batch that cannot fit in the device's free memory is refused before anything is allocated, and
+--json_path replaces only a report this command wrote):
     python inference.py benchmark --batch_sizes 1024 65536 1048576 --precision fp32 amp --device cuda
     python inference.py benchmark --backend torch onnxruntime --precision fp32 --device cpu --batch_sizes 1 1024
 
@@ -23,27 +25,34 @@ import argparse
 import contextlib
 import functools
 import importlib
+import itertools
 import json
 import logging
 import os
 import sys
 import time
 import warnings
+import zipfile
 
 import numpy as np
 
+import cache_format
 from cache_format import file_record
-from cli import (EnvironmentFailure, UserError, check_output_folder, is_own_folder,
-                 main_guard, staged_folder)
+from cli import (EnvironmentFailure, UserError, check_may_write, check_output_folder, identity_mismatch, is_own_folder,
+                 json_marker, main_guard, owned_file, staged_folder)
 
 # The export folder: what `export` writes and `recommend --model` reads.
 EXPORT_VERSION = 1
 CREATED_BY = "inference.py export"
+BENCHMARK_CREATED_BY = "inference.py benchmark"  # the created_by of --json_path reports: only those are replaced
 MANIFEST_FILE = "manifest.json"  # written last: a folder without it is not a finished export
 ID_MAPS_FILE = "id_maps.npz"
 MODEL_FILES = {"onnx": "model.onnx", "torch-export": "model.pt2"}
 EXPORT_FILES = (MANIFEST_FILE, ID_MAPS_FILE, *MODEL_FILES.values(), "model.onnx.data")  # .data: weights > 2 GiB
 INPUTS, OUTPUT = ("user", "item"), "logit"
+MAP_KEYS = ("user_ids", "item_ids", "train_ptr", "train_items")  # what id_maps.npz must hold
+MAX_ID = 2**31 - 1  # the benchmark draws int32 ids, and the cache stores them as int32
+INT64 = (-(2**63), 2**63 - 1)
 CHECK_PAIRS = 4096  # random (user, item) pairs on which an export must score as the checkpoint does
 TOLERANCE = 1e-5  # fp32 logits, absolute and relative
 EXTRAS_HINT = "pip install -r requirements-export.txt (onnx, onnxscript, onnxruntime)"
@@ -89,7 +98,8 @@ def parse_args(argv=None):
     bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     bench.add_argument("--iterations", type=int, default=20, help="timed batches per configuration")
     bench.add_argument("--warmup", type=int, default=3, help="untimed batches first")
-    bench.add_argument("--json_path", help="also write the JSON results here")
+    bench.add_argument("--json_path", help="also write the JSON results here (a file there is replaced only if it "
+                                           "is a report of this command)")
     return parser.parse_args(argv)
 
 
@@ -117,11 +127,15 @@ def require(what, *names):
 def dense_user_ids(user_ids, original_ids, source):
     """Dense ids of original user ids; an unknown one is a user error that names it."""
     order = np.argsort(user_ids, kind="stable")
-    wanted = np.asarray(original_ids, dtype=np.int64)
+    # An id beyond int64 is no id of any dataset (numpy would overflow on it): unknown, like any other.
+    in_range = np.array([INT64[0] <= u <= INT64[1] for u in original_ids])
+    wanted = np.asarray([u if ok else -1 for u, ok in zip(original_ids, in_range, strict=True)], dtype=np.int64)
     dense = order[np.searchsorted(user_ids[order], wanted).clip(max=len(user_ids) - 1)]
-    unknown = [u for u, ok in zip(original_ids, user_ids[dense] == wanted, strict=True) if not ok]
+    found = (user_ids[dense] == wanted) & in_range
+    unknown = [str(u)[:40] for u, ok in zip(original_ids, found, strict=True) if not ok]
     if unknown:
-        raise UserError(f"--users: user id {', '.join(map(str, unknown))} not in the dataset {source} "
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        raise UserError(f"--users: user id {', '.join(unknown[:5])}{more} not in the dataset {source} "
                         f"({len(user_ids):,} users with ids {user_ids.min()}..{user_ids.max()}): "
                         f"pass original ids of users who have at least the dataset's min_ratings interactions")
     return dense
@@ -198,7 +212,8 @@ def read_manifest(folder):
 
 
 def load_export(folder):
-    """The manifest and id maps of an export folder, after checking every file against the manifest."""
+    """The manifest and id maps of an export folder, after checking every file against the manifest and the
+    id maps against the model's sizes."""
     fix = "pass a folder written by `inference.py export`, or export again"
     if not os.path.isdir(folder):
         raise UserError(f"--model {folder} is not a folder: {fix}")
@@ -206,18 +221,34 @@ def load_export(folder):
         manifest = read_manifest(folder)
     except FileNotFoundError:
         raise UserError(f"--model {folder} has no {MANIFEST_FILE}, so it is not a finished export: {fix}") from None
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot read {os.path.join(folder, MANIFEST_FILE)} ({str(err).splitlines()[0]}): "
+    except (OSError, ValueError, RecursionError) as err:
+        raise UserError(f"cannot read {os.path.join(folder, MANIFEST_FILE)} ({str(err).splitlines()[0][:100]}): "
                         f"{fix}") from None
+    check_manifest(folder, manifest, fix)
+    maps = read_id_maps(os.path.join(folder, ID_MAPS_FILE), fix)
+    problem = id_maps_problem(maps, manifest["model"]["nb_users"], manifest["model"]["nb_items"]) or \
+        identity_problem(maps, manifest)
+    if problem:
+        raise UserError(f"--model {folder}: {ID_MAPS_FILE} {problem}, so it is not the id maps of this export's "
+                        f"model: {fix}")
+    return manifest, maps
+
+
+def check_manifest(folder, manifest, fix):
+    """The manifest names a known format, the model's sizes and the export's files, and every file is the
+    one it records (size and SHA-256)."""
     if manifest.get("created_by") != CREATED_BY or manifest.get("export_version") != EXPORT_VERSION:
         raise UserError(f"--model {folder}: {MANIFEST_FILE} is not that of a version-{EXPORT_VERSION} export of "
                         f"this code (created_by {manifest.get('created_by')!r:.40}, export_version "
                         f"{manifest.get('export_version')!r:.10}): {fix}")
-    files, fmt = manifest.get("files"), manifest.get("format")
-    if (fmt not in MODEL_FILES or manifest.get("model_file") != MODEL_FILES[fmt] or not isinstance(files, dict)
-            or MODEL_FILES[fmt] not in files or ID_MAPS_FILE not in files):
+    files, fmt, model = manifest.get("files"), manifest.get("format"), manifest.get("model")
+    if (not isinstance(fmt, str) or fmt not in MODEL_FILES or manifest.get("model_file") != MODEL_FILES[fmt]
+            or not isinstance(files, dict) or MODEL_FILES[fmt] not in files or ID_MAPS_FILE not in files):
         raise UserError(f"--model {folder}: {MANIFEST_FILE} does not name a known format and list the export's "
                         f"files: {fix}")
+    if not isinstance(model, dict) or not all(is_count(model.get(key)) for key in ("nb_users", "nb_items")):
+        raise UserError(f"--model {folder}: {MANIFEST_FILE} does not give the model's user and item counts "
+                        f"(\"model\": nb_users, nb_items): {fix}")
     for name, record in files.items():
         path = os.path.join(folder, os.path.basename(name))
         if not os.path.isfile(path):
@@ -225,16 +256,82 @@ def load_export(folder):
         if file_record(path) != record:
             raise UserError(f"--model {folder}: {name} does not match the size and SHA-256 {MANIFEST_FILE} "
                             f"records (changed since it was exported): {fix}")
-    with np.load(os.path.join(folder, ID_MAPS_FILE), allow_pickle=False) as npz:
-        maps = dict(npz)
-    return manifest, maps
+
+
+def is_count(value):
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_ID
+
+
+def read_id_maps(path, fix):
+    """id_maps.npz as a dict of arrays (no pickles), or a one-line error."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {key: npz[key] for key in npz.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        reason = str(err).splitlines()[0][:100] if str(err) else type(err).__name__
+        raise UserError(f"cannot read {path} ({reason}): {fix}") from None
+
+
+def identity_problem(maps, manifest):
+    """Why the dataset identity the id maps carry is not the manifest's, or None (exports written before the
+    id maps carried one are not compared)."""
+    if "dataset" not in maps:
+        return None
+    try:
+        carried = json.loads(str(maps["dataset"]))
+    except ValueError:
+        return "carries an unreadable dataset identity"
+    mismatch = identity_mismatch(manifest.get("dataset"), carried if isinstance(carried, dict) else {})
+    if mismatch:
+        key, there, here = mismatch
+        return (f"belongs to another dataset than {MANIFEST_FILE} records ({key} {str(here)[:16]}, not "
+                f"{str(there)[:16]})")
+    return None
+
+
+def id_maps_problem(maps, num_users, num_items):
+    """Why `maps` are not id maps of a model of `num_users` and `num_items` (see the Recommendations
+    section), or None. Checked because `recommend` indexes with them: a cut train_ptr would read another
+    user's training items, an item id past the table would raise deep inside numpy."""
+    for key in MAP_KEYS:
+        value = maps.get(key)
+        if value is None:
+            return f"lacks {key}"
+        if value.ndim != 1 or not np.issubdtype(value.dtype, np.integer):
+            return f"has a {key} that is not a 1-D integer array ({value.dtype}, shape {value.shape})"
+    users, items, ptr, trained = (maps[key] for key in MAP_KEYS)
+    sizes = {"user_ids": (len(users), num_users), "item_ids": (len(items), num_items),
+             "train_ptr": (len(ptr), num_users + 1)}
+    for key, (got, want) in sizes.items():
+        if got != want:
+            return f"has {got:,} entries in {key}, not the {want:,} the model's sizes call for"
+    if ptr[0] != 0 or ptr[-1] != len(trained) or (np.diff(ptr) < 0).any():
+        return f"has a train_ptr that does not split train_items ({len(trained):,} entries) into users"
+    if len(trained) and (trained.min() < 0 or trained.max() >= num_items):
+        return f"has train_items outside 0..{num_items - 1}"
+    if len(np.unique(users)) != len(users):
+        return "has a user id twice in user_ids"
+    return None
 
 
 def export_scorer(folder, manifest):
+    """The export's scorer, tried once on its last user and item: a model file swapped for another export's
+    (its checksum updated to match) would otherwise fail deep inside the runtime, or score other ids."""
     path = os.path.join(folder, manifest["model_file"])
-    if manifest["format"] == "onnx":
-        return session_scorer(ort_session(require("recommend --model (an ONNX export)", "onnxruntime"), path))
-    return program_scorer(path)
+    ort = require("recommend --model (an ONNX export)", "onnxruntime") if manifest["format"] == "onnx" else None
+    last = np.array([manifest["model"]["nb_users"] - 1]), np.array([manifest["model"]["nb_items"] - 1])
+    try:
+        score = session_scorer(ort_session(ort, path)) if ort else program_scorer(path)
+        logit = np.asarray(score(*last))
+        shape_ok = logit.shape == (1,)
+    except Exception as err:  # the runtime's own errors: a broken or foreign model file
+        text = str(err).strip()
+        raise UserError(f"--model {folder}: {manifest['model_file']} cannot score the export's users and items "
+                        f"({text.splitlines()[0][:120] if text else type(err).__name__}): export again") from None
+    if not shape_ok:
+        raise UserError(f"--model {folder}: {manifest['model_file']} returns {logit.shape}-shaped scores, not one "
+                        "per pair: export again")
+    return score
 
 
 def program_scorer(path):
@@ -316,6 +413,11 @@ def is_export_folder(folder):
     """True iff `export` may replace `folder`: it is empty, or provably an export this command wrote
     (manifest.json says so, and it holds nothing but regular files named as an export's)."""
     return is_own_folder(folder, EXPORT_FILES, read_manifest, CREATED_BY)
+
+
+def no_earlier_file(path):
+    """The proof for a file inside a folder being staged: none is needed, as nothing else can be there."""
+    return False
 
 
 def check_export_output(output, inputs):
@@ -416,13 +518,27 @@ def check_export(reference, exported, num_users, num_items, pairs=CHECK_PAIRS):
     return float(np.abs(got - want).max())
 
 
+def checkpoint_facts(ckpt, path, cache):
+    """What the manifest says of the checkpoint, as plain JSON: a checkpoint's optional fields may be edited."""
+    def plain(value, kind):
+        return value if isinstance(value, kind) and not isinstance(value, bool) else None
+
+    saved_args = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
+    # The identity load_model compared with the cache's (through cli.identity_mismatch); a checkpoint older
+    # than identities gets the cache's.
+    dataset = ckpt.get("dataset") if isinstance(ckpt.get("dataset"), dict) else None
+    return {"dataset": dataset or cache_format.dataset_identity(cache.metadata),
+            "checkpoint": {"path": os.path.abspath(path), "epoch": plain(ckpt.get("epoch"), int),
+                           "topk": plain(saved_args.get("topk", 10), int), "hr": plain(ckpt.get("hr"), (int, float)),
+                           "ndcg": plain(ckpt.get("ndcg"), (int, float))}}
+
+
 def run_export(args):
     check_export_output(args.output, {"--checkpoint": args.checkpoint, "--data": args.data})
     # The extras are checked before any work, as the output path is.
     ort = require("export --format onnx", "onnx", "onnxscript", "onnxruntime")[-1] if args.format == "onnx" else None
     import torch
 
-    from checkpoint import dataset_identity
     from dataloading import load_cache
 
     cache = load_cache(args.data)
@@ -436,7 +552,10 @@ def run_export(args):
         else:
             exported, runtime = program_scorer(model_path), f"torch {torch.__version__}"
         max_diff = check_export(reference, exported, cache.num_users, cache.num_items)
-        np.savez(os.path.join(tmp, ID_MAPS_FILE), **id_maps(cache))
+        known = checkpoint_facts(ckpt, args.checkpoint, cache)
+        with owned_file(os.path.join(tmp, ID_MAPS_FILE), "--output", no_earlier_file, "id maps") as f:
+            # The dataset's identity travels with the id maps too: maps swapped in from another export are refused.
+            np.savez(f, **id_maps(cache), dataset=np.array(json.dumps(known["dataset"], sort_keys=True)))
         manifest = {
             "created_by": CREATED_BY, "export_version": EXPORT_VERSION, "format": args.format,
             "model_file": MODEL_FILES[args.format],
@@ -444,17 +563,14 @@ def run_export(args):
                        for name, count in zip(INPUTS, (cache.num_users, cache.num_items), strict=True)},
             "output": {OUTPUT: {"dtype": "float32", "shape": ["batch"], "meaning": "logit; sigmoid gives the "
                                                                                     "probability"}},
-            "model": ckpt["config"], "dataset": ckpt.get("dataset") or dataset_identity(cache),
-            "checkpoint": {"path": os.path.abspath(args.checkpoint), "epoch": ckpt.get("epoch"),
-                           "topk": ckpt.get("args", {}).get("topk", 10), "hr": ckpt.get("hr"),
-                           "ndcg": ckpt.get("ndcg")},
+            "model": ckpt["config"], **known,
             "torch": torch.__version__, **facts,
             "check": {"pairs": CHECK_PAIRS, "max_abs_logit_diff": max_diff, "tolerance": TOLERANCE,
                       "runtime": runtime},
             "files": {name: file_record(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))},
         }
-        with open(os.path.join(tmp, MANIFEST_FILE), "w") as f:
-            json.dump(manifest, f, indent=1)
+        with owned_file(os.path.join(tmp, MANIFEST_FILE), "--output", json_marker(CREATED_BY), "a manifest") as f:
+            f.write(json.dumps(manifest, indent=1).encode())
     print(f"exported {args.checkpoint} ({args.format}) to {args.output}: {', '.join(manifest['files'])}, "
           f"{MANIFEST_FILE}; logits equal the checkpoint's to {max_diff:.1e} on {CHECK_PAIRS:,} random pairs")
 
@@ -463,31 +579,108 @@ def run_export(args):
 # Benchmark
 
 
+SHAPE_FLAGS = (("--users", "users"), ("--items", "items"), ("--factors", "factors"), ("--layers", "layers"))
+GIB = 2**30
+
+
+def check_benchmark_flags(args):
+    """Every benchmark flag and the --json_path, before any work (a report is written after minutes)."""
+    for flag, values in (("--batch_sizes", args.batch_sizes), ("--iterations", [args.iterations])):
+        if min(values) <= 0:
+            raise UserError(f"{flag} must be positive, got {min(values)}")
+    if args.warmup < 0:
+        raise UserError(f"--warmup must be 0 or more, got {args.warmup}")
+    given = [flag for flag, name in SHAPE_FLAGS if getattr(args, name) is not None]
+    if args.checkpoint and given:
+        raise UserError(f"{given[0]} shapes a freshly built model, and --checkpoint brings its own shape: drop "
+                        f"{given[0]}, or drop --checkpoint")
+    if args.data and {"--users", "--items"} & set(given):
+        raise UserError("--users and --items come from the --data cache's counts: drop them, or drop --data")
+    for flag, value in (("--users", args.users), ("--items", args.items)):
+        if value is not None and not 1 <= value <= MAX_ID:
+            raise UserError(f"{flag} must be between 1 and {MAX_ID:,} (ids are int32), got {value}")
+    if args.factors is not None and args.factors <= 0:
+        raise UserError(f"--factors must be positive, got {args.factors}")
+    if args.layers is not None and (min(args.layers) <= 0 or args.layers[0] % 2):
+        raise UserError(f"--layers must be positive sizes with an even first one, got {args.layers}")
+    if args.json_path:
+        check_may_write(args.json_path, "--json_path", json_marker(BENCHMARK_CREATED_BY), "a benchmark report")
+
+
+def fresh_config(args, cache):
+    """The config of the model to build: --data's counts, or the flags, or ml-20m's shape and ncf.py's model."""
+    import synthetic
+    from neumf import DROPOUT, FACTORS, LAYERS
+
+    users, items = (cache.num_users, cache.num_items) if cache else synthetic.PRESETS["ml-20m"][:2]
+    return {"nb_users": users if args.users is None else args.users,
+            "nb_items": items if args.items is None else args.items,
+            "mf_dim": FACTORS if args.factors is None else args.factors,
+            "mlp_layer_sizes": list(LAYERS if args.layers is None else args.layers), "dropout": DROPOUT}
+
+
 def benchmark_model(args, device):
-    """The model to time and a short description of where its shape came from."""
+    """The model to time and a short description of where its shape came from; refused before it is built
+    if it, or it and the largest batch's activations, do not fit in the device's memory."""
     import torch
 
-    import synthetic
     from dataloading import load_cache
-    from neumf import DROPOUT, FACTORS, LAYERS, build_model
+    from neumf import build_model
 
     cache = load_cache(args.data) if args.data else None
+    onnx = "onnxruntime" in args.backend
     if args.checkpoint:
-        return load_model(args.checkpoint, cache, device)[0], f"checkpoint {args.checkpoint}"
-    ml20m_users, ml20m_items = synthetic.PRESETS["ml-20m"][:2]
-    users, items = (cache.num_users, cache.num_items) if cache else (args.users or ml20m_users,
-                                                                      args.items or ml20m_items)
-    factors, layers = args.factors or FACTORS, args.layers or list(LAYERS)
-    for flag, value in (("--users", users), ("--items", items), ("--factors", factors)):
-        if value <= 0:
-            raise UserError(f"{flag} must be positive, got {value}")
-    if any(size <= 0 for size in layers) or layers[0] % 2:
-        raise UserError(f"--layers must be positive sizes with an even first one, got {layers}")
-    config = {"nb_users": users, "nb_items": items, "mf_dim": factors, "mlp_layer_sizes": list(layers),
-              "dropout": DROPOUT}
+        model = load_model(args.checkpoint, cache, device)[0]
+        check_memory(model.config, args.batch_sizes, device, onnx)
+        return model, f"checkpoint {args.checkpoint}"
+    config = fresh_config(args, cache)
+    check_memory(config, args.batch_sizes, device, onnx)
     torch.manual_seed(0)
     source = f"dataset {args.data}" if cache else "no data"
     return build_model(config, device).eval(), f"untrained model ({source})"
+
+
+def memory_needs(config, onnx):
+    """(bytes, bytes per sample): an upper bound on what timing a model of `config` holds in memory, for the
+    model and per sample of a batch. Per sample: every activation of the forward in fp32, as if all were alive
+    at once (the forward frees each layer's input as it goes, which leaves room for autocast's half-width
+    copies), and the index tensors (int32; int64 for onnxruntime)."""
+    mf, layers = config["mf_dim"], list(config["mlp_layer_sizes"])
+    half = layers[0] // 2 if layers else 0
+    rows = config["nb_users"] + config["nb_items"]
+    last = layers[-1] if layers else 0
+    params = rows * (mf + half) + sum(a * b + b for a, b in itertools.pairwise(layers)) + mf + last + 1
+    fixed = 4 * params * (2 if onnx else 1) + 4 * rows * (layers[1] if len(layers) > 1 else 0)  # + factored terms
+    per_sample = 4 * (2 * (mf + half) + mf + sum(layers) + 1) + (32 if onnx else 16)
+    return fixed, per_sample
+
+
+def available_memory(device):
+    """Bytes that `device` can still allocate: free GPU memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.mem_get_info(device)[0]
+    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_memory(config, batch_sizes, device, onnx):
+    """A user error, before anything is allocated, if the model or its largest batch cannot fit."""
+    fixed, per_sample = memory_needs(config, onnx)
+    free, batch = available_memory(device), max(batch_sizes)
+    if fixed > free:
+        raise UserError(f"a model of {config['nb_users']:,} users and {config['nb_items']:,} items (factors "
+                        f"{config['mf_dim']}, layers {config['mlp_layer_sizes']}) needs about {fixed / GIB:,.1f} GiB, "
+                        f"more than the {free / GIB:,.1f} GiB of {device.type} memory available: choose a smaller "
+                        f"shape")
+    if fixed + batch * per_sample > free:
+        raise UserError(f"--batch_sizes {batch:,} needs about {(fixed + batch * per_sample) / GIB:,.1f} GiB "
+                        f"({per_sample} bytes a sample), more than the {free / GIB:,.1f} GiB of {device.type} memory "
+                        f"available: use batch sizes up to {(free - fixed) // per_sample:,}")
 
 
 def amp_precision(device):
@@ -536,11 +729,7 @@ def run_benchmark(args):
 
     from devices import choose_precision, cpu_has_native_bf16, pick_device
 
-    for flag, values in (("--batch_sizes", args.batch_sizes), ("--iterations", [args.iterations])):
-        if min(values) <= 0:
-            raise UserError(f"{flag} must be positive, got {values}")
-    if args.warmup < 0:
-        raise UserError(f"--warmup must be 0 or more, got {args.warmup}")
+    check_benchmark_flags(args)
     ort = (require("benchmark --backend onnxruntime", "onnx", "onnxscript", "onnxruntime")[-1]
            if "onnxruntime" in args.backend else None)
     device = pick_device(args.device)
@@ -586,8 +775,8 @@ def run_benchmark(args):
     print_table(report, skipped_amp="onnxruntime" in args.backend and "amp" in args.precision)
     print(json.dumps(report))
     if args.json_path:
-        with open(args.json_path, "w") as f:
-            json.dump(report, f, indent=1)
+        with owned_file(args.json_path, "--json_path", json_marker(BENCHMARK_CREATED_BY), "a benchmark report") as f:
+            f.write(json.dumps({"created_by": BENCHMARK_CREATED_BY, **report}, indent=1).encode())
 
 
 def print_table(report, skipped_amp=False):

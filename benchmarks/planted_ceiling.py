@@ -33,6 +33,19 @@ def parse_args(argv=None):
     return resolve_shape(parser.parse_args(argv))
 
 
+def check_shape(args, cache):
+    """Cheap checks before the planted model is built (its size is the flags'): the flags' sizes must be the
+    cache's (every synthetic user keeps at least 20 ratings, so convert.py keeps them all), and k, as in ncf.py,
+    at most the candidates per user."""
+    if cache.num_users != args.users or cache.num_items > args.items:
+        raise UserError(f"--cache {args.cache} has {cache.num_users:,} users and {cache.num_items:,} items, which "
+                        f"synthetic.py with {args.users:,} users and {args.items:,} items does not write: pass the "
+                        "--preset and sizes it was made with")
+    candidates = cache.test_negatives.shape[1] + 1
+    if not 1 <= args.topk <= candidates:
+        raise UserError(f"--topk must be between 1 and the cache's {candidates} candidates per user, got {args.topk}")
+
+
 def check_source(args, cache):
     """The cache must come from the ratings.csv these flags write: its SHA-256 is in the metadata."""
     made = ratings_sha256(args.users, args.items, args.interactions_per_user_mean, args.factors, args.seed,
@@ -64,6 +77,7 @@ def main(argv=None):
     import dataloading  # torch loads here, after the flags are checked
 
     cache = dataloading.load_cache(args.cache)
+    check_shape(args, cache)
     model = planted_model(args.users, args.items, args.factors, args.seed, args.strength,
                           args.popularity_exponent)
     check_source(args, cache)

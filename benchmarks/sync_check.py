@@ -15,11 +15,12 @@ import sys
 import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as cli.py, before torch loads OpenMP
+import cli  # noqa: F401, I001  (sets the OpenMP wait policy before torch loads OpenMP)
 
 import torch
 
 import ncf
+from cli import UserError, main_guard
 from dataloading import EpochSampler, FullRankingData, TestData, load_cache
 from devices import choose_precision, pick_device
 from neumf import build_model
@@ -44,12 +45,15 @@ def syncs_of(device, work):
     return len(messages), messages
 
 
+@main_guard
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True)
-    p.add_argument("--device", default="cuda")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cuda")
     p.add_argument("--batch_size", type=int, default=65536)
     args = p.parse_args(argv)
+    if args.batch_size <= 0:
+        raise UserError(f"--batch_size must be positive, got {args.batch_size}")
     device = pick_device(args.device)
     cache = load_cache(args.data)
     ctx = ncf.DistContext(rank=0, local_rank=0, world_size=1, device=device)

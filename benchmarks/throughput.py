@@ -7,8 +7,12 @@ The data are random tensors of ml-20m's shape held in memory (138,493 users, 26,
 training positives, 4 negatives each; 101 evaluation candidates per user): throughput does not depend
 on their values. Each (batch size, precision) runs in its own child process, so its peak memory is its
 own; each prints one JSON line, and a table and the machine's floor follow.
+
+Every flag is checked before any work, the sizes against the memory they need; --json_out appends only to
+a file of this script's (every line a JSON record whose "created_by" says so).
 """
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -18,12 +22,12 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# As cli.py does, but it must happen before torch loads OpenMP, and import sorting puts torch first.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import cli  # noqa: I001  (sets the OpenMP wait policy before torch loads OpenMP)
 
 import torch
 
 import ncf
+from cli import UserError, check_may_write, main_guard, open_owned_for_append
 from dataloading import EpochSampler, TestData
 from devices import choose_precision, set_matmul_precision
 from neumf import DROPOUT, FACTORS, LAYERS, build_model
@@ -31,6 +35,10 @@ from synthetic import PRESETS
 
 # ml-20m's shape (synthetic.py's preset) and its training positives after convert.py's protocol.
 ML20M = {"users": PRESETS["ml-20m"][0], "items": PRESETS["ml-20m"][1], "positives": 19_861_770}
+CREATED_BY = "benchmarks/throughput.py"
+MAX_ID = 2**31 - 1  # ids are int32
+POSITIVE = ("users", "items", "positives", "negatives", "candidates", "eval_repeats", "valid_batch_size", "factors",
+            "steps", "grads_accumulated")
 
 
 def parse_args(argv=None):
@@ -64,6 +72,68 @@ def parse_args(argv=None):
     p.add_argument("--json_out", default=None, help="also append the JSON lines to this file")
     p.add_argument("--child", nargs=2, metavar=("BATCH", "PRECISION"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+def validate(args):
+    """Every flag, before any work (each configuration runs for minutes in a child process)."""
+    for name in POSITIVE:
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
+    for name in ("eval_users", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
+    for name in ("users", "items"):
+        if getattr(args, name) > MAX_ID:
+            raise UserError(f"--{name} must be at most {MAX_ID:,} (ids are int32), got {getattr(args, name)}")
+    if args.warmup < 0:
+        raise UserError(f"--warmup must be 0 or more, got {args.warmup}")
+    if min(args.layers) <= 0 or args.layers[0] % 2:
+        raise UserError(f"--layers must be positive sizes with an even first one, got {args.layers}")
+    if not 0 <= args.dropout < 1:  # NaN included
+        raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
+    for batch in args.batch_size:
+        check_batch(args, batch)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA device is available: use --device cpu")
+    check_memory(args)
+
+
+def check_batch(args, batch):
+    if batch <= 0 or batch % args.grads_accumulated:
+        raise UserError(f"--batch_size {batch} must be a positive multiple of --grads_accumulated "
+                        f"{args.grads_accumulated}")
+    samples = args.positives * (1 + args.negatives)
+    full, rest = divmod(samples, batch)
+    steps = min(args.warmup + args.steps, full + (rest >= args.grads_accumulated))
+    if steps - max(args.warmup, 1) < 1:  # see time_training: the first step and the warm-up are not timed
+        raise UserError(f"--batch_size {batch:,}: an epoch of {samples:,} samples has {steps} step(s) of it, which "
+                        f"leaves none to time after --warmup {args.warmup}: choose a smaller batch, more --positives, "
+                        f"or more --steps")
+
+
+def check_memory(args):
+    """A coarse bound on a child's memory (the data and its epoch's permutation, the model with its gradients
+    and Adam's moments, a training batch's activations and their gradients: half of train_bytes, which counts
+    each written and read) against what the device has free: absurd sizes are refused before the minutes of
+    work, not by the OOM killer. Evaluation works in pieces, so its batch is left out."""
+    from inference import available_memory
+
+    cost = per_sample_cost(args)
+    data = 8 * args.positives * (2 + args.negatives) + 8 * args.positives * (1 + args.negatives)
+    model = 16 * cost["params"]
+    batches = max(args.batch_size) * cost["train_bytes"] // 2
+    need, free = data + model + batches, available_memory(torch.device(args.device))
+    if need > free:
+        raise UserError(f"these sizes need about {need / 2**30:,.1f} GiB ({data / 2**30:,.1f} of data, "
+                        f"{model / 2**30:,.1f} of model and optimizer, {batches / 2**30:,.1f} of batches), more than "
+                        f"the {free / 2**30:,.1f} GiB of {args.device} memory free: choose smaller --positives, "
+                        "--users/--items or --batch_size")
+
+
+def is_throughput_log(path):
+    """A proof (cli.may_write): every line of the file is a JSON record this script wrote."""
+    with open(path) as f:
+        return all(json.loads(line).get("created_by") == CREATED_BY for line in f if line.strip())
 
 
 def sync(device):
@@ -226,9 +296,9 @@ def matmul_rate(device, dtype, width=256, try_s=0.1):
     w = torch.randn(width, width, device=device).to(dtype)
     rows = 4096
     while True:
-        a = torch.randn(rows, width, device=device).to(dtype)
-        if best_seconds(device, lambda: torch.mm(a, w), tries=1) >= try_s or rows >= 1 << 20:
-            return 2 * rows * width * width / best_seconds(device, lambda: torch.mm(a, w))
+        product = functools.partial(torch.mm, torch.randn(rows, width, device=device).to(dtype), w)
+        if best_seconds(device, product, tries=1) >= try_s or rows >= 1 << 20:
+            return 2 * rows * width * width / best_seconds(device, product)
         rows *= 2
 
 
@@ -282,10 +352,29 @@ def print_table(results, cost, floor):
               f"{floor['copy_bytes_per_s'] / 1e9:.1f} GB/s")
 
 
+def run_child(argv, args, floor, batch_size, precision):
+    """One configuration in its own process (its peak memory is its own); its JSON record."""
+    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--child", str(batch_size), precision]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        killed = " (killed: out of memory?)" if proc.returncode < 0 else ""
+        raise cli.EnvironmentFailure(f"batch {batch_size} {precision} failed with exit status {proc.returncode}"
+                                     f"{killed}: {last}")
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    if floor:
+        add_floor(r, args, floor, batch_size)
+    print(json.dumps(r), flush=True)
+    return r
+
+
+@main_guard
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("throughput.py: error: --device cuda but no CUDA device is available: use --device cpu")
+    validate(args)
+    if args.json_out and not args.child:
+        check_may_write(args.json_out, "--json_out", is_throughput_log, "a throughput log")
     matmuls = set_matmul_precision(torch.device(args.device))  # as ncf.py: TF32 on CUDA, as the recipe
     print(f"fp32 matmuls: {matmuls}", flush=True)
     if args.child:
@@ -293,27 +382,14 @@ def main(argv=None):
         return
     cost = per_sample_cost(args)
     floor = {} if args.no_floor else measure_floor(torch.device(args.device))
-    results = []
-    for batch_size in args.batch_size:
-        for precision in args.precision:
-            cmd = [sys.executable, os.path.abspath(__file__), *(argv if argv is not None else sys.argv[1:]),
-                   "--child", str(batch_size), precision]
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if proc.returncode:
-                sys.stderr.write(proc.stderr)
-                sys.exit(f"throughput.py: error: batch {batch_size} {precision} failed (exit {proc.returncode})")
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
-            if floor:
-                add_floor(r, args, floor, batch_size)
-            results.append(r)
-            print(json.dumps(r), flush=True)
+    results = [run_child(argv, args, floor, batch_size, precision)
+               for batch_size in args.batch_size for precision in args.precision]
     print_table(results, cost, floor)
-    summary = {"floor": {**cost, **floor}, "results": results}
-    print(json.dumps({"floor": summary["floor"]}))
+    print(json.dumps({"floor": {**cost, **floor}}))
     if args.json_out:
-        with open(args.json_out, "a") as f:
+        with open_owned_for_append(args.json_out, "--json_out", is_throughput_log, "a throughput log") as f:
             for r in results:
-                f.write(json.dumps({**r, "floor": summary["floor"]}) + "\n")
+                f.write(json.dumps({"created_by": CREATED_BY, **r, "floor": {**cost, **floor}}) + "\n")
 
 
 if __name__ == "__main__":

@@ -9,21 +9,25 @@ them; a resumed run, whose epochs carry on, stays one curve. Needs matplotlib (o
 
 -o names the file written, and the path printed is that file: an existing folder gets FOLDER/run.png,
 a name without a suffix gets .png (matplotlib's own rule, now said). It must be .png, .pdf or .svg;
-it is checked before any work, and an existing file there is replaced only if it is an image of that
-format (never a log, nor another file), written to a temporary name then renamed. A log line that is
+it is checked before any work, and an existing file there is replaced only if it is a plot this command
+wrote (its image metadata says so: never a log, nor a picture of the user's), written to a temporary
+name then renamed. A log line that is
 not a JSON object of the kind ncf.py writes (a truncated line, a number where an object goes, a
 string where a figure goes) is a one-line error naming the file and line.
 """
 import argparse
 import json
+import math
 import os
 
-from cli import EnvironmentFailure, UserError, atomic_file, check_output_path, holds, main_guard
+from cli import EnvironmentFailure, UserError, check_may_write, check_output_path, holds, main_guard, owned_file
 from logger import record_problem
 
 # Suffix -> (matplotlib format, how a file of that format starts).
 FORMATS = {".png": ("png", b"\x89PNG\r\n\x1a\n"), ".pdf": ("pdf", b"%PDF-"), ".svg": ("svg", b"<?xml")}
 DEFAULT_NAME = "run.png"
+CREATED_BY = "ncf logger.plot"  # written into the image's metadata ("Creator"): the proof that a plot is ours
+MAX_IMAGE_BYTES = 64 * 2**20  # a plot is well under a MiB: a larger file is no plot of ours, and is not read
 
 # Per panel: y-axis label and its series (JSON key, legend suffix, line style). Keys are those of
 # logger/__init__.py's epoch records.
@@ -47,6 +51,12 @@ def parse_args(argv=None):
 
 def read_runs(path):
     """[(precision, topk, [epoch records])] of the runs in one log."""
+    if os.path.isdir(path):
+        raise UserError(f"log {path} is a folder, not a log: pass the --log_path file of an ncf.py training run, "
+                        f"e.g. {os.path.join(path, 'log.json')}")
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise UserError(f"log {path} is not a regular file (a device or a pipe): pass the --log_path of an ncf.py "
+                        "training run")
     if not os.path.isfile(path):
         raise UserError(f"log {path} does not exist: pass the --log_path of an ncf.py training run")
     fix = "pass a log written by ncf.py --log_path"
@@ -108,13 +118,30 @@ def resolve_output(output, logs):
                         f"{suffix or 'a file without a suffix'}: choose a name with one of these suffixes")
     if any(holds(log, output) for log in logs):
         raise UserError(f"-o/--output {output} is one of the logs to plot: choose another name")
-    if os.path.exists(output):
-        with open(output, "rb") as f:
-            is_image = f.read(16).startswith(FORMATS[suffix][1])
-        if not is_image:
-            raise UserError(f"-o/--output {output} exists and is not a {suffix[1:]} image, so it is not replaced: "
-                            "move it away or choose another name")
+    check_may_write(output, "-o/--output", plot_of(CREATED_BY), f"a {suffix[1:]} image")
     return output
+
+
+def plot_of(created_by):
+    """A proof (cli.may_write): the file is an image whose metadata says `created_by` wrote it."""
+
+    def proof(path):
+        if os.path.getsize(path) > MAX_IMAGE_BYTES:
+            return False
+        with open(path, "rb") as f:
+            data = f.read()
+        starts = (signature for _, signature in FORMATS.values())
+        return any(data.startswith(signature) for signature in starts) and created_by.encode() in data
+
+    return proof
+
+
+def save_figure(fig, path, flag, created_by=CREATED_BY):
+    """Write `fig` to `path` (its suffix gives the format) with `created_by` in its metadata, through
+    cli.owned_file: an existing file is replaced only if it is a plot that `created_by` wrote."""
+    fmt = FORMATS.get(os.path.splitext(path)[1].lower(), FORMATS[".png"])[0]
+    with owned_file(path, flag, plot_of(created_by), f"a {fmt} image") as f:
+        fig.savefig(f, format=fmt, dpi=110, metadata={"Creator": created_by})
 
 
 def label_runs(paths, labels):
@@ -129,6 +156,19 @@ def label_runs(paths, labels):
                 (f" ({precision})" if precision else "")
             curves.append((label + (f" #{j + 1}" if len(runs) > 1 else ""), topk, records))
     return curves
+
+
+def is_figure(value):
+    """A value to draw: NaN and infinity (what a diverged epoch logs) are left out, as matplotlib's axis
+    limits cannot hold infinity."""
+    return value is not None and math.isfinite(value)
+
+
+def left_out(curves):
+    """How many logged figures of the panels are NaN or infinite."""
+    keys = [key for _, series in PANELS for key, _, _ in series]
+    return sum(r.get(key) is not None and not is_figure(r[key]) for _, _, records in curves for r in records
+               for key in keys)
 
 
 def plot(curves, output, title=None):
@@ -147,7 +187,7 @@ def plot(curves, output, title=None):
     for ax, (ylabel, series) in zip(axes.flat, PANELS, strict=True):
         for n, (label, _, records) in enumerate(curves):
             for key, kind, style in series:
-                points = [(r["epoch"], r[key]) for r in records if r.get(key) is not None]
+                points = [(r["epoch"], r[key]) for r in records if is_figure(r.get(key))]
                 if points:
                     x, y = zip(*points, strict=True)
                     name = label if len(series) == 1 else f"{label}, {kind}"
@@ -160,13 +200,14 @@ def plot(curves, output, title=None):
             ax.legend(fontsize="small")
     if title:
         fig.suptitle(title)
-    fmt = FORMATS.get(os.path.splitext(output)[1].lower(), FORMATS[".png"])[0]
     try:
-        with atomic_file(output) as f:
-            fig.savefig(f, format=fmt, dpi=110)
+        save_figure(fig, output, "-o/--output")
     except OSError as err:  # atomic_file has removed its temporary file
         raise EnvironmentFailure(f"cannot write {output} ({err.strerror or err}); nothing was left behind: "
                                  "free some space and rerun") from None
+    except (ValueError, OverflowError) as err:  # e.g. a figure of 1e308, whose axis limits overflow
+        raise UserError(f"cannot draw the logs' figures ({str(err)[:80]}): they hold values no axis can show "
+                        "(edited logs?); nothing was written") from None
     finally:
         plt.close(fig)
 
@@ -179,6 +220,8 @@ def main(argv=None):
     plot(curves, output, args.title)
     print(f"wrote {output}: {len(curves)} run(s), "
           f"{sum(len(records) for _, _, records in curves)} epochs")
+    if left_out(curves):
+        print(f"note: {left_out(curves)} logged figure(s) are NaN or infinite (a diverged epoch?) and are not drawn")
 
 
 if __name__ == "__main__":

@@ -282,16 +282,17 @@ def stability_args(data, output):
 
 
 def test_stability_refuses_a_folder_it_did_not_write(tmp_path):
-    (tmp_path / "data").mkdir()
+    data = make_tiny_cache(tmp_path / "data")
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "seed_1.json").write_text("someone's log")  # our name, but no report of ours
     with pytest.raises(cli.UserError, match="did not write"):
-        stability.validate(stability_args(tmp_path / "data", tmp_path / "runs"))
+        stability.validate(stability_args(data, tmp_path / "runs"))
+    (tmp_path / "runs" / "seed_1.json").write_text('{"event": "config"}\n')  # an ncf.py log, as a run leaves it
     (tmp_path / "runs" / "stability.json").write_text(json.dumps({"created_by": stability.CREATED_BY}))
-    stability.validate(stability_args(tmp_path / "data", tmp_path / "runs"))  # now provably ours
+    stability.validate(stability_args(data, tmp_path / "runs"))  # now provably ours
     (tmp_path / "runs" / "notes.txt").write_text("mine")
     with pytest.raises(cli.UserError, match="did not write"):
-        stability.validate(stability_args(tmp_path / "data", tmp_path / "runs"))
+        stability.validate(stability_args(data, tmp_path / "runs"))
 
 
 def test_stability_never_writes_into_the_data_folder(tmp_path):
@@ -357,11 +358,17 @@ def test_plot_refuses_an_output_it_must_not_replace(tmp_path, capsys, case, word
 
 def test_plot_replaces_a_picture_of_the_same_format(tmp_path, capsys):
     log = write_log(tmp_path / "run.json")
-    (tmp_path / "run.png").write_bytes(b"\x89PNG\r\n\x1a\n an older plot")
-    plot.main([str(log), "-o", str(tmp_path / "run.png")])
+    plot.main([str(log), "-o", str(tmp_path / "run.png")])  # an older plot of ours (its PNG carries the proof)
+    older = (tmp_path / "run.png").read_bytes()
+    capsys.readouterr()
+    plot.main([str(log), "-o", str(tmp_path / "run.png"), "--title", "again"])
     assert printed_path(capsys) == str(tmp_path / "run.png")
-    assert len((tmp_path / "run.png").read_bytes()) > 10_000
+    assert (tmp_path / "run.png").read_bytes() != older and len(older) > 10_000
     assert sorted(os.listdir(tmp_path)) == ["run.json", "run.png"]
+    (tmp_path / "run.png").write_bytes(b"\x89PNG\r\n\x1a\n a picture of the user's")  # a header is no proof
+    with pytest.raises(SystemExit):
+        plot.main([str(log), "-o", str(tmp_path / "run.png")])
+    assert (tmp_path / "run.png").read_bytes().endswith(b"a picture of the user's")
 
 
 EPOCH = {"event": "epoch", "epoch": 1, "loss": 0.5, "hr": 0.4, "ndcg": 0.2}
