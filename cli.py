@@ -4,6 +4,7 @@ Import this module before torch in every entrypoint. On small shared CPUs, OpenM
 while waiting were measured to slow a 2-thread training step up to 30x; a passive wait policy cures
 it, and it only takes effect if set before the OpenMP runtime starts (i.e. before `import torch`).
 """
+import argparse
 import contextlib
 import fcntl
 import functools
@@ -48,6 +49,14 @@ class EnvironmentFailure(UserError):
     exit_status = EXIT_ENVIRONMENT_FAILURE
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a bad flag a UserError like any other bad input: one stderr line, exit status 2, no usage
+    dump (--help still prints the usage). Every entrypoint's parser is one of these."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
+
+
 def main_guard(main):
     """Wrap an entrypoint so a UserError becomes one stderr line and exit status 2 (1 for an
     EnvironmentFailure), and Ctrl-C one line `PROG: interrupted` and exit status 130, no traceback."""
@@ -75,6 +84,10 @@ def _report(message):
 
 
 def _secondary_rank():
+    """A rank other than 0 of a real launch: torchrun (and torch.distributed.launch) set MASTER_ADDR and
+    MASTER_PORT beside RANK and WORLD_SIZE; stray RANK/WORLD_SIZE alone must not silence the one process."""
+    if not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
+        return False
     try:
         return int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0
     except ValueError:

@@ -32,7 +32,7 @@ wrote (see cache_format.is_replaceable: nothing but the cache's files, metadata.
 convert.py), which is then replaced. Never a folder holding anything else, nor the folder of the
 input or any folder above it. `--check_output DIR [--path FILE]` runs only these checks.
 """
-import cli  # noqa: F401, I001  (sets the OpenMP wait policy before numpy/torch start their thread pools)
+import cli  # noqa: I001  (sets the OpenMP wait policy before numpy/torch start their thread pools)
 
 import argparse
 import json
@@ -60,13 +60,6 @@ PROTOCOLS = ("exact", "recipe")
 MAX_NEGATIVES = np.iinfo(np.int32).max  # item ids are stored as int32; more is a typo, never a request
 
 
-class _Parser(argparse.ArgumentParser):
-    """A bad flag is a UserError like any other bad input: one stderr line, exit status 2, no usage dump."""
-
-    def error(self, message):
-        raise UserError(f"{message} (see --help)")
-
-
 class _OneValue(argparse.Action):
     """Store the value; refuse a second, different one. --valid_negative (the recipe's name) and
     --negatives name one setting, and so do -s and --seed: silently keeping the last would hide a typo."""
@@ -86,7 +79,8 @@ def parse_args(argv=None):
     data_dir = os.environ.get("DATA_DIR", "./data")  # as ncf.py: the Docker image sets /data, the recipe's
     defaults = {"path": os.path.join(data_dir, "ml-20m", "ratings.csv"),
                 "output": os.path.join(data_dir, "cache", "ml-20m"), "check": None, "check_output": None}
-    parser = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # SUPPRESS: absent unless given, so that parse_args can tell (and no "default: None" in the help).
     parser.add_argument("--path", default=argparse.SUPPRESS,
                         help="ratings file: ratings.csv, ratings.dat, u.data or a custom CSV (default: "

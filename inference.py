@@ -19,7 +19,7 @@ it is an item they really chose, and the full-ranking metric counts exactly that
 neither torch nor the training code: this file imports them inside the functions that use them, never
 at its top.
 """
-import cli  # noqa: F401, I001  (sets the OpenMP wait policy before torch starts its thread pool)
+import cli  # noqa: I001  (sets the OpenMP wait policy before torch starts its thread pool)
 
 import argparse
 import contextlib
@@ -59,7 +59,7 @@ EXTRAS_HINT = "pip install -r requirements-export.txt (onnx, onnxscript, onnxrun
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     fmt = argparse.ArgumentDefaultsHelpFormatter
 

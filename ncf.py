@@ -10,7 +10,7 @@ Several machines (run on each, same HOST:PORT):
 Evaluate a checkpoint:
     python ncf.py --data /data/cache/ml-20m --mode test --load_checkpoint_path /data/checkpoints/model.pth
 """
-import cli  # noqa: F401, I001  (first: sets the OpenMP wait policy before torch loads)
+import cli  # noqa: I001  (first: sets the OpenMP wait policy before torch loads)
 
 import argparse
 import contextlib
@@ -70,7 +70,7 @@ def given_flags(argv=None):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         description="Train a Neural Collaborative Filtering (NeuMF) model",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

@@ -20,7 +20,7 @@ is checked before generation (a folder, a device such as /dev/full, an unwritabl
 folder are refused), and the file is written to a temporary name and renamed when complete, so a
 full disk or Ctrl-C leaves nothing behind.
 """
-import cli  # noqa: F401, I001  (sets the OpenMP wait policy before numpy starts its thread pool)
+import cli  # noqa: I001  (sets the OpenMP wait policy before numpy starts its thread pool)
 
 import argparse
 import hashlib
@@ -93,7 +93,7 @@ def resolve_shape(args):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--output", required=True, help="CSV file to write (e.g. data/synthetic/ratings.csv)")
     add_shape_flags(parser)

@@ -24,6 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from cache_format import CACHE_FILES, file_record, is_replaceable, read_metadata  # noqa: E402
 from cli import (  # noqa: E402
+    ArgumentParser,
     EnvironmentFailure,
     UserError,
     check_output_path,
@@ -41,7 +42,7 @@ CHILD_ENV = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", 
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--preset", choices=PRESETS, default="ml-20m")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "ncf-convert-benchmark"),

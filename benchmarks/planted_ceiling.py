@@ -20,12 +20,12 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from cli import UserError, main_guard  # noqa: E402  (sets OMP_WAIT_POLICY before numpy and torch load)
+from cli import ArgumentParser, UserError, main_guard  # noqa: E402  (sets OMP_WAIT_POLICY before numpy and torch load)
 from synthetic import add_shape_flags, planted_model, ratings_sha256, resolve_shape  # noqa: E402
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--cache", required=True, help="convert.py's cache of a synthetic.py ratings.csv")
     parser.add_argument("--topk", type=int, default=10, help="k of HR@k and NDCG@k")

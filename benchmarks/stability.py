@@ -32,6 +32,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from cli import (  # noqa: E402  (sets OMP_WAIT_POLICY, which every ncf.py inherits)
+    ArgumentParser,
     EnvironmentFailure,
     UserError,
     check_may_write,
@@ -64,7 +65,7 @@ SEEDS_LIMIT = 2**32  # ncf.py's --seed range
 def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     own, ncf_args = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         usage="%(prog)s --data DIR [--seeds N] [--first_seed S] [--jobs J] [--output DIR] [-- NCF.PY FLAGS]")
     parser.add_argument("--data", required=True, help="dataset cache folder (ncf.py --data)")

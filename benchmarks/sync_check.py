@@ -8,14 +8,13 @@ printed with the phase it happened in. Expected: none in the training steps, one
 each evaluation. Exit status 1 when a phase syncs more than that. On a CPU (gpu_check.sh's dry run)
 the same code runs without detection.
 """
-import argparse
 import itertools
 import os
 import sys
 import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import cli  # noqa: F401, I001  (sets the OpenMP wait policy before torch loads OpenMP)
+import cli  # noqa: I001  (sets the OpenMP wait policy before torch loads OpenMP)
 
 import torch
 
@@ -47,7 +46,7 @@ def syncs_of(device, work):
 
 @main_guard
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cuda")
     p.add_argument("--batch_size", type=int, default=65536)

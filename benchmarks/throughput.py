@@ -42,7 +42,7 @@ POSITIVE = ("users", "items", "positives", "negatives", "candidates", "eval_repe
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    p = cli.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch_size", type=int, nargs="+", default=[65536, 1048576])

@@ -15,12 +15,20 @@ name then renamed. A log line that is
 not a JSON object of the kind ncf.py writes (a truncated line, a number where an object goes, a
 string where a figure goes) is a one-line error naming the file and line.
 """
-import argparse
 import json
 import math
 import os
 
-from cli import EnvironmentFailure, UserError, check_may_write, check_output_path, holds, main_guard, owned_file
+from cli import (
+    ArgumentParser,
+    EnvironmentFailure,
+    UserError,
+    check_may_write,
+    check_output_path,
+    holds,
+    main_guard,
+    owned_file,
+)
 from logger import record_problem
 
 # Suffix -> (matplotlib format, how a file of that format starts).
@@ -40,7 +48,7 @@ PANELS = (
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m logger.plot", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m logger.plot", description=__doc__.split("\n\n")[0])
     parser.add_argument("logs", nargs="+", help="JSON-lines logs written by ncf.py --log_path")
     parser.add_argument("-o", "--output", default=DEFAULT_NAME,
                         help=f"image to write (.png, .pdf or .svg); a folder gets FOLDER/{DEFAULT_NAME}")

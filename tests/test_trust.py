@@ -208,9 +208,12 @@ def test_a_stray_rank_does_not_stop_a_valid_run(world, tmp_path, capsys, monkeyp
     assert (tmp_path / "ck" / "model.pth").exists()
 
 
-def test_world_size_without_a_rendezvous_is_one_line(world, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_world_size_without_a_rendezvous_is_one_line(world, tmp_path, capsys, monkeypatch, rank):
+    """Stray launcher variables outside torchrun: one line, even when RANK says 1 (only a real launch's
+    secondary ranks stay quiet, so that one error is not printed N times)."""
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("RANK", rank)
     for name in ("MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
     status, _, err = run_ncf(capsys, "--data", world["cache"], "--checkpoint_dir", tmp_path / "ck")
