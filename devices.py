@@ -3,6 +3,8 @@
 Mixed precision is two objects, so training and evaluation loops have no branches: an autocast
 context and a GradScaler that is enabled only where the chosen type needs loss scaling.
 """
+import contextlib
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -22,6 +24,19 @@ def pick_device(flag, index=0):
         raise UserError(f"local rank {index} has no GPU ({torch.cuda.device_count()} visible): "
                         f"use --nproc_per_node <= {torch.cuda.device_count()}")
     return torch.device("cuda", index)
+
+
+def memory_bytes(device, free=True):
+    """Bytes of `device`'s memory: what it can still allocate (free GPU memory, the host's MemAvailable), or
+    with free=False all of it. The one home of the memory checks made before anything large is allocated."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] if free else torch.cuda.get_device_properties(device).total_memory
+    if free:
+        with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES" if free else "SC_PHYS_PAGES")
 
 
 def set_matmul_precision(device):

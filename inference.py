@@ -655,23 +655,12 @@ def memory_needs(config, onnx):
     return fixed, per_sample
 
 
-def available_memory(device):
-    """Bytes that `device` can still allocate: free GPU memory, or the host's MemAvailable."""
-    if device.type == "cuda":
-        import torch
-
-        return torch.cuda.mem_get_info(device)[0]
-    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 def check_memory(config, batch_sizes, device, onnx):
     """A user error, before anything is allocated, if the model or its largest batch cannot fit."""
     fixed, per_sample = memory_needs(config, onnx)
-    free, batch = available_memory(device), max(batch_sizes)
+    import devices
+
+    free, batch = devices.memory_bytes(device), max(batch_sizes)
     if fixed > free:
         raise UserError(f"a model of {config['nb_users']:,} users and {config['nb_items']:,} items (factors "
                         f"{config['mf_dim']}, layers {config['mlp_layer_sizes']}) needs about {fixed / GIB:,.1f} GiB, "

@@ -32,7 +32,7 @@ import checkpoint
 from cli import (UserError, check_may_write, check_output_path, hold_lock, lock_note, main_guard, remove_owned,
                  remove_owned_folder, remove_stale_temporaries)
 from dataloading import EpochSampler, FullRankingData, TestData, load_cache
-from devices import Precision, choose_precision, matmul_precision, pick_device, set_matmul_precision
+from devices import Precision, choose_precision, matmul_precision, memory_bytes, pick_device, set_matmul_precision
 from logger import RunLogger, is_run_log
 from metrics import ItemPopularity, full_ranks, rank_metric_sums, sampled_ranks
 from neumf import DROPOUT, FACTORS, LAYERS, MODELS, branch_widths, build_model, load_pretrained
@@ -331,8 +331,7 @@ def check_memory(args, cache, device):
     parameters = sum(math.prod(shape) for shape in shapes.values())
     need = {"the model (--factors, --layers)": 16 * parameters,
             "an epoch's samples (--negative_samples)": 8 * cache.train.shape[0] * (1 + args.negative_samples)}
-    total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else \
-        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    total = memory_bytes(device, free=False)
     for what, size in need.items():
         if size > total:
             raise UserError(f"{what} would need at least {size / 2**30:,.0f} GiB, more than the {total / 2**30:,.0f} "

@@ -29,7 +29,7 @@ import torch
 import ncf
 from cli import UserError, check_may_write, main_guard, open_owned_for_append
 from dataloading import EpochSampler, TestData
-from devices import choose_precision, set_matmul_precision
+from devices import choose_precision, memory_bytes, set_matmul_precision
 from neumf import DROPOUT, FACTORS, LAYERS, build_model
 from synthetic import PRESETS
 
@@ -116,13 +116,12 @@ def check_memory(args):
     and Adam's moments, a training batch's activations and their gradients: half of train_bytes, which counts
     each written and read) against what the device has free: absurd sizes are refused before the minutes of
     work, not by the OOM killer. Evaluation works in pieces, so its batch is left out."""
-    from inference import available_memory
 
     cost = per_sample_cost(args)
     data = 8 * args.positives * (2 + args.negatives) + 8 * args.positives * (1 + args.negatives)
     model = 16 * cost["params"]
     batches = max(args.batch_size) * cost["train_bytes"] // 2
-    need, free = data + model + batches, available_memory(torch.device(args.device))
+    need, free = data + model + batches, memory_bytes(torch.device(args.device))
     if need > free:
         raise UserError(f"these sizes need about {need / 2**30:,.1f} GiB ({data / 2**30:,.1f} of data, "
                         f"{model / 2**30:,.1f} of model and optimizer, {batches / 2**30:,.1f} of batches), more than "

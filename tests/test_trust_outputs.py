@@ -20,6 +20,7 @@ from conftest import ROOT, TINY_MODEL, load_benchmark, make_tiny_cache
 
 import cache_format
 import checkpoint
+import devices
 import inference
 from cache_format import file_record
 from dataloading import load_cache
@@ -523,7 +524,7 @@ def test_benchmark_users_zero_is_not_the_default_model(capsys, monkeypatch):
 
 
 def test_batch_sizes_beyond_memory_are_refused_before_the_model_is_built(capsys, monkeypatch):
-    monkeypatch.setattr(inference, "available_memory", lambda device: 2**16)
+    monkeypatch.setattr(devices, "memory_bytes", lambda device, free=True: 2**16)
     monkeypatch.setattr(inference, "time_calls", lambda *a: pytest.fail("the benchmark started"))
     status, lines, _ = run_main(capsys, "inference", bench("--batch_sizes", "8", "4096"))
     assert status == 2 and "--batch_sizes 4,096" in lines[0], lines
