@@ -5,6 +5,7 @@ the epoch, its figures, the run's flags and the dataset's identity); last.pth ad
 scaler, the run's progress and every rank's RNG state, for --resume.
 """
 import warnings
+from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
@@ -12,7 +13,7 @@ import torch.distributed as dist
 import cache_format
 from cli import EnvironmentFailure, UserError, atomic_file, identity_mismatch
 from dataloading import safe_load
-from neumf import MODELS, NeuMF, build_model
+from neumf import ModelConfig, NeuMF, build_model
 
 
 def is_checkpoint_file(path):
@@ -49,7 +50,6 @@ def dataset_identity(cache):
     return cache_format.dataset_identity(cache.metadata)
 
 
-CONFIG_TYPES = {"nb_users": int, "nb_items": int, "mf_dim": int, "mlp_layer_sizes": list, "dropout": (int, float)}
 RESUME_KEYS = ("optimizer", "scaler", "state", "rng", "args")
 
 
@@ -125,15 +125,11 @@ def _check_content(ckpt, path, what, fix):
                                                                                                 dict):
         raise UserError(f"{what} {path} is not a checkpoint written by ncf.py (no model or config): {fix}")
     config = ckpt["config"]
-    for key, kind in CONFIG_TYPES.items():
-        if not isinstance(config.get(key), kind) or isinstance(config.get(key), bool):
-            raise UserError(f"{what} {path} has a broken config ({key}: {config.get(key)!r}): {fix}")
-    sizes, model = config["mlp_layer_sizes"], config.get("model", "neumf")
-    if model not in MODELS or not all(isinstance(size, int) and size > 0 for size in sizes) or \
-            not 0 <= config["dropout"] < 1 or \
-            min(config["nb_users"], config["nb_items"]) <= 0 or config["mf_dim"] < 0 or \
-            (config["mf_dim"] == 0) != (model == "mlp") or (not sizes) != (model == "gmf"):
-        raise UserError(f"{what} {path} has a broken config ({str(config)[:200]}): {fix}")
+    try:
+        if ModelConfig.from_dict(config).as_dict() != {**config, "mlp_layer_sizes": list(config["mlp_layer_sizes"])}:
+            raise ValueError("a size of the branch it leaves out")  # a gmf with layers, say: not what ncf.py writes
+    except (ValueError, KeyError) as err:
+        raise UserError(f"{what} {path} has a broken config ({str(err)[:200]}): {fix}") from None
     tensors = ckpt["model"].values()
     if not all(isinstance(t, torch.Tensor) for t in tensors):
         raise UserError(f"{what} {path} holds model weights that are not tensors: {fix}")
@@ -159,8 +155,9 @@ def _check_shapes(ckpt, path, what, fix):
 
 def parameter_shapes(config):
     """{name: shape} of the model a config builds, worked out without allocating it (on the meta device)."""
+    config = config if isinstance(config, ModelConfig) else ModelConfig.from_dict(config)
     with torch.device("meta"):
-        model = NeuMF(**config)
+        model = NeuMF(**asdict(config))
     return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
 
 

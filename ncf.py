@@ -35,7 +35,7 @@ from dataloading import EpochSampler, FullRankingData, TestData, load_cache
 from devices import Precision, choose_precision, matmul_precision, memory_bytes, pick_device, set_matmul_precision
 from logger import RunLogger, is_run_log
 from metrics import ItemPopularity, full_ranks, rank_metric_sums, sampled_ranks
-from neumf import DROPOUT, FACTORS, LAYERS, MODELS, branch_widths, build_model, load_pretrained
+from neumf import DROPOUT, FACTORS, LAYERS, MODELS, ModelConfig, branch_widths, build_model, load_pretrained
 
 DATA_DIR = os.environ.get("DATA_DIR", "./data")
 BEST_CHECKPOINT = "model.pth"  # the best epoch's model
@@ -151,16 +151,14 @@ def validate_args(args):
     for flag, value in positive.items():
         if not value > 0 or value in (math.inf, -math.inf):  # NaN compares false both ways; huge ints are finite
             raise UserError(f"{flag} must be positive, got {value}")
-    if any(size <= 0 for size in args.layers):
-        raise UserError(f"--layers sizes must be positive, got {args.layers}")
-    if args.layers[0] % 2:
-        raise UserError(f"--layers: the first size is split between user and item embeddings, so it must be "
-                        f"even, got {args.layers[0]}")
+    try:  # the model's own checks (ModelConfig), with one user and item standing in for the dataset's
+        model_config(args, nb_users=1, nb_items=1)
+    except ValueError as err:
+        flag = next((flag for field, flag in MODEL_FLAGS.items() if field in str(err)), "--layers")
+        raise UserError(f"{flag} {getattr(args, flag[2:])}: {err}") from None
     for flag, value in (("--beta1", args.beta1), ("--beta2", args.beta2)):
         if not 0.0 <= value < 1.0:
             raise UserError(f"{flag} must be in [0, 1), got {value}")
-    if not 0.0 <= args.dropout < 1.0:
-        raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
     if math.isnan(args.threshold):
         raise UserError("--threshold must be a number (HR@k to stop at; 1.0 never stops early), got nan")
     if not 0 <= args.seed < 2**32:
@@ -312,11 +310,14 @@ def make_schedule(optimizer, schedule, warmup_epochs, epochs, steps_per_epoch):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def model_config(args, cache):
-    """The model these flags ask for; a branch alone ignores the other branch's flag (NeuMF zeroes it)."""
-    config = {"nb_users": cache.num_users, "nb_items": cache.num_items, "mf_dim": args.factors,
-              "mlp_layer_sizes": list(args.layers), "dropout": args.dropout}
-    return config if args.model == "neumf" else {**config, "model": args.model}
+MODEL_FLAGS = {"mlp_layer_sizes": "--layers", "dropout": "--dropout", "mf_dim": "--factors"}  # ModelConfig field: flag
+
+
+def model_config(args, cache=None, nb_users=None, nb_items=None):
+    """The ModelConfig these flags ask for on `cache`'s users and items; a branch alone ignores the other
+    branch's flag. ValueError (naming the field) for a shape no model has."""
+    return ModelConfig(cache.num_users if cache else nb_users, cache.num_items if cache else nb_items, args.factors,
+                       tuple(args.layers), args.dropout, args.model)
 
 
 def check_memory(args, cache, device):

@@ -16,6 +16,7 @@ for the same functions (cpu_kernels.py): that is the only place they are chosen.
 """
 import itertools
 import math
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -36,14 +37,58 @@ def branch_widths(mf_dim, mlp_layer_sizes, model):
     return (0 if model == "mlp" else mf_dim), (() if model == "gmf" else tuple(mlp_layer_sizes))
 
 
+@dataclass(frozen=True)
+class ModelConfig:
+    """The model's shape, checked once (ValueError naming the field). `as_dict()` is the "config" checkpoints
+    store, in the recipe's argument names (NeuMF's without a "model" key, as before the branches existed)."""
+
+    nb_users: int
+    nb_items: int
+    mf_dim: int = FACTORS
+    mlp_layer_sizes: tuple = LAYERS
+    dropout: float = DROPOUT
+    model: str = "neumf"
+
+    def __post_init__(self):
+        mf_dim, layers = branch_widths(self.mf_dim, self.mlp_layer_sizes, self.model)  # the branch left out: 0 wide
+        object.__setattr__(self, "mf_dim", mf_dim)
+        object.__setattr__(self, "mlp_layer_sizes", layers)
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
+        if not all(type(size) is int for size in (self.nb_users, self.nb_items, mf_dim, *layers)):
+            raise ValueError(f"sizes must be integers: {self}")
+        if min(self.nb_users, self.nb_items) <= 0 or (mf_dim <= 0) != (self.model == "mlp"):
+            raise ValueError(f"nb_users, nb_items and mf_dim must be positive: {self}")
+        if any(size <= 0 for size in layers) or (not layers) != (self.model == "gmf"):
+            raise ValueError(f"mlp_layer_sizes must be positive sizes, got {list(layers)}")
+        if layers and layers[0] % 2:
+            raise ValueError(f"mlp_layer_sizes[0] is split between user and item embeddings, so it must be even, "
+                             f"got {layers[0]}")
+        if type(self.dropout) not in (int, float) or not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+
+    @classmethod
+    def from_dict(cls, config):
+        """The config a checkpoint stores, checked; ValueError when it is not one."""
+        if not isinstance(config, dict) or not {"nb_users", "nb_items"} <= set(config) <= set(cls.__annotations__):
+            raise ValueError(f"not a model config: {str(config)[:120]}")
+        try:
+            return cls(**config)
+        except TypeError as err:  # a size that is no number at all, such as a layers value of 3
+            raise ValueError(str(err)) from None
+
+    def as_dict(self):
+        config = {**asdict(self), "mlp_layer_sizes": list(self.mlp_layer_sizes)}
+        if self.model == "neumf":
+            del config["model"]
+        return config
+
+
 class NeuMF(nn.Module):
     def __init__(self, nb_users, nb_items, mf_dim=FACTORS, mlp_layer_sizes=LAYERS, dropout=DROPOUT, model="neumf"):
         super().__init__()
-        if model not in MODELS:
-            raise ValueError(f"model must be one of {MODELS}, got {model!r}")
-        mf_dim, mlp_layer_sizes = branch_widths(mf_dim, mlp_layer_sizes, model)
-        if mlp_layer_sizes and mlp_layer_sizes[0] % 2 != 0:
-            raise ValueError(f"mlp_layer_sizes[0] must be even (user and item get half each), got {mlp_layer_sizes[0]}")
+        config = ModelConfig(nb_users, nb_items, mf_dim, mlp_layer_sizes, dropout, model)  # checked, branch widths
+        mf_dim, mlp_layer_sizes = config.mf_dim, config.mlp_layer_sizes
         self.model = model
         self.nb_users = nb_users
         self.nb_items = nb_items
@@ -64,10 +109,8 @@ class NeuMF(nn.Module):
     @property
     def config(self):
         """Everything needed to rebuild this model (stored in checkpoints)."""
-        config = {"nb_users": self.nb_users, "nb_items": self.nb_items, "mf_dim": self.mf_dim,
-                  "mlp_layer_sizes": list(self.mlp_layer_sizes), "dropout": self.dropout}
-        # NeuMF's config stays as checkpoints written before the branches existed had it.
-        return config if self.model == "neumf" else {**config, "model": self.model}
+        return ModelConfig(self.nb_users, self.nb_items, self.mf_dim, self.mlp_layer_sizes, self.dropout,
+                           self.model).as_dict()
 
     def _init_weights(self):
         nn.init.normal_(self.user_embed.weight, std=0.01)
@@ -188,8 +231,9 @@ def load_pretrained(neumf, gmf, mlp, alpha=PRETRAIN_ALPHA):
 
 
 def build_model(config, device):
-    """NeuMF from its config (as checkpoints store it) on `device`. The one place the CPU kernels are
-    chosen: on a CPU they compute the same functions faster (benchmarks/README.md)."""
-    model = NeuMF(**config).to(device)
+    """NeuMF from its config (a ModelConfig, or the dict checkpoints store) on `device`. The one place the CPU
+    kernels are chosen: on a CPU they compute the same functions faster (benchmarks/README.md)."""
+    config = config if isinstance(config, ModelConfig) else ModelConfig.from_dict(config)
+    model = NeuMF(**asdict(config)).to(device)
     model.cpu_kernels = torch.device(device).type == "cpu"
     return model

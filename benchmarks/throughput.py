@@ -30,7 +30,7 @@ import ncf
 from cli import UserError, check_may_write, main_guard, open_owned_for_append
 from dataloading import EpochSampler, TestData
 from devices import choose_precision, memory_bytes, set_matmul_precision
-from neumf import DROPOUT, FACTORS, LAYERS, build_model
+from neumf import DROPOUT, FACTORS, LAYERS, ModelConfig, build_model
 from synthetic import PRESETS
 
 # ml-20m's shape (synthetic.py's preset) and its training positives after convert.py's protocol.
@@ -145,9 +145,7 @@ def build(args, device, precision):
     train = torch.stack((torch.randint(args.users, (args.positives,), dtype=torch.int32),
                          torch.randint(args.items, (args.positives,), dtype=torch.int32)), dim=1)
     sampler = EpochSampler(train, args.items, args.negatives, device, seed=0)
-    config = {"nb_users": args.users, "nb_items": args.items, "mf_dim": args.factors,
-              "mlp_layer_sizes": args.layers, "dropout": args.dropout}
-    model = build_model(config, device)
+    model = build_model(ModelConfig(args.users, args.items, args.factors, tuple(args.layers), args.dropout), device)
     defaults = ncf.parse_args([])  # the recipe's optimizer flags
     optimizer, optimizer_name = ncf.make_optimizer(model, defaults.learning_rate, (defaults.beta1, defaults.beta2),
                                                    defaults.eps)

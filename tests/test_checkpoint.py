@@ -132,7 +132,7 @@ REFUSED = {
     # Refused from the shapes alone: building it would allocate terabytes before load_state_dict could object.
     "a trillion factors": (set_config("mf_dim", 2**40), "do not fit its config"),
     "weights of another config": (set_config("nb_items", 201), "do not fit its config"),
-    "odd first layer": (set_config("mlp_layer_sizes", [33, 16, 8]), "no model can be built"),
+    "odd first layer": (set_config("mlp_layer_sizes", [33, 16, 8]), "broken config.*must be even"),
 }
 
 
