@@ -117,3 +117,18 @@ def test_logits_stay_fp32_under_autocast():
 def test_item_popularity_scores_by_training_count():
     model = ItemPopularity(torch.tensor([2, 2, 0, 2, 1]), nb_items=4)
     assert model(torch.zeros(4), torch.arange(4)).tolist() == [1.0, 1.0, 3.0, 0.0]
+
+
+def test_the_model_config_round_trips_through_the_checkpoint_dict_and_refuses_what_no_model_is():
+    from neumf import ModelConfig
+
+    for config in (ModelConfig(3, 4), ModelConfig(3, 4, 8, (16, 8), 0.0, "mlp"), ModelConfig(3, 4, 8, (), 0.1, "gmf")):
+        assert ModelConfig.from_dict(config.as_dict()) == config
+    assert "model" not in ModelConfig(3, 4).as_dict()  # NeuMF's dict as checkpoints stored it before the branches
+    assert ModelConfig(3, 4, 8, (16, 8), model="gmf").mlp_layer_sizes == ()  # a branch alone ignores the other's
+    for broken in ({"nb_users": 3}, {"nb_users": 3, "nb_items": 4, "mlp_layer_sizes": "32 16"},
+                   {"nb_users": 3, "nb_items": 4, "dropout": 1.0}, {"nb_users": 3, "nb_items": 4, "mf_dim": True},
+                   {"nb_users": 0, "nb_items": 4}, {"nb_users": 3, "nb_items": 4, "mlp_layer_sizes": [16, -8]},
+                   {"nb_users": 3, "nb_items": 4, "model": "mf"}, {"nb_users": 3, "nb_items": 4, "extra": 1}):
+        with pytest.raises(ValueError):
+            ModelConfig.from_dict(broken)
