@@ -1,4 +1,4 @@
-"""Top-k ranking metrics (HR@k, NDCG@k) from candidate scores, and the item-popularity baseline.
+"""Top-k ranking metrics by name (HR@k, NDCG@k, MRR@k) from candidate scores, and the item-popularity baseline.
 
 A positive's rank is the number of OTHER candidates scored greater than or equal to it: ties count
 against the model, so a model that scores every item the same has rank = #candidates - 1 and never
@@ -13,11 +13,18 @@ import torch
 UNRANKED = 2**62  # the rank of a non-finite positive: below every candidate, a miss at any k
 
 
+# Each metric of a user's 0-based rank (float64), 0 beyond the cut-off k. Evaluation, the all-reduce, the logs
+# and the plots iterate over these names (logger.METRIC_LABELS gives each its printed label).
+METRICS = {
+    "hr": lambda rank, k: (rank < k).double(),
+    "ndcg": lambda rank, k: torch.where(rank < k, 1.0 / torch.log2(rank.double() + 2.0), 0.0),
+    "mrr": lambda rank, k: torch.where(rank < k, 1.0 / (rank.double() + 1.0), 0.0),  # RecBole's MRR@k
+}
+
+
 def rank_metric_sums(rank, k):
-    """Sums over users of hit (rank < k) and NDCG (1 / log2(rank + 2) for hits), as float64 tensors."""
-    hit = rank < k
-    ndcg = torch.where(hit, 1.0 / torch.log2(rank.double() + 2.0), 0.0)
-    return hit.double().sum(), ndcg.sum()
+    """{metric name: its sum over the users whose ranks are given} (float64 device tensors, no host sync)."""
+    return {name: metric(rank, k).sum() for name, metric in METRICS.items()}
 
 
 def sampled_ranks(scores, counted=None):

@@ -33,8 +33,8 @@ from cli import (UserError, check_may_write, check_output_path, hold_lock, lock_
                  remove_owned_folder, remove_stale_temporaries)
 from dataloading import EpochSampler, FullRankingData, TestData, load_cache
 from devices import Precision, choose_precision, matmul_precision, memory_bytes, pick_device, set_matmul_precision
-from logger import RunLogger, is_run_log
-from metrics import ItemPopularity, full_ranks, rank_metric_sums, sampled_ranks
+from logger import RunLogger, format_record, is_run_log
+from metrics import METRICS, ItemPopularity, full_ranks, rank_metric_sums, sampled_ranks
 from neumf import DROPOUT, FACTORS, LAYERS, MODELS, ModelConfig, branch_widths, build_model, load_pretrained
 
 DATA_DIR = os.environ.get("DATA_DIR", "./data")
@@ -397,13 +397,14 @@ def candidate_scorer(model):
 
 @torch.no_grad()
 def evaluate(model, test_data, topk, batch_size, precision, ctx):
-    """Sampled HR@k and NDCG@k over all test users (each rank scores its share); returns (hr, ndcg).
+    """The sampled ranking metrics @k (metrics.METRICS) over all test users (each rank scores its share);
+    returns {name: mean}.
 
     `batch_size` bounds the user-candidate pairs scored at once (--valid_batch_size). Sums stay on the
     device and users are counted on the host: no host round trip per batch.
     """
     model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # hits, ndcg, users
+    sums = metric_sums(ctx.device)
     users_per_batch = max(1, batch_size // test_data.num_candidates)
     score = candidate_scorer(model)
     for start in range(0, test_data.users.shape[0], users_per_batch):
@@ -412,16 +413,16 @@ def evaluate(model, test_data, topk, batch_size, precision, ctx):
         with precision.autocast():
             scores = score(users, candidates)
         counted = None if test_data.counted is None else test_data.counted[start : start + users_per_batch]
-        sums[:2] += torch.stack(rank_metric_sums(sampled_ranks(scores, counted), topk))
+        add_sums(sums, rank_metric_sums(sampled_ranks(scores, counted), topk))
     return _all_reduce_means(sums, test_data.users.shape[0], ctx)
 
 
 @torch.no_grad()
 def evaluate_full_ranking(model, data, topk, batch_size, precision, ctx):
-    """HR@k and NDCG@k against every item the user has not trained on, in user chunks of at most
-    `batch_size` user-item pairs, scored like the sampled evaluation (factored per user)."""
+    """The ranking metrics @k against every item the user has not trained on, in user chunks of at most
+    `batch_size` user-item pairs, scored like the sampled evaluation (factored per user); {name: mean}."""
     model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # hits, ndcg, users
+    sums = metric_sums(ctx.device)
     items = torch.arange(data.num_items, device=ctx.device, dtype=torch.int32)
     users_per_chunk = max(1, batch_size // data.num_items)
     score = candidate_scorer(model)
@@ -431,35 +432,46 @@ def evaluate_full_ranking(model, data, topk, batch_size, precision, ctx):
             scores = score(users, items.expand(users.shape[0], -1))
         rows, excluded = data.train_pairs_of(lo, lo + users.shape[0])
         ranks = full_ranks(scores, data.positives[lo : lo + users.shape[0]], rows, excluded)
-        sums[:2] += torch.stack(rank_metric_sums(ranks, topk))
+        add_sums(sums, rank_metric_sums(ranks, topk))
     return _all_reduce_means(sums, data.users.shape[0], ctx)
 
 
+def metric_sums(device):
+    """One float64 device tensor of every metric's sum, in METRICS order, and the users counted last."""
+    return torch.zeros(len(METRICS) + 1, dtype=torch.float64, device=device)
+
+
+def add_sums(sums, named):
+    sums[:-1] += torch.stack([named[name] for name in METRICS])
+
+
 def _all_reduce_means(sums, count, ctx):
-    """[sum_a, sum_b, 0] and this rank's count, over all ranks -> (sum_a / count, sum_b / count): reduce
-    the sums and counts, divide once. The count joins as a host number (a kernel argument, not a copy):
-    one read of the device per evaluation, at the end."""
-    sums[2] += count
+    """Every metric's sum and this rank's user count, over all ranks -> {name: sum / count}: reduce the sums
+    and counts, divide once. The count joins as a host number (a kernel argument, not a copy): one read of
+    the device per evaluation, at the end."""
+    sums[-1] += count
     if ctx.distributed:
         dist.all_reduce(sums)
-    hr, ndcg = (sums[:2] / sums[2]).tolist()
-    return hr, ndcg
+    return dict(zip(METRICS, (sums[:-1] / sums[-1]).tolist(), strict=True))
 
 
 def run_evaluation(model, test_data, full_data, topk, batch_size, precision, ctx, valid_data=None):
     """Timed evaluation; returns a record of the figures (full-ranking and validation ones when asked for)."""
     record = {}
     if valid_data is not None:
-        record["valid_hr"], record["valid_ndcg"] = evaluate(model, valid_data, topk, batch_size, precision, ctx)
+        record.update(prefixed("valid_", evaluate(model, valid_data, topk, batch_size, precision, ctx)))
     start = time.perf_counter()
-    hr, ndcg = evaluate(model, test_data, topk, batch_size, precision, ctx)
+    record.update(evaluate(model, test_data, topk, batch_size, precision, ctx))
     seconds = time.perf_counter() - start
     # Ranks score their shares at the same time, so the global count over one rank's time.
-    record.update(hr=hr, ndcg=ndcg, eval_time_s=seconds, eval_throughput=test_data.total_samples / seconds)
+    record.update(eval_time_s=seconds, eval_throughput=test_data.total_samples / seconds)
     if full_data is not None:
-        record["full_hr"], record["full_ndcg"] = evaluate_full_ranking(model, full_data, topk, batch_size,
-                                                                       precision, ctx)
+        record.update(prefixed("full_", evaluate_full_ranking(model, full_data, topk, batch_size, precision, ctx)))
     return record
+
+
+def prefixed(prefix, figures):
+    return {prefix + name: value for name, value in figures.items()}
 
 
 def resolved_resume_args(args, saved_args, given):
@@ -762,15 +774,15 @@ def log_start(log, training, ctx, cache, sampler, test_data):
                 sum(p.numel() for p in training.model.parameters()))
     if ctx.is_main:
         warn_if_few_steps(steps, sampler.samples_per_epoch, args.batch_size)
-    popularity_hr, popularity_ndcg = evaluate(ItemPopularity(sampler.items, cache.num_items), test_data, args.topk,
-                                              args.valid_batch_size, training.precision, ctx)
-    log.info(f"item-popularity baseline: HR@{args.topk} {popularity_hr:.4f} | NDCG@{args.topk} {popularity_ndcg:.4f}")
+    popularity = evaluate(ItemPopularity(sampler.items, cache.num_items), test_data, args.topk, args.valid_batch_size,
+                          training.precision, ctx)
+    log.info(f"item-popularity baseline: {format_record(popularity, args.topk)}")
     if training.state["epoch"] > 0:
         log.info(f"resumed from {os.path.join(args.checkpoint_dir, LAST_CHECKPOINT)} after epoch "
                  f"{training.state['epoch']}")
     log.write("config", args=vars(args), world_size=ctx.world_size, device=str(ctx.device),
-              precision=training.precision.name, optimizer=training.optimizer_name, popularity_hr=popularity_hr,
-              popularity_ndcg=popularity_ndcg)
+              precision=training.precision.name, optimizer=training.optimizer_name,
+              **prefixed("popularity_", popularity))
 
 
 def stop_reason(training, record, epoch, reached, stop, ctx):

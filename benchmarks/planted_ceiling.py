@@ -21,6 +21,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from cli import ArgumentParser, UserError, main_guard  # noqa: E402  (sets OMP_WAIT_POLICY before numpy and torch load)
+from logger import format_record  # noqa: E402
 from synthetic import add_shape_flags, planted_model, ratings_sha256, resolve_shape  # noqa: E402
 
 
@@ -61,14 +62,18 @@ def planted_indices(model, cache):
     return users, np.searchsorted(model.movie_ids, cache.item_ids.numpy())
 
 
-def hit_rate_and_ndcg(model, users, items, positives, negatives, topk):
-    """HR@k and NDCG@k of the planted logits; ties count against the positive, as in metrics.py."""
+def planted_figures(model, users, items, positives, negatives, topk):
+    """{metric name: mean} of the planted logits, ranked and scored by metrics.py as a trained model is."""
+    import torch
+
+    from metrics import rank_metric_sums, sampled_ranks
+
     scores = model.scores(users[positives[:, 0]])
     rows = np.arange(len(positives))
-    positive = scores[rows, items[positives[:, 1]]]
-    rank = (np.take_along_axis(scores, items[negatives], axis=1) >= positive[:, None]).sum(axis=1)
-    hit = rank < topk
-    return hit.mean(), np.where(hit, 1.0 / np.log2(rank + 2.0), 0.0).mean()
+    candidates = np.concatenate((scores[rows, items[positives[:, 1]]][:, None],
+                                 np.take_along_axis(scores, items[negatives], axis=1)), axis=1)
+    sums = rank_metric_sums(sampled_ranks(torch.from_numpy(candidates)), topk)
+    return {name: total.item() / len(positives) for name, total in sums.items()}
 
 
 @main_guard
@@ -88,10 +93,9 @@ def main(argv=None):
         splits.append(("valid", cache.valid, cache.valid_negatives))
     for name, positives, negatives in splits:
         held = (positives[:, 1] >= 0).numpy()  # a user with too few items has no validation item
-        hr, ndcg = hit_rate_and_ndcg(model, users, items, positives.numpy()[held], negatives.numpy()[held],
-                                     args.topk)
-        result[f"{name}_hr"], result[f"{name}_ndcg"] = float(hr), float(ndcg)
-        print(f"planted model, {name}: HR@{args.topk} {hr:.4f} | NDCG@{args.topk} {ndcg:.4f}")
+        figures = planted_figures(model, users, items, positives.numpy()[held], negatives.numpy()[held], args.topk)
+        result.update({f"{name}_{metric}": value for metric, value in figures.items()})
+        print(f"planted model, {name}: {format_record(figures, args.topk)}")
     print(json.dumps(result))
 
 

@@ -193,7 +193,7 @@ def time_evaluation(args, model, precision, ctx):
     for _ in range(args.eval_repeats):
         sync(device)
         start = time.perf_counter()
-        hr, _ = ncf.evaluate(model, test_data, topk, args.valid_batch_size, precision, ctx)
+        hr = ncf.evaluate(model, test_data, topk, args.valid_batch_size, precision, ctx)["hr"]
         sync(device)
         eval_times.append(time.perf_counter() - start)
     return eval_times, test_data.total_samples, hr

@@ -14,16 +14,16 @@ import time
 
 from cli import open_owned_for_append
 
+# The ranking metrics (metrics.METRICS) by name -> printed label. Each is logged as NAME (sampled, test),
+# valid_NAME (sampled, validation split) and full_NAME (full ranking).
+METRIC_LABELS = {"hr": "HR@{k}", "ndcg": "NDCG@{k}", "mrr": "MRR@{k}"}
+METRIC_SPLITS = {"valid_": "valid ", "": "", "full_": "full "}  # key prefix -> label prefix
 # JSON key -> (console label, format). Keys absent from a record are not printed.
 _FIELDS = {
     "epoch": ("epoch", "{:d}"),
     "loss": ("loss", "{:.4f}"),
-    "valid_hr": ("valid HR@{k}", "{:.4f}"),
-    "valid_ndcg": ("valid NDCG@{k}", "{:.4f}"),
-    "hr": ("HR@{k}", "{:.4f}"),
-    "ndcg": ("NDCG@{k}", "{:.4f}"),
-    "full_hr": ("full HR@{k}", "{:.4f}"),
-    "full_ndcg": ("full NDCG@{k}", "{:.4f}"),
+    **{prefix + name: (label_prefix + label, "{:.4f}") for prefix, label_prefix in METRIC_SPLITS.items()
+       for name, label in METRIC_LABELS.items()},
     "train_time_s": ("train time", "{:.2f} s"),
     "train_throughput": ("train", "{:,.0f} samples/s"),
     "eval_time_s": ("eval time", "{:.2f} s"),

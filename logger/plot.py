@@ -29,7 +29,7 @@ from cli import (
     main_guard,
     owned_file,
 )
-from logger import record_problem
+from logger import METRIC_LABELS, record_problem
 
 # Suffix -> (matplotlib format, how a file of that format starts).
 FORMATS = {".png": ("png", b"\x89PNG\r\n\x1a\n"), ".pdf": ("pdf", b"%PDF-"), ".svg": ("svg", b"<?xml")}
@@ -41,8 +41,8 @@ MAX_IMAGE_BYTES = 64 * 2**20  # a plot is well under a MiB: a larger file is no 
 # logger/__init__.py's epoch records.
 PANELS = (
     ("loss", (("loss", "train loss", "-"),)),
-    ("HR@{k}", (("hr", "sampled", "-"), ("full_hr", "full ranking", "--"))),
-    ("NDCG@{k}", (("ndcg", "sampled", "-"), ("full_ndcg", "full ranking", "--"))),
+    *((label, ((name, "sampled", "-"), (f"full_{name}", "full ranking", "--")))
+      for name, label in METRIC_LABELS.items()),
     ("throughput (samples/s)", (("train_throughput", "train", "-"), ("eval_throughput", "eval", "--"))),
 )
 
@@ -190,9 +190,12 @@ def plot(curves, output, title=None):
         raise UserError("matplotlib is not installed, and plots need it: pip install matplotlib") from None
     ks = {k for _, k, _ in curves}
     k = ks.pop() if len(ks) == 1 else "k"
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), constrained_layout=True)
+    rows = (len(PANELS) + 1) // 2
+    fig, axes = plt.subplots(rows, 2, figsize=(11, 3.75 * rows), constrained_layout=True, squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, (ylabel, series) in zip(axes.flat, PANELS, strict=True):
+    for ax in axes.flat[len(PANELS):]:  # an odd number of panels leaves one
+        fig.delaxes(ax)
+    for ax, (ylabel, series) in zip(axes.flat, PANELS, strict=False):
         for n, (label, _, records) in enumerate(curves):
             for key, kind, style in series:
                 points = [(r["epoch"], r[key]) for r in records if is_figure(r.get(key))]

@@ -38,8 +38,8 @@ def test_a_checkpoint_written_before_the_restructuring_loads_and_scores_the_same
     scores = model.score_candidates(data.users[:3], data.candidates[:3, :4])
     torch.testing.assert_close(scores, torch.tensor(OLD_SCORES), rtol=1e-5, atol=1e-6)
     ctx = ncf.DistContext(rank=0, local_rank=0, world_size=1, device=CPU)
-    hr, ndcg = ncf.evaluate(model, data, 10, 1 << 20, choose_precision("O0", "auto", CPU), ctx)
-    assert (hr, ndcg) == pytest.approx((ckpt["hr"], ckpt["ndcg"]), abs=1e-6)
+    figures = ncf.evaluate(model, data, 10, 1 << 20, choose_precision("O0", "auto", CPU), ctx)
+    assert (figures["hr"], figures["ndcg"]) == pytest.approx((ckpt["hr"], ckpt["ndcg"]), abs=1e-6)
 
 
 def test_payload_round_trip(tiny, tmp_path):
@@ -201,8 +201,8 @@ def test_fuzz_an_edited_checkpoint_is_refused_cleanly_or_evaluated_correctly(tin
     data = dataloading.TestData.from_cache(tiny, CPU)
     ctx = ncf.DistContext(rank=0, local_rank=0, world_size=1, device=CPU)
     precision = choose_precision("O0", "auto", CPU)
-    hr, ndcg = ncf.evaluate(model, data, 10, 1 << 20, precision, ctx)
-    assert 0.0 <= ndcg <= hr <= 1.0
+    figures = ncf.evaluate(model, data, 10, 1 << 20, precision, ctx)
+    assert 0.0 <= figures["mrr"] <= figures["ndcg"] <= figures["hr"] <= 1.0
     plain = NeuMF(**model.config)
     plain.load_state_dict(model.state_dict())
-    assert ncf.evaluate(plain, data, 10, 1 << 20, precision, ctx) == pytest.approx((hr, ndcg), abs=1e-9)
+    assert ncf.evaluate(plain, data, 10, 1 << 20, precision, ctx) == pytest.approx(figures, abs=1e-9)

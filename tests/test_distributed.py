@@ -117,6 +117,7 @@ def test_evaluation_split_over_ranks_matches_one_process(two_process_run, tiny_c
     # 799 users: ranks score 400 and 399 of them.
     assert results[2]["hr"] == pytest.approx(results[1]["hr"], rel=1e-12)
     assert results[2]["ndcg"] == pytest.approx(results[1]["ndcg"], rel=1e-12)
+    assert results[2]["mrr"] == pytest.approx(results[1]["mrr"], rel=1e-12) and results[1]["mrr"] > 0
     assert results[1]["hr"] == event_of(out / "log.json", "summary")["best_hr"]
 
 
@@ -161,3 +162,105 @@ def test_batch_not_divisible_by_world_size_is_a_clear_error(tiny_cache, tmp_path
     assert result.stderr.count("--batch_size 1001 is not divisible by world size 2") == 1
     # torchrun adds its own report of the failed worker; ncf.py itself shows no traceback.
     assert 'ncf.py", line' not in result.stderr
+
+
+# Issue 21: how a finished multi-process run ends. ncf.py run through a wrapper in which rank 0 writes its
+# last.pth (after the last collective of the run) two seconds late, or fails to write it as a full disk
+# makes it fail; each rank notes when it wrote its files and when it left.
+WRAPPER = """\
+import os, sys, time
+sys.path.insert(0, {root!r})
+import checkpoint, cli, ncf
+
+MODE, NOTES, RANK = {mode!r}, {notes!r}, os.environ["RANK"]
+real_save_atomic = checkpoint.save_atomic
+
+
+def note(name):
+    with open(os.path.join(NOTES, name), "w") as f:
+        f.write(repr(time.time()))
+
+
+def save_atomic(obj, path):
+    if RANK == "0" and os.path.basename(path) == ncf.LAST_CHECKPOINT:
+        time.sleep(2)
+        if MODE == "fail":
+            raise cli.EnvironmentFailure("cannot write " + path + " (a full disk, injected)")
+    real_save_atomic(obj, path)
+    note("written-" + RANK)
+
+
+checkpoint.save_atomic = save_atomic
+ncf.main(sys.argv[1:])
+note("left-" + RANK)
+"""
+
+
+def wrapped_ncf(tmp_path, mode):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    script = tmp_path / "wrapped_ncf.py"
+    script.write_text(WRAPPER.format(root=str(ROOT), mode=mode, notes=str(notes)))
+    return script, notes
+
+
+def noted(notes, name):
+    return float((notes / name).read_text())
+
+
+def test_ranks_leave_together_once_rank_zero_has_written_its_files(tiny_cache, tmp_path):
+    """A rank that finished first used to leave at once, while rank 0 was still writing: it went into
+    interpreter shutdown with a gloo worker thread still releasing its last collective's tensors, and
+    aborted ("terminate called without an active exception", exit -6). Now every rank waits at the end
+    until rank 0 has written its files and closed its log."""
+    script, notes = wrapped_ncf(tmp_path, "slow")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           *ncf_args(tiny_cache, tmp_path / "out", "-e", "1", "--opt_level", "O0")]
+    result = run(cmd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "terminate called" not in result.stderr
+    assert noted(notes, "left-1") >= noted(notes, "written-0")
+    assert event_of(tmp_path / "out" / "log.json", "summary")["best_epoch"] == 1
+
+
+def test_a_rank_that_fails_at_the_end_fails_every_node_promptly(tiny_cache, tmp_path):
+    """Two nodes, so that no launcher ends the other's worker: rank 0 fails writing last.pth while rank 1
+    waits for it at the end of the run. Rank 1 learns it from its closed connection, and both nodes end
+    with a non-zero status within seconds (not at a timeout, and never with status 0 on one node while
+    the other waits minutes at torchrun's exit barrier)."""
+    script, _ = wrapped_ncf(tmp_path, "fail")
+    port = free_port()
+    nodes = []
+    start = time.monotonic()
+    for node in range(2):
+        launcher = ["--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+                    f"--rdzv_id=ncf-fails-{port}"]
+        nodes.append(subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", *launcher, str(script),
+             *ncf_args(tiny_cache, tmp_path / f"node{node}", "-e", "1", "--opt_level", "O0")],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        outputs = [p.communicate(timeout=240) for p in nodes]
+    finally:
+        for p in nodes:
+            if p.poll() is None:
+                p.kill()
+    stderr = outputs[0][1] + outputs[1][1]
+    assert all(p.returncode != 0 for p in nodes), stderr[-3000:]
+    assert "(a full disk, injected)" in stderr
+    # Both nodes started and trained (seconds on this data); the end is no timeout away.
+    assert time.monotonic() - start < 180
+
+
+@pytest.mark.parametrize("stop", [["-e", "20", "-t", "0.05"], ["-e", "40", "--patience", "1"]],
+                         ids=["threshold", "patience"])
+def test_a_run_stopped_early_ends_with_status_0_on_every_rank(tiny_cache, tmp_path, stop):
+    """--threshold and --patience stop every rank after the same epoch (the figures they compare are
+    all-reduced), and the job ends with status 0."""
+    result = run(torchrun_cmd("--standalone", "--nproc_per_node=2")
+                 + ncf_args(tiny_cache, tmp_path, "--opt_level", "O0", *stop))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ("reached --threshold" if "-t" in stop else "(--patience;") in result.stdout
+    done = len(epochs_of(tmp_path / "log.json"))
+    assert done < int(stop[1])
+    assert event_of(tmp_path / "log.json", "summary")["interrupted"] is False

@@ -69,7 +69,8 @@ def hand_made_cache(rng, users, items):
 def evaluate(model, cache, k, valid_batch_size, rank=0, world_size=1):
     data = FullRankingData.from_cache(cache, CPU, rank, world_size)
     ctx = ncf.DistContext(rank=rank, local_rank=rank, world_size=1, device=CPU)
-    return ncf.evaluate_full_ranking(model, data, k, valid_batch_size, choose_precision("O0", "auto", CPU), ctx)
+    figures = ncf.evaluate_full_ranking(model, data, k, valid_batch_size, choose_precision("O0", "auto", CPU), ctx)
+    return figures["hr"], figures["ndcg"]
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -168,3 +169,20 @@ def test_mode_test_logs_brute_force_figures(trained, tmp_path):
     # Against every untrained item (~170 here) the test item is harder to hit than among 51 candidates.
     assert record["full_hr"] < record["hr"]
     assert record["hr"] == pytest.approx(ckpt["hr"], abs=1e-12)
+
+
+def test_full_ranking_mrr_matches_brute_force(trained):
+    """MRR@k against every untrained item: 1 / (rank + 1) for a hit, one user and one item at a time."""
+    cache_dir, checkpoint = trained
+    cache = load_cache(str(cache_dir))
+    model, _ = load_model(str(checkpoint), cache, CPU)
+    scores, trained_pairs = score_table(model, cache), {tuple(p) for p in cache.train.tolist()}
+    total = 0.0
+    for user, positive in enumerate(cache.test[:, 1].tolist()):
+        rank = sum(1 for item in range(scores.shape[1]) if item != positive and (user, item) not in trained_pairs
+                   and scores[user, item] >= scores[user, positive])
+        total += 1 / (rank + 1) if rank < 10 else 0.0
+    data = FullRankingData.from_cache(cache, CPU)
+    ctx = ncf.DistContext(rank=0, local_rank=0, world_size=1, device=CPU)
+    figures = ncf.evaluate_full_ranking(model, data, 10, 7 * cache.num_items, choose_precision("O0", "auto", CPU), ctx)
+    assert 0 < figures["mrr"] == pytest.approx(total / cache.num_users, abs=1e-12)

@@ -8,9 +8,9 @@ from metrics import UNRANKED, full_ranks, rank_metric_sums, sampled_ranks
 
 
 def sampled(scores, k):
-    hits, ndcg = rank_metric_sums(sampled_ranks(torch.tensor(scores)), k)
+    sums = rank_metric_sums(sampled_ranks(torch.tensor(scores)), k)
     n = len(scores)
-    return hits.item() / n, ndcg.item() / n
+    return sums["hr"].item() / n, sums["ndcg"].item() / n
 
 
 def test_ranks_count_greater_or_equal_negatives():
@@ -87,8 +87,8 @@ def test_full_ranks_of_non_finite_scores(bad):
     ranks = full_ranks(scores, torch.tensor([0, 0]), torch.tensor([], dtype=torch.long),
                        torch.tensor([], dtype=torch.long))
     assert ranks.tolist() == [UNRANKED, 1]
-    hits, ndcg = rank_metric_sums(ranks, 10)  # more than the items
-    assert hits.item() == 1 and ndcg.item() <= 1.0
+    sums = rank_metric_sums(ranks, 10)  # more than the items
+    assert sums["hr"].item() == 1 and sums["ndcg"].item() <= 1.0 and sums["mrr"].item() == 0.5
 
 
 def test_a_recipe_protocol_row_counts_each_negative_item_once_and_never_the_test_item():
@@ -102,3 +102,18 @@ def test_a_recipe_protocol_row_counts_each_negative_item_once_and_never_the_test
     counted = first_appearances(candidates)[:, 1:]
     assert sampled_ranks(scores).tolist() == [3, 2]  # unmasked: the tie with itself and 7 twice count against it
     assert sampled_ranks(scores, counted).tolist() == [1, 2]  # masked: 7 once; a distinct row is unchanged
+
+
+def test_mrr_by_hand_with_ties_and_non_finite_scores():
+    """MRR@k = 1 / (rank + 1) for a hit (RecBole's), 0 beyond k; ties count against the model, and a
+    non-finite score is never a hit nor outranks the positive."""
+    scores = torch.tensor([[0.5, 0.9, 0.5, 0.1],  # beaten by 0.9 and the tie: rank 2, MRR 1/3
+                           [float("nan"), 0.1, 0.2, 0.3],  # a NaN positive: never a hit
+                           [0.9, float("nan"), 0.1, 0.2],  # a NaN candidate does not count: rank 0, MRR 1
+                           [0.1, 0.2, 0.3, 0.4]])  # rank 3: beyond k = 3
+    sums = rank_metric_sums(sampled_ranks(scores), 3)
+    assert sums["mrr"].item() == pytest.approx(1 / 3 + 1)
+    assert sums["hr"].item() == 2
+    # Full ranking: item 1 (0.9) is a training item and is excluded, item 2 ties: rank 1, MRR 1/2.
+    ranks = full_ranks(torch.tensor([[0.5, 0.9, 0.5, 0.1]]), torch.tensor([0]), torch.tensor([0]), torch.tensor([1]))
+    assert rank_metric_sums(ranks, 3)["mrr"].item() == pytest.approx(0.5)

@@ -104,6 +104,7 @@ def test_the_plotted_lines_are_the_logged_figures(tmp_path, monkeypatch):
         "NDCG@10": {"fp32, sampled": (e4, [0.2 + 0.03 * e for e in e4]),
                     "fp32, full ranking": (e4, [0.05 + 0.01 * e for e in e4]),
                     "AMP, sampled": (e3, [0.2 + 0.03 * e for e in e3])},
+        "MRR@10": {},  # logs written before MRR: an empty panel
         "throughput (samples/s)": {"fp32, train": (e4, [1e6 + e for e in e4]), "fp32, eval": (e4, [5e6] * 4),
                                    "AMP, train": (e3, [1e6 + e for e in e3]), "AMP, eval": (e3, [5e6] * 3)},
     }

@@ -122,8 +122,8 @@ def test_metrics_equal_brute_force_and_hr_is_monotone_in_k(score_rows):
     ranks = sampled_ranks(torch.tensor(score_rows, dtype=torch.float32))
     previous = -1.0
     for k in range(1, 12):
-        hits, ndcg = rank_metric_sums(ranks, k)
-        hr, nd = hits.item() / len(score_rows), ndcg.item() / len(score_rows)
+        sums = rank_metric_sums(ranks, k)
+        hr, nd = sums["hr"].item() / len(score_rows), sums["ndcg"].item() / len(score_rows)
         assert (hr, nd) == pytest.approx(brute_force(score_rows, k), rel=1e-12)
         assert hr >= previous
         previous = hr

@@ -53,6 +53,7 @@ def test_the_log_carries_the_recipes_keys_with_its_meanings(tiny, tmp_path):
     (summary,) = [r for r in records if r["event"] == "summary"]
     for record in epochs:
         assert record["step"] == [record["epoch"] - 1]  # the recipe counts epochs from 0
+        assert 0 < record["mrr"] <= record["ndcg"] <= record["hr"]  # MRR@k: 1/(rank+1) <= 1/log2(rank+2)
         assert (record["hr@10"], record["train_loss"]) == (record["hr"], record["loss"])
         assert (record["train_epoch_time"], record["validation_epoch_time"]) == (record["train_time_s"],
                                                                                  record["eval_time_s"])

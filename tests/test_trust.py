@@ -84,8 +84,8 @@ def test_a_model_of_nans_scores_hr_zero(world):
         model.final.weight.fill_(float("nan"))
     ctx = ncf.DistContext(rank=0, local_rank=0, world_size=1, device=CPU)
     data = dataloading.TestData.from_cache(cache, CPU)
-    hr, ndcg = ncf.evaluate(model, data, 10, 1 << 20, choose_precision("O0", "auto", CPU), ctx)
-    assert (hr, ndcg) == (0.0, 0.0)
+    assert ncf.evaluate(model, data, 10, 1 << 20, choose_precision("O0", "auto", CPU), ctx) == \
+        {"hr": 0.0, "ndcg": 0.0, "mrr": 0.0}
 
 
 def test_a_diverging_run_stops_before_any_figure_or_checkpoint(world, tmp_path, capsys):
