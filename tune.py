@@ -4,6 +4,7 @@
     python tune.py --data data/cache/synthetic-validation --trials 30 --epochs 10 --output runs/tune
     python tune.py --data ... --trials 60 --output runs/tune          # continue the same study to 60 trials
     python tune.py --data ... --space space.json -- --opt_level O0    # own search space; fixed ncf.py flags
+    python tune.py --data ... --storage postgresql://tune@db-host/tune --study_name ncf   # on every machine
 
 Each trial trains ncf.py's own training loop in this process with the flags the sampler (TPE, seeded by
 --seed) proposes (a new study's first trial: ncf.py's defaults, where the space admits them), reports
@@ -11,15 +12,28 @@ the validation HR@k after every epoch, and is pruned when it falls behind the me
 at the same epoch (Optuna's MedianPruner). A trial that fails (a diverged
 run, a bad combination of flags) is recorded as failed and the search goes on. Its value is the
 validation HR@k of its best epoch; the test HR@k of that epoch is recorded beside it, only to report.
+Every validation figure is shown with its binomial standard error over the users who have a validation
+item, sqrt(p (1 - p) / n).
+
+A search's best trial won on one seed, among many: before a configuration is named, the --confirm_top
+leading trials and the defaults' trial are trained again with --confirm_seeds new seeds (the search's
+seed + 1, + 2, ...), the leader on their mean validation HR is compared with the defaults seed by seed,
+and it is recommended only if the mean paired difference exceeds 2 standard errors (the seeds' spread
+and the validation users' binomial error); otherwise the defaults' command is. Test figures are reported,
+never used. The runs are the trials of a second study, STUDY_NAME.confirm, in the same storage: the
+search's sampler and pruner never see them, and a stopped confirmation continues where it was.
 
 The study is stored in SQLite (OUTPUT/study.db) by default, so a search stopped with Ctrl-C continues
 where it was by running the same command again: --trials is the number of finished trials the study
 should reach. A study records what its figures mean (the data, --epochs, the fixed ncf.py flags, k, the
 space) when it is created, and a continuation that differs is refused, naming the difference. Several
-machines share one search by passing the same --storage (any database URL Optuna accepts, e.g.
-postgresql://...) and --study_name. Each study has its folder OUTPUT/STUDY_NAME: its trials (trials/N),
-and at the end best.json (the best flags, also printed as a ready ncf.py command) and plots of the
-search (optimisation history and parameter importances).
+machines share one search by passing the same --storage (a database server's URL, e.g.
+postgresql://USER@HOST/DB) and --study_name, each with its own --output: together they run --trials
+trials, none twice, then share the confirmation runs; a machine that dies leaves its running trial to be
+failed by the others once its heartbeat (--heartbeat) is three beats old. Each study has its folder
+OUTPUT/STUDY_NAME: the trials this machine ran (trials/N, confirm/N), and at the end best.json (the
+search's best trial, the confirmation and the recommended flags, also printed as a ready ncf.py command)
+and plots of the search (optimisation history and parameter importances).
 
 The search space is a JSON object, one entry per searchable ncf.py flag (long name without dashes,
 SEARCHABLE below): {"low": A, "high": B} for a number (add "log": true for a log scale) or
@@ -34,13 +48,17 @@ import io
 import json
 import math
 import os
+import random
 import re
 import shlex
 import signal
 import sqlite3
+import statistics
 import sys
+import time
 import urllib.parse
 import warnings
+from dataclasses import dataclass
 
 from cli import (CREATED_BY, UserError, check_identity, check_may_write, check_output_path, json_marker, main_guard,
                  open_owned_for_append, owned_file, proven, remove_owned)
@@ -74,6 +92,14 @@ RESERVED = {"data", "epochs", "checkpoint_dir", "log_path", "mode", "resume", "l
 NOT_SETTINGS = {"device", "valid_batch_size", "grads_accumulated", "save_every"}
 SETTINGS_ATTR = "tune_settings"  # the study's user attribute that records them
 HEARTBEAT_S, GRACE_S = 60, 180  # a running trial's liveness signal, and how old it may get
+BEATS = GRACE_S // HEARTBEAT_S  # --heartbeat S gives a grace of BEATS x S
+HEARTBEAT_ATTR = "heartbeat_s"  # the study's user attribute for a --heartbeat given when it was created
+DEFAULTS_ATTR = "defaults"  # the user attribute of the trial enqueued with ncf.py's defaults
+SURPLUS_ATTR = "surplus"  # a trial that another worker's made unneeded: it ran nothing and counts for nothing
+CONFIRM = ".confirm"  # STUDY_NAME.confirm holds the confirmation runs: no --study_name has a dot
+NOISE_SE = 2  # a confirmed win must exceed this many standard errors
+SCHEMA_TRIES = 8  # opening a database whose tables other workers are creating at the same moment
+SETTLE_S = 10  # how long a worker waits for the machine that is creating the study to record its settings
 MARKER = "tune.json"  # its content (created_by), not its name, makes OUTPUT a folder of tune.py's
 DEFAULT_DB = "study.db"
 BEST = "best.json"
@@ -115,9 +141,21 @@ def parse_args(argv=None):
                    help="folder of the study database and of one folder per study (trials, best.json, plots)")
     p.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite:///OUTPUT/study.db)")
     p.add_argument("--study_name", default="ncf", help="name of the study in the storage, and of its folder")
+    p.add_argument("--confirm_top", type=int, default=3,
+                   help="leading trials trained again with --confirm_seeds new seeds before one is named (0: none)")
+    p.add_argument("--confirm_seeds", type=int, default=3,
+                   help="new seeds per confirmed trial and for the defaults' trial (0: no confirmation; else >= 2)")
+    p.add_argument("--heartbeat", type=int, default=None,
+                   help=f"seconds between a running trial's signs of life; one silent for {BEATS} beats is failed "
+                        f"by the other workers (default {HEARTBEAT_S}; fixed when the study is created)")
     p.add_argument("--no_plots", action="store_true", help="skip the PNG plots")
     p.add_argument("ncf_args", nargs=argparse.REMAINDER,
                    help="after --: ncf.py flags every trial uses (not searched), e.g. -- --opt_level O0")
+
+    def refuse(message):  # a bad flag is one line, as any other bad input, not a usage dump
+        raise UserError(f"{message} (see --help)")
+
+    p.error = refuse
     args = p.parse_args(argv)
     args.ncf_args = args.ncf_args[1:] if args.ncf_args[:1] == ["--"] else args.ncf_args
     return args
@@ -132,6 +170,15 @@ def check_flags(args):
                         f"got {args.timeout}")
     if not 0 <= args.seed < 2**32:
         raise UserError(f"--seed must be in [0, 2^32), got {args.seed}")
+    for flag, value in (("--confirm_top", args.confirm_top), ("--confirm_seeds", args.confirm_seeds)):
+        if not 0 <= value <= 100:
+            raise UserError(f"{flag} must be in [0, 100] (0: no confirmation), got {value}")
+    if args.confirm_seeds == 1:
+        raise UserError("--confirm_seeds 1 gives no spread across seeds to judge a win by: give 2 or more, or 0 "
+                        "for no confirmation")
+    if args.heartbeat is not None and not 1 <= args.heartbeat <= 3600:
+        raise UserError(f"--heartbeat is the seconds between a running trial's signs of life: give 1 to 3600, got "
+                        f"{args.heartbeat}")
     if not STUDY_NAME.fullmatch(args.study_name):
         raise UserError(f"--study_name {args.study_name!r}: it also names the study's folder in --output, so use "
                         f"letters, digits, _ and - (up to 100), e.g. ncf-lr")
@@ -267,9 +314,8 @@ def flags_of(params):
 
 def enqueue_defaults(study, space, defaults):
     """A new study's first trial: ncf.py's defaults (with the fixed flags) for every searched flag whose
-    default the space admits, the rest sampled. The search then starts from the recipe's setting."""
-    if study.trials:
-        return
+    default the space admits, the rest sampled. The search then starts from the recipe's setting, and the
+    confirmation compares the winner with it."""
     params = {}
     for name, spec in space.items():
         value = getattr(defaults, name)
@@ -277,7 +323,7 @@ def enqueue_defaults(study, space, defaults):
         admitted = value in spec["choices"] if "choices" in spec else spec["low"] <= value <= spec["high"]
         if admitted:
             params[name] = value
-    study.enqueue_trial(params)
+    study.enqueue_trial(params, user_attrs={DEFAULTS_ATTR: True})
 
 
 # -- the storage ---------------------------------------------------------------------------------------------
@@ -371,19 +417,46 @@ def heartbeat_api(optuna):
         yield
 
 
-def make_storage(optuna, url):
-    """The study's database, with a heartbeat: a trial whose process was killed (kill -9, a lost machine)
-    is marked failed once its heartbeat is GRACE_S old, instead of staying "running" for ever."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import SQLAlchemyError
+def heartbeat_and_grace(seconds):
+    """(heartbeat, grace) in seconds for a --heartbeat (None: the defaults)."""
+    return (HEARTBEAT_S, GRACE_S) if seconds is None else (seconds, BEATS * seconds)
 
-    with heartbeat_api(optuna):
+
+def make_storage(optuna, url, heartbeat=None):
+    """The study's database, with a heartbeat: a trial whose process was killed (kill -9, a lost machine)
+    is marked failed once its heartbeat is a grace period old, instead of staying "running" for ever."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import IntegrityError, ProgrammingError, SQLAlchemyError
+
+    beat, grace = heartbeat_and_grace(heartbeat)
+    for attempt in range(SCHEMA_TRIES):
         try:
-            return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+            with heartbeat_api(optuna):
+                return optuna.storages.RDBStorage(url, heartbeat_interval=beat, grace_period=grace)
+        except (IntegrityError, ProgrammingError) as err:
+            # Workers started at once on an empty database all create Optuna's tables, and all but one
+            # collide ("already exists", a duplicate key: Optuna issue 1092): once the tables are there,
+            # opening again finds them. At random moments, so that the collided ones do not collide again.
+            if attempt + 1 < SCHEMA_TRIES:
+                time.sleep(random.uniform(0.2, 1.0))
+                continue
+            failure = err
         except (SQLAlchemyError, RuntimeError) as err:  # RuntimeError: a schema of another Optuna version
-            reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-            raise UserError(f"--storage {make_url(url).render_as_string(hide_password=True)}: cannot open it "
-                            f"({reason})") from None
+            failure = err
+        reason = str(failure).strip().splitlines()[0][:300] if str(failure).strip() else type(failure).__name__
+        raise UserError(f"--storage {make_url(url).render_as_string(hide_password=True)}: cannot open it "
+                        f"({reason})") from None
+
+
+def make_sampler(optuna, seed, trials):
+    """TPE, seeded by --seed and the number of trials the study had when this worker opened it: TPE's first
+    trials are random draws from its seed, which a continued study would otherwise draw again, running
+    the first command's trials a second time."""
+    import numpy as np
+
+    if trials:
+        seed = int(np.random.SeedSequence([seed, trials]).generate_state(1)[0])
+    return optuna.samplers.TPESampler(seed=seed)
 
 
 def make_pruner(optuna, epochs):
@@ -418,7 +491,7 @@ def space_entry(spec):
 def check_settings(study, settings, where):
     """Record a new study's settings, or refuse to continue one whose settings differ (cli.check_identity)."""
     if study.user_attrs.get(SETTINGS_ATTR) is None:
-        if study.trials:
+        if ran_trials(study):
             raise UserError(f"{where} has {len(study.trials)} trials but no record of the data, epochs and flags "
                             "they ran with (an older tune.py or another program made it), so new trials cannot be "
                             "ranked with them: start a new study (another --study_name)")
@@ -426,6 +499,45 @@ def check_settings(study, settings, where):
     # Read back: of two machines that started one study at once, the one whose record lost finds out here.
     check_identity(study.user_attrs[SETTINGS_ATTR], settings, where,
                    "continue it with the settings it was started with, or start a new study (another --study_name)")
+
+
+def ran_trials(study):
+    """Whether any trial of the study has started (an enqueued one waits)."""
+    import optuna
+
+    return any(t.state != optuna.trial.TrialState.WAITING for t in study.get_trials(deepcopy=False))
+
+
+def await_settings(study):
+    """Whether an existing study has its settings recorded. A machine creating it now enqueues the defaults'
+    trial and then records them, within moments: wait for that (up to SETTLE_S) rather than start it twice."""
+    deadline = time.monotonic() + SETTLE_S
+    while study.user_attrs.get(SETTINGS_ATTR) is None:
+        if ran_trials(study) or time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def start_study(study, heartbeat, space, fixed):
+    """A new study (or an empty one whose creator stopped before recording its settings): its --heartbeat
+    and the defaults' trial, before its settings are recorded (check_settings), which tells the other
+    workers that it is ready."""
+    if heartbeat is not None:
+        study.set_user_attr(HEARTBEAT_ATTR, heartbeat)
+    if not any(t.user_attrs.get(DEFAULTS_ATTR) for t in study.get_trials(deepcopy=False)):
+        enqueue_defaults(study, space, fixed)
+
+
+def use_study_heartbeat(storage, study, given, where):
+    """Every worker of a study beats and waits alike: one that waited for fewer seconds than another beats
+    would fail that worker's live trials."""
+    recorded = study.user_attrs.get(HEARTBEAT_ATTR)
+    if given is not None and given != (recorded or HEARTBEAT_S):
+        raise UserError(f"--heartbeat {given}: the workers of {where} signal every {recorded or HEARTBEAT_S} s (set "
+                        "when it was created), and a worker that waited for another beat would fail their live "
+                        "trials: leave --heartbeat out")
+    storage.heartbeat_interval, storage.grace_period = heartbeat_and_grace(recorded)
 
 
 # -- the output folder ---------------------------------------------------------------------------------------
@@ -455,31 +567,35 @@ def claim_output(folder):
     if os.path.isfile(marker) and proven(is_tune_json, marker):
         return
     with owned_file(marker, "--output", is_tune_json, f"a {MARKER}") as f:
-        f.write(json.dumps({CREATED_BY: "tune.py", "layout": f"{DEFAULT_DB} (the default --storage), and per study "
-                            f"STUDY_NAME/{BEST}, STUDY_NAME/*.png, STUDY_NAME/trials/N/"}, indent=1).encode())
+        layout = f"{DEFAULT_DB} (the default --storage), and per study STUDY_NAME/{BEST}, STUDY_NAME/*.png, " \
+                 "STUDY_NAME/trials/N/, STUDY_NAME/confirm/N/"
+        f.write(json.dumps({CREATED_BY: "tune.py", "layout": layout}, indent=1).encode())
 
 
-def check_trial_folders(study_dir, study, where):
-    """STUDY_NAME/trials holds only trials of this study: a folder of a number the study has not given out
-    belongs to another study of that name (in another storage), whose files the new trial would mix with."""
-    trials = os.path.join(study_dir, "trials")
-    names = os.listdir(trials) if os.path.isdir(trials) else []  # listed first: numbers given out are older
-    numbers = len(study.trials)
-    stray = sorted(name for name in names if not (name.isdigit() and int(name) < numbers))
+def check_trial_folders(study_dir, kind, study, where):
+    """STUDY_NAME/KIND (trials, confirm) holds only trials of this study: a folder of a number the study has
+    not given out belongs to another study of that name (in another storage), whose files a new trial would
+    mix with."""
+    trials = os.path.join(study_dir, kind)
+    names = os.listdir(trials) if os.path.isdir(trials) else []  # listed first: trials that started are older
+    started = {str(t.number) for t in study.get_trials(deepcopy=False) if t.state.name != "WAITING"}
+    stray = sorted(set(names) - started)
     if stray:
-        raise UserError(f"{os.path.join(trials, stray[0])} is no trial of {where} (it has {numbers} trials): the "
-                        "folder belongs to another study of that name; choose another --output or --study_name")
+        raise UserError(f"{os.path.join(trials, stray[0])} is no trial of {where} (it has {len(started)} trials that "
+                        "started): the folder belongs to another study of that name; choose another --output or "
+                        "--study_name")
 
 
 def check_data(path):
-    """The cache's metadata, once it is known to hold a validation split."""
+    """The cache's metadata, once it is known to hold a validation split, and the number of users with a
+    validation item (what a validation HR is averaged over: its binomial standard error's n)."""
     from dataloading import load_cache
 
     cache = load_cache(path)
     if not cache.has_validation:
         raise UserError(f"--data {path} has no validation split, and tune.py never selects on test figures: "
                         f"rebuild it with ./prepare_dataset.sh NAME --validation (or convert.py --validation)")
-    return cache.metadata
+    return cache.metadata, int((cache.valid[:, 1] >= 0).sum())
 
 
 # -- the trials ----------------------------------------------------------------------------------------------
@@ -540,7 +656,59 @@ def run_trial(ncf, trial, argv, folder, on_epoch, sigterm):
                 raise KeyboardInterrupt  # it wins over the pruning or the failure
 
 
-def make_objective(args, space, study_dir, sigterm):
+class Surplus(Exception):
+    """A trial that another worker made unneeded: it trains nothing, and is failed with SURPLUS_ATTR."""
+
+
+def train(ncf, trial, args, folder, params, on_epoch, sigterm, seed=None):
+    """Train `params` (with `seed`, else the fixed flags' seed) into FOLDER for `trial`; the validation HR@k
+    of its best epoch, its test HR@k (only to report) and flags recorded in the trial."""
+    fixed = ["-e", str(args.epochs), *args.ncf_args]
+    trial.set_user_attr("ncf_flags", fixed)  # the best command carries what its trial ran with
+    seeded = [] if seed is None else ["--seed", str(seed)]
+    argv = ["--data", args.data, "--checkpoint_dir", folder, "--no_progress", "--log_path",
+            os.path.join(folder, "log.json"), *fixed, *flags_of(params), *seeded]
+    try:
+        new_trial_folder(folder)
+        summary = run_trial(ncf, trial, argv, folder, on_epoch, sigterm)
+    except UserError as error:  # the failure reporter says it; the search goes on
+        trial.set_user_attr("error", str(error))
+        raise
+    if summary["interrupted"]:  # SIGTERM: the trial stopped early, so its figure is not the flags' own
+        raise KeyboardInterrupt
+    trial.set_user_attr("test_hr", summary["best_hr"])
+    trial.set_user_attr("best_epoch", summary["best_epoch"])
+    return summary["best_valid_hr"]
+
+
+def counted(trials):
+    """The trials that count towards --trials: those that started (a killed worker's, failed, too), but not
+    the surplus ones."""
+    return [t for t in trials if t.state.name != "WAITING" and not t.user_attrs.get(SURPLUS_ATTR)]
+
+
+def refuse_surplus(trial, limit):
+    """The database numbers trials one at a time, so of two workers that each found the last slot free at
+    the same moment, the one whose trial came after `limit` counted ones runs nothing (the study ends with
+    exactly --trials)."""
+    earlier = [t for t in trial.study.get_trials(deepcopy=False)
+               if t.number < trial.number and not t.user_attrs.get(SURPLUS_ATTR)]
+    if len(earlier) >= limit:
+        trial.set_user_attr(SURPLUS_ATTR, True)
+        raise Surplus  # and stop_at stops the worker
+
+
+def stop_at(limit):
+    """A callback that stops this worker once the study has `limit` trials that count, the other workers'
+    running ones included: several workers together run --trials, not --trials each."""
+    def callback(study, trial):
+        if len(counted(study.get_trials(deepcopy=False))) >= limit:
+            study.stop()
+
+    return callback
+
+
+def make_objective(search, sigterm):
     import optuna
 
     import ncf
@@ -548,68 +716,319 @@ def make_objective(args, space, study_dir, sigterm):
     integers = {name for name, kind in numeric_flags(ncf).items() if kind is int}
 
     def objective(trial):
-        params = suggest(trial, space, integers)
-        folder = os.path.join(study_dir, "trials", str(trial.number))
-        fixed = ["-e", str(args.epochs), *args.ncf_args]
-        trial.set_user_attr("ncf_flags", fixed)  # the best command carries what its trial ran with
-        argv = ["--data", args.data, "--checkpoint_dir", folder, "--no_progress",
-                "--log_path", os.path.join(folder, "log.json"), *fixed, *flags_of(params)]
+        refuse_surplus(trial, search.args.trials)
+        params = suggest(trial, search.space, integers)
 
         def on_epoch(record):
             trial.report(record["valid_hr"], record["epoch"])
             if trial.should_prune():
                 raise optuna.TrialPruned()
 
-        try:
-            new_trial_folder(folder)
-            summary = run_trial(ncf, trial, argv, folder, on_epoch, sigterm)
-        except UserError as error:  # report_failure says it; the search goes on
-            trial.set_user_attr("error", str(error))
-            raise
-        if summary["interrupted"]:  # SIGTERM: the trial stopped early, so its figure is not the flags' own
-            raise KeyboardInterrupt
-        trial.set_user_attr("test_hr", summary["best_hr"])
-        trial.set_user_attr("best_epoch", summary["best_epoch"])
-        return summary["best_valid_hr"]
+        folder = os.path.join(search.study_dir, "trials", str(trial.number))
+        return train(ncf, trial, search.args, folder, params, on_epoch, sigterm)
 
     return objective
 
 
-def report_failure(study, trial):
-    """One line for a failed trial (a diverged run, flags ncf.py refuses); the search goes on."""
-    if trial.state.name == "FAIL":
-        print(f"tune.py: trial {trial.number} failed: {trial.user_attrs.get('error', 'see its train.log')}",
-              file=sys.stderr)
+def failure_reporter(what):
+    """A callback: one line for a failed trial (a diverged run, flags ncf.py refuses); the search goes on."""
+    def callback(study, trial):
+        if trial.state.name == "FAIL" and not trial.user_attrs.get(SURPLUS_ATTR):
+            print(f"tune.py: {what} {trial.number} failed: {trial.user_attrs.get('error', 'see its train.log')}",
+                  file=sys.stderr)
+
+    return callback
+
+
+# -- the confirmation ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Search:
+    """What the search, its confirmation and its report share, fixed once the study is open."""
+    args: argparse.Namespace
+    space: dict
+    fixed: argparse.Namespace  # ncf.py's flags after --, parsed
+    study_dir: str
+    users: int  # users with a validation item: the n of every binomial standard error
+    shown: str  # the storage's URL, without its password
+    deadline: float | None  # the time.monotonic() after which no trial starts (--timeout)
+    poll_s: float  # how often to look at other workers' trials
+
+    @property
+    def where(self):
+        return f"study {self.args.study_name} in {self.shown}"
+
+
+def time_left(search):
+    return None if search.deadline is None else max(0.0, search.deadline - time.monotonic())
+
+
+def binomial_se(p, n):
+    """The standard error of a hit rate p over n users."""
+    return math.sqrt(max(p * (1 - p), 0.0) / n)
+
+
+def defaults_trial(study):
+    """The trial enqueued with ncf.py's defaults (in a study of an earlier tune.py: its first)."""
+    trials = study.get_trials(deepcopy=False)
+    return next((t for t in trials if t.user_attrs.get(DEFAULTS_ATTR)), trials[0])
+
+
+def leaders(study, top):
+    """The `top` complete trials of highest validation HR, the earlier first on a tie."""
+    done = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    return sorted(done, key=lambda t: (-t.value, t.number))[:top]
+
+
+def run_key(params, seed):
+    """A confirmation run's identity: trials of the same flags share their runs."""
+    return json.dumps({**params, "seed": seed}, sort_keys=True)
+
+
+def run_stands(run):
+    """A confirmation run done, being done, or failed for good (ncf.py refused it or it diverged), as opposed
+    to one interrupted or whose worker died, which is run again."""
+    state = run.state.name
+    return not run.user_attrs.get(SURPLUS_ATTR) and (
+        state in ("WAITING", "RUNNING", "COMPLETE") or (state == "FAIL" and "error" in run.user_attrs))
+
+
+def standing_runs(confirmation):
+    """{run key: its standing run of lowest number} in the confirmation study."""
+    runs = {}
+    for run in confirmation.get_trials(deepcopy=False):  # in number order
+        if "run" in run.user_attrs and run_stands(run):
+            runs.setdefault(run.user_attrs["run"], run)
+    return runs
+
+
+def make_confirm_objective(search, sigterm):
+    import ncf
+
+    integers = {name for name, kind in numeric_flags(ncf).items() if kind is int}
+
+    def objective(trial):
+        key = trial.user_attrs.get("run")
+        # Two workers that planned at once enqueue a run twice; the entry of lower number runs, and its key,
+        # written when it was made, is there for the later one to see. No key: no enqueued run was left.
+        if key is None or any(run.number < trial.number and run.user_attrs.get("run") == key and run_stands(run)
+                              for run in trial.study.get_trials(deepcopy=False)):
+            trial.set_user_attr(SURPLUS_ATTR, True)
+            raise Surplus
+        params = suggest(trial, search.space, integers)  # the enqueued values
+        seed = trial.suggest_int("seed", 0, 2**32 - 1)
+        folder = os.path.join(search.study_dir, "confirm", str(trial.number))
+        return train(ncf, trial, search.args, folder, params, None, sigterm, seed)
+
+    return objective
+
+
+def open_confirmation(optuna, storage, args, settings, shown, create):
+    """STUDY_NAME.confirm: the confirmation runs, as trials of their own study (the search's sampler, pruner
+    and best trial never see them), made with the search's settings. Without `create`, only checked if it is
+    there (before the first trial), and None if not."""
+    name, sampler = args.study_name + CONFIRM, optuna.samplers.RandomSampler(seed=0)
+    try:
+        confirmation = optuna.create_study(study_name=name, storage=storage, load_if_exists=True,
+                                           direction="maximize", sampler=sampler) if create else \
+            optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+    except KeyError:  # load_study's word for a study that is not there
+        return None
+    where = f"study {name} in {shown}"
+    check_settings(confirmation, settings, where)
+    check_trial_folders(os.path.join(args.output, args.study_name), "confirm", confirmation, where)
+    return confirmation
+
+
+def wait_for_others(optuna, study, what, search):
+    """Until no trial of `study` runs: another worker's ends, or is failed once its heartbeat is too old.
+    False if --timeout came first."""
+    told = False
+    while True:
+        with heartbeat_api(optuna):
+            optuna.storages.fail_stale_trials(study)
+        running = [t.number for t in study.get_trials(deepcopy=False) if t.state.name == "RUNNING"]
+        if not running:
+            return True
+        if time_left(search) == 0:
+            return False
+        if not told:
+            print(f"waiting for {what} {' '.join(map(str, running))}, running on other workers (the trial of a "
+                  "command that was killed is failed once its heartbeat is three beats old)")
+            told = True
+        time.sleep(search.poll_s)
+
+
+def run_confirmation(optuna, confirmation, plan, search, sigterm):
+    """Every run of `plan` ({key: (trial, seed)}) done or failed for good, by this worker or another (the
+    runs it lacks are enqueued, then taken one at a time); False if --timeout came first."""
+    objective = make_confirm_objective(search, sigterm)
+    while True:
+        runs = standing_runs(confirmation)
+        for key, (trial, seed) in plan.items():
+            if key not in runs:
+                confirmation.enqueue_trial({**trial.params, "seed": seed},
+                                           user_attrs={"run": key, "seed": seed, "of_trial": trial.number})
+        runs = standing_runs(confirmation)
+        pending = [runs[key] for key in plan if runs[key].state.name in ("WAITING", "RUNNING")]
+        if not pending:
+            return True
+        if time_left(search) == 0:
+            return False
+        if any(run.state.name == "WAITING" for run in pending):
+            confirmation.optimize(objective, n_trials=1, catch=(UserError, Surplus),
+                                  callbacks=[failure_reporter("confirmation run")])
+        elif not wait_for_others(optuna, confirmation, "confirmation runs", search):
+            return False
+
+
+def confirm(optuna, storage, study, search, settings, sigterm):
+    """Train the leading trials and the defaults' trial again with --confirm_seeds new seeds (the search's
+    seed + 1, + 2, ...: its own figure chose these trials, so it is left out), sharing the runs with the
+    other workers; the record of what they show, or None if --timeout came first."""
+    if not wait_for_others(optuna, study, "trials", search):
+        return None
+    seeds = [(search.fixed.seed + i) % 2**32 for i in range(1, search.args.confirm_seeds + 1)]
+    trials = {t.number: t for t in [*leaders(study, search.args.confirm_top), defaults_trial(study)]}
+    plan = {run_key(t.params, seed): (t, seed) for t in trials.values() for seed in seeds}
+    confirmation = open_confirmation(optuna, storage, search.args, settings, search.shown, create=True)
+    print(f"confirming trials {' '.join(map(str, trials))} with seeds {' '.join(map(str, seeds))} "
+          f"({len(plan)} runs, in {confirmation.study_name})")
+    if not run_confirmation(optuna, confirmation, plan, search, sigterm):
+        return None
+    runs = {key: run for key, run in standing_runs(confirmation).items() if run.state.name == "COMPLETE"}
+    return confirmation_record(study, runs, seeds, search)
+
+
+def seed_figures(trial, runs, seeds, users):
+    """A trial's confirmation: validation HR per seed (None: failed), their mean and its standard error (the
+    seeds' spread, and the users' binomial error, which more seeds do not shrink: every seed is evaluated
+    on the same users), and the mean test HR, only to report."""
+    done = [runs.get(run_key(trial.params, seed)) for seed in seeds]
+    entry = {"trial": trial.number, "params": trial.params, "valid_hr": [r.value if r else None for r in done]}
+    if all(done):
+        values = entry["valid_hr"]
+        entry["mean"] = statistics.fmean(values)
+        entry["se"] = math.sqrt(statistics.variance(values) / len(values) + binomial_se(entry["mean"], users) ** 2)
+        entry["test_hr_mean"] = statistics.fmean(r.user_attrs["test_hr"] for r in done)
+    return entry
+
+
+def paired_comparison(winner, defaults, users):
+    """The winner against the defaults seed by seed: the mean difference, its standard error (the spread of
+    the differences, and both figures' binomial error over the users, taken as independent, which errs
+    on the side of caution: two models' hits on the same users agree more often than not), the seeds on
+    which the winner was better, and whether the mean exceeds NOISE_SE standard errors."""
+    differences = [w - d for w, d in zip(winner["valid_hr"], defaults["valid_hr"], strict=True)]
+    n = len(differences)
+    users_var = binomial_se(winner["mean"], users) ** 2 + binomial_se(defaults["mean"], users) ** 2
+    mean = statistics.fmean(differences)
+    se = math.sqrt(statistics.variance(differences) / n + users_var)
+    return {"differences": differences, "mean": mean, "se": se, "better_on": sum(d > 0 for d in differences),
+            "seeds": n, "beats": mean > NOISE_SE * se}
+
+
+def confirmation_record(study, runs, seeds, search):
+    """What the confirmation shows, with the trial it recommends and why, in one plain sentence."""
+    users = search.users
+    defaults = seed_figures(defaults_trial(study), runs, seeds, users)
+    candidates = [seed_figures(t, runs, seeds, users) for t in leaders(study, search.args.confirm_top)]
+    finished = [c for c in candidates if "mean" in c]
+    record = {"seeds": seeds, "users": users, "candidates": candidates, "defaults": defaults, "winner": None,
+              "paired": None, "beats_defaults": False, "recommended": defaults["trial"]}
+    if not finished:
+        record["verdict"] = (f"no leading trial finished every confirmation run (see {search.study_dir}/confirm/N/"
+                             f"{TRIAL_LOG}): use ncf.py's defaults")
+        return record
+    winner = max(finished, key=lambda c: (c["mean"], c["trial"] == defaults["trial"], -c["trial"]))
+    record["winner"] = winner["trial"]
+    if winner["trial"] == defaults["trial"]:
+        record["verdict"] = (f"ncf.py's defaults (trial {winner['trial']}) lead the confirmation, validation HR "
+                             f"{winner['mean']:.4f} ± {winner['se']:.4f} over {len(seeds)} new seeds: use them")
+    elif "mean" not in defaults:
+        failed = [s for s, v in zip(seeds, defaults["valid_hr"], strict=True) if v is None]
+        record.update(beats_defaults=True, recommended=winner["trial"],
+                      verdict=f"ncf.py's defaults failed with seed(s) {' '.join(map(str, failed))}; trial "
+                              f"{winner['trial']} did not: use its flags")
+    else:
+        paired = record["paired"] = paired_comparison(winner, defaults, users)
+        record.update(beats_defaults=paired["beats"], recommended=winner["trial"] if paired["beats"] else
+                      defaults["trial"], verdict=verdict(winner, defaults, paired))
+    return record
+
+
+def verdict(winner, defaults, paired):
+    figures = (f"validation HR {winner['mean']:.4f} against the defaults' {defaults['mean']:.4f}, mean paired "
+               f"difference {paired['mean']:+.4f} ± {paired['se']:.4f} over {paired['seeds']} new seeds, better on "
+               f"{paired['better_on']} of {paired['seeds']}")
+    if paired["beats"]:
+        return (f"trial {winner['trial']} beats ncf.py's defaults beyond noise ({figures}; more than {NOISE_SE} "
+                "standard errors): use its flags")
+    return (f"trial {winner['trial']} does not beat ncf.py's defaults beyond noise ({figures}; not more than "
+            f"{NOISE_SE} standard errors): the search found no real improvement, use the defaults")
 
 
 # -- the report ----------------------------------------------------------------------------------------------
 
 
-def print_table(study):
-    import optuna
-
+def print_table(study, users):
     names = sorted({name for t in study.trials for name in t.params})
-    print(f"{'trial':>5} {'state':>8} {'valid HR':>9} {'test HR':>8}  " + "  ".join(names))
+    print(f"{'trial':>5} {'state':>8} {'valid HR ± SE':>15} {'test HR':>8}  " + "  ".join(names))
     for t in study.trials:
-        value = f"{t.value:.4f}" if t.value is not None else "-"
+        value = f"{t.value:.4f} ± {binomial_se(t.value, users):.4f}" if t.value is not None else "-"
         test = t.user_attrs.get("test_hr")
         params = "  ".join(f"{t.params[n]:.3g}" if isinstance(t.params.get(n), float) else str(t.params.get(n, "-"))
                            for n in names)
-        state = t.state.name.lower() if t.state != optuna.trial.TrialState.COMPLETE else "done"
-        print(f"{t.number:>5} {state:>8} {value:>9} {f'{test:.4f}' if test is not None else '-':>8}  {params}")
+        state = SURPLUS_ATTR if t.user_attrs.get(SURPLUS_ATTR) else \
+            "done" if t.state.name == "COMPLETE" else t.state.name.lower()
+        print(f"{t.number:>5} {state:>8} {value:>15} {f'{test:.4f}' if test is not None else '-':>8}  {params}")
 
 
-def report_best(study, args, study_dir):
-    best = study.best_trial
-    fixed = best.user_attrs["ncf_flags"]
-    command = shlex.join(["python", "ncf.py", "--data", args.data, *fixed, *flags_of(best.params)])
+def print_confirmation(record):
+    """The confirmation runs' table, then the comparison with the defaults."""
+    seeds = record["seeds"]
+    print(f"\nconfirmation: validation HR with new seeds (the search's own figure, which chose these trials, is "
+          f"left out); SE: the seeds' spread and the binomial error over {record['users']} users")
+    print(f"{'trial':>6} " + " ".join(f"{f'seed {s}':>8}" for s in seeds) + f" {'mean ± SE':>17} {'test HR':>8}")
+    rows = {c["trial"]: c for c in [*record["candidates"], record["defaults"]]}
+    for trial, c in rows.items():
+        mark = "*" if trial == record["defaults"]["trial"] else " "
+        values = " ".join(f"{v:>8.4f}" if v is not None else f"{'failed':>8}" for v in c["valid_hr"])
+        mean = f"{c['mean']:.4f} ± {c['se']:.4f}" if "mean" in c else "-"
+        test = f"{c['test_hr_mean']:.4f}" if "mean" in c else "-"
+        print(f"{trial:>5}{mark} {values} {mean:>17} {test:>8}")
+    print("(* ncf.py's defaults; test HR: the mean over the seeds, reported, never used to choose)")
+    if record["paired"]:
+        print(f"trial {record['winner']} - defaults, seed by seed: "
+              + " ".join(f"{d:+.4f}" for d in record["paired"]["differences"]))
+
+
+def command_of(trial, data):
+    return shlex.join(["python", "ncf.py", "--data", data, *trial.user_attrs["ncf_flags"], *flags_of(trial.params)])
+
+
+def report_best(study, search, confirmation, unconfirmed):
+    """best.json and the closing lines: the search's best trial with its standard error, the confirmation
+    (None: `unconfirmed` says why) and the command it recommends."""
+    best, users = study.best_trial, search.users
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    chosen = trials[confirmation["recommended"]] if confirmation else best
+    why = confirmation["verdict"] if confirmation else unconfirmed
+    command = command_of(chosen, search.args.data)
+    se = binomial_se(best.value, users)
     record = {CREATED_BY: "tune.py", "study": study.study_name, "trial": best.number, "valid_hr": best.value,
-              "test_hr_of_that_trial": best.user_attrs.get("test_hr"), "best_epoch": best.user_attrs.get("best_epoch"),
-              "params": best.params, "fixed_flags": fixed, "command": command}
-    with owned_file(os.path.join(study_dir, BEST), "--output", is_tune_json, f"a {BEST}") as f:
+              "valid_hr_se": se, "valid_users": users, "test_hr_of_that_trial": best.user_attrs.get("test_hr"),
+              "best_epoch": best.user_attrs.get("best_epoch"), "params": best.params,
+              "fixed_flags": best.user_attrs["ncf_flags"], "confirmation": confirmation,
+              "recommended": {"trial": chosen.number, "params": chosen.params, "why": why}, "command": command}
+    with owned_file(os.path.join(search.study_dir, BEST), "--output", is_tune_json, f"a {BEST}") as f:
         f.write(json.dumps(record, indent=1).encode())
-    print(f"\nbest trial {best.number}: validation HR {best.value:.4f} (test HR of that trial "
-          f"{best.user_attrs.get('test_hr', float('nan')):.4f}, reported, not used to choose)\n{command}")
+    if confirmation:
+        print_confirmation(confirmation)
+    print(f"\nbest trial of the search {best.number}: validation HR {best.value:.4f} ± {se:.4f} (binomial SE over "
+          f"{users} users; test HR of that trial {best.user_attrs.get('test_hr', float('nan')):.4f}, reported, not "
+          f"used to choose)\n{why}\n{command}")
     print(json.dumps(record))
 
 
@@ -652,21 +1071,46 @@ def import_optuna():
     return optuna
 
 
-def open_study(optuna, args, storage, shown, settings):
-    """The study, created or continued; its settings recorded or checked; OUTPUT claimed."""
+def open_study(optuna, args, storage, settings, shown, space, fixed):
+    """The study, created (the defaults' trial enqueued, then its settings recorded) or continued (its
+    settings checked; waiting for a machine that is creating it now); the heartbeat all its workers use;
+    OUTPUT claimed. Returns the study and its storage."""
     if args.storage is None:
         claim_output(args.output)  # the database lives in OUTPUT: OUTPUT is tune.py's before it is written
-    study = optuna.create_study(study_name=args.study_name, storage=make_storage(optuna, storage),
-                                load_if_exists=True, direction="maximize",
-                                sampler=optuna.samplers.TPESampler(seed=args.seed),
-                                pruner=make_pruner(optuna, args.epochs))
+    rdb = make_storage(optuna, storage, args.heartbeat)
+    opened = {"study_name": args.study_name, "storage": rdb, "sampler": make_sampler(optuna, args.seed, 0),
+              "pruner": make_pruner(optuna, args.epochs)}
     where = f"study {args.study_name} in {shown}"
+    try:  # not load_if_exists: of several machines started at once, exactly one creates the study
+        study, ready = optuna.create_study(direction="maximize", **opened), False
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(**opened)
+        study.sampler = make_sampler(optuna, args.seed, len(study.get_trials(deepcopy=False)))
+        ready = await_settings(study)
+    if not ready and not ran_trials(study):
+        start_study(study, args.heartbeat, space, fixed)
     check_settings(study, settings, where)
+    use_study_heartbeat(rdb, study, args.heartbeat, where)
     claim_output(args.output)
-    check_trial_folders(os.path.join(args.output, args.study_name), study, where)
+    check_trial_folders(os.path.join(args.output, args.study_name), "trials", study, where)
+    open_confirmation(optuna, rdb, args, settings, shown, create=False)  # its runs, if any, are of this search
     with heartbeat_api(optuna):
         optuna.storages.fail_stale_trials(study)
-    return study
+    return study, rdb
+
+
+def search_trials(study, search, sigterm):
+    """This worker's share of the study's trials; whether the study has its --trials (the other workers'
+    running trials included)."""
+    args = search.args
+    done = sum(t.state.is_finished() for t in counted(study.get_trials(deepcopy=False)))
+    if done:
+        print(f"{search.where}: {done} trials finished, continuing to {args.trials}")
+    if len(counted(study.get_trials(deepcopy=False))) < args.trials:
+        study.optimize(make_objective(search, sigterm), n_trials=args.trials - done, timeout=time_left(search),
+                       catch=(UserError, Surplus), callbacks=[failure_reporter("trial"), stop_at(args.trials)],
+                       show_progress_bar=sys.stderr.isatty())
+    return len(counted(study.get_trials(deepcopy=False))) >= args.trials
 
 
 @main_guard
@@ -681,26 +1125,28 @@ def main(argv=None):
     storage = args.storage or f"sqlite:///{os.path.abspath(os.path.join(args.output, DEFAULT_DB))}"
     shown = check_storage(storage, given=args.storage is not None)
     study_dir = check_output(args)
-    settings = study_settings(args.epochs, space, fixed, check_data(args.data))
+    metadata, users = check_data(args.data)
+    settings = study_settings(args.epochs, space, fixed, metadata)
     # SIGTERM ends the search as Ctrl-C does (a trial then running stops after its epoch, and is failed).
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    study = open_study(optuna, args, storage, shown, settings)
-    enqueue_defaults(study, space, fixed)
-    done = sum(t.state.is_finished() for t in study.trials)
-    if done:
-        print(f"study {args.study_name} in {shown}: {done} trials finished, continuing to {args.trials}")
-    try:
-        if args.trials > done:
-            with SigtermWatch() as sigterm:
-                study.optimize(make_objective(args, space, study_dir, sigterm), n_trials=args.trials - done,
-                               timeout=args.timeout, catch=(UserError,), callbacks=[report_failure],
-                               show_progress_bar=sys.stderr.isatty())
-    finally:
-        print_table(study)
-    if not any(t.value is not None for t in study.trials):
-        raise UserError(f"no trial finished: see {os.path.join(study_dir, 'trials', 'N', TRIAL_LOG)} and widen or "
-                        "fix the search space")
-    report_best(study, args, study_dir)
+    study, rdb = open_study(optuna, args, storage, settings, shown, space, fixed)
+    search = Search(args, space, fixed, study_dir, users, shown,
+                    None if args.timeout is None else time.monotonic() + args.timeout,
+                    min(10, rdb.heartbeat_interval))
+    confirmation, unconfirmed = None, "unconfirmed (--confirm_top 0 or --confirm_seeds 0): chosen on one seed"
+    with SigtermWatch() as sigterm:
+        try:
+            complete = search_trials(study, search, sigterm)
+        finally:
+            print_table(study, users)
+        if not any(t.value is not None for t in study.trials):
+            raise UserError(f"no trial finished: see {os.path.join(study_dir, 'trials', 'N', TRIAL_LOG)} and widen "
+                            "or fix the search space")
+        if args.confirm_top and args.confirm_seeds:
+            confirmation = confirm(optuna, rdb, study, search, settings, sigterm) if complete else None
+            unconfirmed = f"unconfirmed: --timeout came before the {'search' if not complete else 'confirmation'} " \
+                          "ended; run the same command again to finish it"
+    report_best(study, search, confirmation, unconfirmed)
     if not args.no_plots:
         plot(study, study_dir)
 

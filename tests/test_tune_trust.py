@@ -6,7 +6,6 @@ is never lost; every file tune.py writes is provably its own.
 Fast tests run tune.main in-process; those that only need the study's bookkeeping replace ncf.run by a
 stand-in that reports one epoch at once (`fake_ncf`). Runs that train are marked slow.
 """
-import importlib.util
 import json
 import os
 import signal
@@ -87,16 +86,18 @@ def fake_ncf(monkeypatch):
     def run(argv, on_epoch=None):
         calls.append(argv)
         value = value_of(argv)
-        on_epoch({"epoch": 1, "valid_hr": value})
+        if on_epoch is not None:  # a confirmation run reports no epochs (nothing prunes it)
+            on_epoch({"epoch": 1, "valid_hr": value})
         return {"interrupted": False, "best_hr": value / 2, "best_epoch": 1, "best_valid_hr": value}
 
     monkeypatch.setattr(ncf, "run", run)
     return calls
 
 
-def search(caches, out, space_path, *extra, trials=1, epochs=2, data="valid", ncf_flags=()):
+def search(caches, out, space_path, *extra, trials=1, epochs=2, data="valid", ncf_flags=(), confirm=False):
+    """A search's argv; without `confirm`, no confirmation runs (tests/test_tune_noise.py has those)."""
     return ["--data", caches[data], "--trials", trials, "--epochs", epochs, "--output", out, "--space", space_path,
-            "--no_plots", *extra, "--", *TINY, *ncf_flags]
+            "--no_plots", *([] if confirm else ["--confirm_top", "0"]), *extra, "--", *TINY, *ncf_flags]
 
 
 # -- the bad-input table -------------------------------------------------------------------------------------
@@ -168,7 +169,7 @@ BAD_INPUT = {
     "storage not a URL": (_flags("--storage", "foo"), ["not a database URL"]),
     "storage of an unknown scheme": (_flags("--storage", "foo://x"), ["'foo' is no database"]),
     "storage without its driver": (_flags("--storage", "postgresql://me:secret@localhost/db"),
-                                   ["pip install", "postgresql://me:***@localhost"]),
+                                   ["pip install 'psycopg[binary]'", "postgresql://me:***@localhost"]),
     "storage in a missing folder": (lambda t, c: ["--storage", f"sqlite:///{t}/nope/study.db"], ["does not exist"]),
     "storage a text file": (lambda t, c: ["--storage", f"sqlite:///{t}/notes.txt"], ["cannot be read as an SQLite"]),
     "storage another application's db": (lambda t, c: ["--storage", f"sqlite:///{_sqlite_app(t / 'app.db')}"],
@@ -196,6 +197,19 @@ BAD_INPUT = {
     "space no choices": (_space({"dropout": {"choices": []}}), ['{"choices": [...]}']),
     "space nested too deeply": (_space("[" * 100000 + "]" * 100000), ["cannot read it as JSON"]),
     "space not an object": (_space([1, 2]), ["JSON object"]),
+    "confirm_top -1": (_flags("--confirm_top", "-1"), ["--confirm_top must be in [0, 100]"]),
+    "confirm_top huge": (_flags("--confirm_top", str(2**70)), ["--confirm_top must be in [0, 100]"]),
+    "confirm_top abc": (_flags("--confirm_top", "abc"), ["--confirm_top", "invalid int value"]),
+    "confirm_seeds 1": (_flags("--confirm_seeds", "1"), ["--confirm_seeds 1", "2 or more"]),
+    "confirm_seeds -3": (_flags("--confirm_seeds", "-3"), ["--confirm_seeds must be in [0, 100]"]),
+    "confirm_seeds 1.5": (_flags("--confirm_seeds", "1.5"), ["--confirm_seeds", "invalid int value"]),
+    "confirm_seeds empty": (_flags("--confirm_seeds", ""), ["--confirm_seeds", "invalid int value"]),
+    "heartbeat 0": (_flags("--heartbeat", "0"), ["--heartbeat", "1 to 3600"]),
+    "heartbeat -5": (_flags("--heartbeat", "-5"), ["--heartbeat", "1 to 3600"]),
+    "heartbeat huge": (_flags("--heartbeat", str(2**70)), ["--heartbeat", "1 to 3600"]),
+    "heartbeat nan": (_flags("--heartbeat", "nan"), ["--heartbeat", "invalid int value"]),
+    "heartbeat without a value": (_flags("--heartbeat"), ["--heartbeat", "expected one argument"]),
+    "trials abc": (_flags("--trials", "abc"), ["--trials", "invalid int value"]),
     "timeout -5": (_flags("--timeout", "-5"), ["--timeout", "positive"]),
     "timeout nan": (_flags("--timeout", "nan"), ["--timeout"]),
     "seed -1": (_flags("--seed", "-1"), ["--seed"]),
@@ -226,9 +240,9 @@ BAD_INPUT = {
 
 
 @pytest.mark.parametrize("case", BAD_INPUT)
-def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, caches, tmp_path, capsys, fake_ncf):
-    if case == "storage without its driver" and importlib.util.find_spec("psycopg"):
-        pytest.skip("psycopg is installed here")
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, caches, tmp_path, capsys, fake_ncf, monkeypatch):
+    if case == "storage without its driver":
+        monkeypatch.setitem(sys.modules, "psycopg", None)  # requirements-tune.txt installs it: as if it did not
     add, words = BAD_INPUT[case]
     user = tmp_path / "user"
     user.mkdir()
@@ -507,3 +521,51 @@ def test_plots_and_best_are_rewritten_only_as_tune_py_wrote_them(caches, tmp_pat
         for name in tune.PLOTS:
             assert tune.is_tune_plot(out / "ncf" / name)
     assert len(os.listdir(out / "ncf" / "trials")) == 3
+
+
+# -- issue 25: what several workers and continuations share ---------------------------------------------------
+
+
+def test_a_continued_study_draws_new_trials_rather_than_the_first_commands_again(caches, tmp_path, capsys, fake_ncf):
+    """TPE's first trials are random draws from --seed: a continuation (or a machine that joins later) with
+    the same --seed would run the first command's learning rates again."""
+    import optuna
+
+    out, space = tmp_path / "out", write_space(tmp_path, LR_SPACE)
+    assert run_tune(capsys, *search(caches, out, space, trials=3))[0] == 0
+    assert run_tune(capsys, *search(caches, out, space, trials=5))[0] == 0
+    study = optuna.load_study(study_name="ncf", storage=f"sqlite:///{out / 'study.db'}")
+    rates = [t.params["learning_rate"] for t in study.trials]
+    assert len(rates) == 5 and len(set(rates)) == 5, rates
+
+
+def test_a_study_keeps_the_heartbeat_it_was_created_with(caches, tmp_path, capsys, fake_ncf, monkeypatch):
+    """Every worker of a study beats and waits alike: one that waited less than another beats would fail that
+    worker's live trials. --heartbeat is recorded when the study is created and used by every worker."""
+    import optuna
+
+    out, space = tmp_path / "out", write_space(tmp_path, LR_SPACE)
+    assert run_tune(capsys, *search(caches, out, space, "--heartbeat", "5"))[0] == 0
+    used = []
+    real = tune.use_study_heartbeat
+    monkeypatch.setattr(tune, "use_study_heartbeat",
+                        lambda storage, *a: (real(storage, *a), used.append((storage.heartbeat_interval,
+                                                                             storage.grace_period))))
+    status, _, err = run_tune(capsys, *search(caches, out, space, trials=2))
+    assert status == 0, err
+    assert used == [(5, 5 * tune.BEATS)]
+    before = snapshot(out)
+    status, _, err = run_tune(capsys, *search(caches, out, space, "--heartbeat", "7", trials=3))
+    assert status == 2 and "--heartbeat 7: the workers of study ncf" in err and "every 5 s" in err
+    assert len(err.strip().splitlines()) == 1 and len(fake_ncf) == 2 and snapshot(out) == before
+    study = optuna.load_study(study_name="ncf", storage=f"sqlite:///{out / 'study.db'}")
+    assert study.user_attrs[tune.HEARTBEAT_ATTR] == 5
+
+
+def test_a_study_created_without_heartbeat_refuses_one_later(caches, tmp_path, capsys, fake_ncf):
+    out, space = tmp_path / "out", write_space(tmp_path, LR_SPACE)
+    assert run_tune(capsys, *search(caches, out, space))[0] == 0
+    status, _, err = run_tune(capsys, *search(caches, out, space, "--heartbeat", "1", trials=2))
+    assert status == 2 and f"every {tune.HEARTBEAT_S} s" in err and len(fake_ncf) == 1
+    status, _, err = run_tune(capsys, *search(caches, out, space, "--heartbeat", str(tune.HEARTBEAT_S), trials=2))
+    assert status == 0, err
