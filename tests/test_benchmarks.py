@@ -102,3 +102,22 @@ def test_gpu_check_script_cpu_path(tmp_path):
         assert (out / name).stat().st_size > 0, name
     assert len((out / "throughput.jsonl").read_text().splitlines()) == 2
     assert epochs_of(out / "train.jsonl")
+
+
+@pytest.mark.slow
+def test_batch_recommend_benchmark_times_the_command_in_one_process_per_configuration():
+    """benchmarks/batch_recommend_benchmark.py at a tiny shape: one record per (source, precision), each timed
+    in its own process (the onnx one without torch), the users/s its own figures give."""
+    result = _run(["benchmarks/batch_recommend_benchmark.py", "--users", "300", "--items", "200", "--positives",
+                   "6000", "--users_timed", "120", "--chunk_users", "50", "-k", "5", "--format", "csv"], timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [(r["source"], r["precision_run"]) for r in records] == [
+        ("checkpoint", "fp32"), ("checkpoint", "bf16 autocast"), ("onnx", "fp32")]
+    for r in records:
+        assert r["rows"] == 120 * 5 and r["file_bytes"] > 0 and r["format"] == "csv"
+        assert r["users_per_s"] == pytest.approx(120 / r["seconds"], rel=1e-12)
+        assert 0 < r["rss_before_bytes"] <= r["peak_rss_bytes"]
+    # The onnx process holds no torch: far less memory than the checkpoint's (torch alone is ~300 MB).
+    assert records[2]["rss_before_bytes"] < records[0]["rss_before_bytes"]
+    assert "users/s" in result.stdout and "all users, h" in result.stdout

@@ -1,5 +1,6 @@
-"""inference.py export and serving: exported scores equal the checkpoint's, recommendations from an export
-equal those from the checkpoint, the output folder rule, and the optional extras."""
+"""inference.py export and serving (export.py, serving.py): exported scores equal the checkpoint's,
+recommendations from an export equal those from the checkpoint, the output folder rule, and the optional
+extras."""
 import json
 import shutil
 import sys
@@ -13,7 +14,9 @@ import torch
 from conftest import ROOT, make_tiny_cache, train_tiny
 
 import checkpoint
+import export
 import inference
+import serving
 from cli import EnvironmentFailure
 from dataloading import load_cache
 
@@ -121,7 +124,8 @@ def test_recommend_skips_training_items_and_non_finite_scores():
     def score(users, items):
         return logits[items] + users.astype(np.float32) * 0
 
-    (items0, probs0), (items1, _) = inference.recommend(score, maps, np.array([0, 1]), 10)
+    source = serving.Source(maps, serving.rows_of_pairs(score, 5), 1, {})
+    (items0, probs0), (items1, _) = serving.recommend(source, np.array([0, 1]), 10)
     assert items0 == [101, 104]  # not 100 nor 103 (trained), not 102 (NaN); a tie keeps item order
     assert probs0 == pytest.approx([1 / (1 + np.exp(-1.0))] * 2)
     assert items1 == [100, 103, 104]
@@ -193,9 +197,9 @@ def test_a_failed_export_leaves_the_previous_one_and_no_temporary(tiny, tmp_path
             f.write(b"half a model")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setitem(inference.EXPORTERS, "torch-export", export_then_fail)
+    monkeypatch.setitem(export.EXPORTERS, "torch-export", export_then_fail)
     with pytest.raises(EnvironmentFailure, match="No space left"):
-        inference.run_export(inference.parse_args(export_argv(tiny, output, "torch-export")))
+        export.run_export(export.parse_args(export_argv(tiny, output, "torch-export")[1:]))
     assert {p.name: p.read_bytes() for p in output.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
@@ -204,9 +208,9 @@ def test_an_export_that_scores_differently_is_refused():
     def reference(users, items):
         return (users + items).astype(np.float32)
 
-    assert inference.check_export(reference, reference, 5, 7) == 0.0
+    assert export.check_export(reference, reference, 5, 7) == 0.0
     with pytest.raises(EnvironmentFailure, match="differ"):
-        inference.check_export(reference, lambda u, i: reference(u, i) + 1e-3, 5, 7)
+        export.check_export(reference, lambda u, i: reference(u, i) + 1e-3, 5, 7)
 
 
 def test_a_changed_export_file_is_refused(tiny, tmp_path, capsys):

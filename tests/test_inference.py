@@ -1,15 +1,21 @@
-"""inference.py: recommendations in original ids that skip training items; a benchmark that prints JSON."""
+"""inference.py recommend (serving.py) and benchmark (benchmarks/inference_benchmark.py): recommendations in
+original ids that skip training items; a benchmark that prints JSON."""
 import json
+import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_cache, train_tiny
+from conftest import ROOT, make_tiny_cache, train_tiny
 
 import inference
+import serving
 from cli import UserError
 from dataloading import load_cache
 from neumf import build_model
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import inference_benchmark
 
 pytestmark = pytest.mark.slow
 
@@ -82,8 +88,8 @@ def test_checkpoint_of_another_dataset_is_a_user_error(trained, tmp_path):
     torch.save(ckpt, tmp_path / "other.pth")
     user = load_cache(str(cache_dir)).user_ids[0].item()
     with pytest.raises(UserError, match=r"--checkpoint .* items"):
-        inference.run_recommend(inference.parse_args(
-            ["recommend", "--data", str(cache_dir), "--checkpoint", str(tmp_path / "other.pth"), "--users", str(user)]))
+        serving.run_recommend(serving.parse_args(
+            ["--data", str(cache_dir), "--checkpoint", str(tmp_path / "other.pth"), "--users", str(user)]))
 
 
 def check_report(stdout, batch_sizes, precisions, backends=("torch",)):
@@ -122,7 +128,7 @@ def test_benchmark_of_a_checkpoint(trained, capsys, tmp_path):
     report = check_report(capsys.readouterr().out, [100], ["fp32"])
     assert report["model"] == torch.load(checkpoint, weights_only=True)["config"]
     # The file is the printed report, marked as ours so that a later run may replace it (and only it).
-    assert json.loads(json_path.read_text()) == {"created_by": inference.BENCHMARK_CREATED_BY, **report}
+    assert json.loads(json_path.read_text()) == {"created_by": inference_benchmark.CREATED_BY, **report}
 
 
 def test_benchmark_compares_torch_and_onnxruntime(capsys):
@@ -143,4 +149,22 @@ def test_benchmark_compares_torch_and_onnxruntime(capsys):
 
 def test_benchmark_bad_flag_is_a_user_error():
     with pytest.raises(UserError, match="--batch_sizes"):
-        inference.run_benchmark(inference.parse_args(["benchmark", "--batch_sizes", "0", "--device", "cpu"]))
+        inference_benchmark.run_benchmark(inference_benchmark.parse_args(["--batch_sizes", "0", "--device", "cpu"]))
+
+
+def test_the_command_line_names_its_commands(capsys):
+    """inference.py dispatches to serving.py, export.py and benchmarks/inference_benchmark.py; anything else is
+    one line naming the three."""
+    for argv in (["bogus"], [], ["--users", "1"]):
+        with pytest.raises(SystemExit) as exit_info:
+            inference.main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(err) == 1, err
+        assert "command" in err[0] and ("recommend" in err[0] or "required" in err[0]), err
+    with pytest.raises(SystemExit) as exit_info:
+        inference.main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and all(name in out for name in ("recommend", "export", "benchmark"))
+    with pytest.raises(SystemExit):
+        inference.main(["recommend", "--help"])
+    assert capsys.readouterr().out.startswith("usage: inference.py recommend")

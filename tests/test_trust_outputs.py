@@ -21,14 +21,18 @@ from conftest import ROOT, TINY_MODEL, load_benchmark, make_tiny_cache
 import cache_format
 import checkpoint
 import devices
+import export
 import inference
+import serving
 from cache_format import file_record
 from dataloading import load_cache
 from logger import plot
 from neumf import build_model
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
+import batch_recommend_benchmark
 import convert_benchmark
+import inference_benchmark
 import planted_ceiling
 import stability
 import sync_check
@@ -37,7 +41,7 @@ throughput = load_benchmark("throughput")
 
 MAINS = {"inference": inference.main, "stability": stability.main, "throughput": throughput.main,
          "convert_benchmark": convert_benchmark.main, "planted_ceiling": planted_ceiling.main,
-         "sync_check": sync_check.main, "plot": plot.main}
+         "sync_check": sync_check.main, "plot": plot.main, "batch_recommend_benchmark": batch_recommend_benchmark.main}
 # A benchmark that, were a check missing, would still end in a second rather than time ml-20m batches.
 QUICK = ["--device", "cpu", "--precision", "fp32", "--iterations", "1", "--warmup", "0"]
 TINY_THROUGHPUT = ["--device", "cpu", "--users", "300", "--items", "100", "--positives", "5000", "--eval_users", "100",
@@ -81,6 +85,8 @@ def world(tmp_path_factory):
     (root / "notes").mkdir()
     (root / "notes" / "notes.txt").write_text("mine")
     (root / "log.json").write_text(log_lines())
+    (root / "mine.csv").write_text("user,rank,item,score\n1,1,2,0.5\n")
+    (root / "mine.parquet").write_bytes(b"PAR1 a table of mine PAR1")
     return w
 
 
@@ -132,7 +138,7 @@ def smaller_program(w):
         path.parent.mkdir(parents=True, exist_ok=True)
         model = build_model({"nb_users": 5, "nb_items": 5, "mf_dim": 4, "mlp_layer_sizes": [8, 4], "dropout": 0.0},
                             torch.device("cpu"))
-        inference.export_torch_program(model, str(path))
+        export.export_torch_program(model, str(path))
     return path.read_bytes()
 
 
@@ -156,9 +162,28 @@ def recommend(w, model, *extra):
     return ["recommend", "--model", model, "--users", w["user"], *extra]
 
 
+def everyone(w, *extra, output=None, users=None):
+    """recommend --all_users (or --users_file `users`) of the export into `output` (default: a new file)."""
+    who = ["--users_file", users] if users else ["--all_users"]
+    return ["recommend", "--model", w["export"], *who, "--output", output or w["root"] / "cases" / "new.parquet",
+            *extra]
+
+
+def users_file(w, name, text, file_name="users.txt"):
+    path = case_dir(w, name) / file_name
+    path.write_text(text)
+    return path
+
+
 def bench(*extra):
     return ["benchmark", *QUICK, "--batch_sizes", "8", "--users", "10", "--items", "10", "--factors", "4",
             "--layers", "8", "4", *extra]
+
+
+def tiny_batch(*extra):
+    """batch_recommend_benchmark.py on a shape that, were a check missing, would still end in seconds."""
+    return ["--users", "300", "--items", "200", "--positives", "6000", "--users_timed", "10", "--source", "checkpoint",
+            "--precision", "fp32", *extra]
 
 
 def stability_output(w, name, files):
@@ -259,6 +284,54 @@ BAD_INPUTS = [
     ("recommend: model file of fewer users", "inference",
      lambda w: recommend(w, with_file_of(w, "small-model", smaller_program(w), "model.pt2")),
      ["model.pt2", "cannot score"]),
+    # ---- inference.py recommend --output: recommendations of every user, or of a file's users, into a file
+    ("recommend: --all_users without --output", "inference", lambda w: ["recommend", "--model", w["export"],
+                                                                       "--all_users"], ["--all_users", "--output"]),
+    ("recommend: --users_file without --output", "inference",
+     lambda w: ["recommend", "--model", w["export"], "--users_file", users_file(w, "uf-no-out", w["user"])],
+     ["--users_file", "--output"]),
+    ("recommend: --all_users and --users", "inference", lambda w: everyone(w, "--users", w["user"]), ["not allowed"]),
+    ("recommend: --json with --output", "inference", lambda w: everyone(w, "--json"), ["--json", "--output"]),
+    ("recommend: --output a user's CSV", "inference", lambda w: everyone(w, output=w["root"] / "mine.csv"),
+     ["mine.csv", "not replaced"]),
+    ("recommend: --output a user's Parquet file", "inference", lambda w: everyone(w, output=w["root"] / "mine.parquet"),
+     ["mine.parquet", "not replaced"]),
+    ("recommend: --output beside a user's file of the manifest's name", "inference",
+     lambda w: everyone(w, output=users_file(w, "rec-manifest", "mine", "r.csv.manifest.json").with_name("r.csv")),
+     ["r.csv.manifest.json", "not replaced"]),
+    ("recommend: --output a folder", "inference", lambda w: everyone(w, output=w["root"] / "notes"), ["is a folder"]),
+    ("recommend: --output of another format", "inference", lambda w: everyone(w, output=w["root"] / "cases" / "r.txt"),
+     [".csv or .parquet"]),
+    ("recommend: --output a link to the user's CSV", "inference",
+     lambda w: everyone(w, output=link(w, "rec-link", w["root"] / "mine.csv", "r.csv")), ["not replaced"]),
+    ("recommend: --output under a file", "inference", lambda w: everyone(w, output=w["root"] / "mine.csv" / "r.csv"),
+     ["cannot be created"]),
+    ("recommend: --output the --users_file", "inference",
+     lambda w: ["recommend", "--model", w["export"], "--users_file", w["root"] / "mine.csv", "--output",
+                w["root"] / "mine.csv"], ["not replaced"]),
+    ("recommend: --chunk_users 0", "inference", lambda w: everyone(w, "--chunk_users", "0"), ["--chunk_users"]),
+    ("recommend: --chunk_users -5", "inference", lambda w: everyone(w, "--chunk_users", "-5"), ["--chunk_users"]),
+    ("recommend: --chunk_users a word", "inference", lambda w: everyone(w, "--chunk_users", "all"),
+     ["--chunk_users", "invalid int"]),
+    ("recommend: --precision amp of an export", "inference", lambda w: everyone(w, "--precision", "amp"),
+     ["--precision", "--checkpoint"]),
+    ("recommend: --users_file missing", "inference",
+     lambda w: everyone(w, users=w["root"] / "cases" / "none.txt"), ["--users_file", "not a file"]),
+    ("recommend: --users_file a folder", "inference", lambda w: everyone(w, users=w["root"] / "notes"),
+     ["--users_file", "not a file"]),
+    ("recommend: --users_file a device", "inference", lambda w: everyone(w, users="/dev/zero"), ["not a file"]),
+    ("recommend: --users_file binary", "inference",
+     lambda w: everyone(w, users=w["root"] / "mine.png"), ["--users_file", "cannot read"]),
+    ("recommend: --users_file with a header", "inference",
+     lambda w: everyone(w, users=users_file(w, "uf-header", f"user\n{w['user']}")), ["line 1", "'user'"]),
+    ("recommend: --users_file of a float", "inference",
+     lambda w: everyone(w, users=users_file(w, "uf-float", f"{w['user']}\n1.5")), ["line 2", "'1.5'"]),
+    ("recommend: --users_file empty", "inference", lambda w: everyone(w, users=users_file(w, "uf-empty", "")),
+     ["holds no user ids"]),
+    ("recommend: --users_file with an unknown user", "inference",
+     lambda w: everyone(w, users=users_file(w, "uf-unknown", f"{w['user']}\n999999")), ["--users_file", "999999"]),
+    ("recommend: --users_file with an id beyond int64", "inference",
+     lambda w: everyone(w, users=users_file(w, "uf-huge", str(2**70))), ["--users_file", str(2**70)[:20]]),
     # ---- inference.py export
     ("export: --output a user's file", "inference", lambda w: ["export", "--checkpoint", w["ck"], "--data",
                                                              w["cache"], "--output", w["root"] / "mine.json"],
@@ -307,6 +380,26 @@ BAD_INPUTS = [
     ("benchmark: checkpoint of another dataset", "inference",
      lambda w: ["benchmark", *QUICK, "--data", w["cache"], "--checkpoint", w["ck_other"]],
      ["trained on another dataset"]),
+    # ---- benchmarks/batch_recommend_benchmark.py
+    ("batch_recommend_benchmark: --users_timed 0", "batch_recommend_benchmark",
+     lambda w: tiny_batch("--users_timed", 0), ["--users_timed"]),
+    ("batch_recommend_benchmark: --users_timed past the users", "batch_recommend_benchmark",
+     lambda w: tiny_batch("--users_timed", 301), ["--users_timed", "more than the 300 users"]),
+    ("batch_recommend_benchmark: --users_timed a word", "batch_recommend_benchmark",
+     lambda w: tiny_batch("--users_timed", "all"), ["--users_timed", "invalid int"]),
+    ("batch_recommend_benchmark: --chunk_users 0", "batch_recommend_benchmark",
+     lambda w: tiny_batch("--chunk_users", 0), ["--chunk_users"]),
+    ("batch_recommend_benchmark: --topk -1", "batch_recommend_benchmark", lambda w: tiny_batch("-k", -1), ["--topk"]),
+    ("batch_recommend_benchmark: --users past int32", "batch_recommend_benchmark",
+     lambda w: tiny_batch("--users", 2**31), ["--users", "int32"]),
+    ("batch_recommend_benchmark: --positives -1", "batch_recommend_benchmark", lambda w: tiny_batch("--positives", -1),
+     ["--positives"]),
+    ("batch_recommend_benchmark: more positives than pairs", "batch_recommend_benchmark",
+     lambda w: tiny_batch("--positives", 300 * 200 + 1), ["--positives"]),
+    ("batch_recommend_benchmark: a shape past memory", "batch_recommend_benchmark",
+     lambda w: tiny_batch("--users", 2**31 - 1, "--items", 2**31 - 1, "--users_timed", 5), ["GiB", "smaller shape"]),
+    ("batch_recommend_benchmark: --device cuda without one", "batch_recommend_benchmark",
+     lambda w: tiny_batch("--device", "cuda") if not torch.cuda.is_available() else tiny_batch("-k", 0), ["--"]),
     # ---- benchmarks/stability.py
     ("stability: --first_seed -1", "stability", lambda w: stab(w, "--first_seed", "-1"), ["--first_seed"]),
     ("stability: seeds past 2^32", "stability", lambda w: stab(w, "--first_seed", str(2**32 - 1), "--seeds", "2"),
@@ -478,12 +571,26 @@ def interrupted_cases(w, monkeypatch, case):
     folder = case_dir(w, f"ctrl-c-{case}")
     if case == "export":
         shutil.copytree(w["export"], folder / "export")
-        monkeypatch.setitem(inference.EXPORTERS, "torch-export", partial_then_interrupt)
+        monkeypatch.setitem(export.EXPORTERS, "torch-export", partial_then_interrupt)
         return "inference", ["export", "--checkpoint", w["ck"], "--data", w["cache"], "--format", "torch-export",
                              "--output", folder / "export"]
     if case == "benchmark":
-        monkeypatch.setattr(inference, "time_calls", interrupt)
+        monkeypatch.setattr(inference_benchmark, "time_calls", interrupt)
         return "inference", bench("--json_path", folder / "bench.json")
+    if case in ("recommend-csv", "recommend-parquet"):  # a file of ours in place, stopped after a chunk
+        argv = everyone(w, "--chunk_users", "50", output=folder / f"recs.{case.split('-')[1]}")
+        MAINS["inference"]([str(a) for a in argv])
+        calls = []
+
+        def ranked_then_interrupt(*args):
+            calls.append(1)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return real_ranked(*args)
+
+        real_ranked = serving.ranked
+        monkeypatch.setattr(serving, "ranked", ranked_then_interrupt)
+        return "inference", argv
     if case == "plot":
         import matplotlib.figure
 
@@ -496,7 +603,8 @@ def interrupted_cases(w, monkeypatch, case):
     return "stability", ["--data", w["cache"], "--output", folder / "runs", "--", *TINY_MODEL]
 
 
-@pytest.mark.parametrize("case", ["export", "benchmark", "plot", "throughput", "stability"])
+@pytest.mark.parametrize("case", ["export", "benchmark", "recommend-csv", "recommend-parquet", "plot", "throughput",
+                                  "stability"])
 def test_ctrl_c_is_one_line_and_leaves_nothing_half_written(world, capsys, monkeypatch, case):
     command, argv = interrupted_cases(world, monkeypatch, case)
     before = tree(world["root"])
@@ -518,17 +626,17 @@ def test_ctrl_c_is_one_line_and_leaves_nothing_half_written(world, capsys, monke
 def test_benchmark_users_zero_is_not_the_default_model(capsys, monkeypatch):
     """`--users 0` built ml-20m's 138,493-user model: 0 was taken for "not given"."""
     built = []
-    monkeypatch.setattr(inference, "check_memory", lambda config, *rest: built.append(config))
+    monkeypatch.setattr(inference_benchmark, "check_memory", lambda config, *rest: built.append(config))
     status, lines, _ = run_main(capsys, "inference", ["benchmark", *QUICK, "--batch_sizes", "8", "--users", "0"])
     assert status == 2 and "--users" in lines[0] and not built
 
 
 def test_batch_sizes_beyond_memory_are_refused_before_the_model_is_built(capsys, monkeypatch):
     monkeypatch.setattr(devices, "memory_bytes", lambda device, free=True: 2**16)
-    monkeypatch.setattr(inference, "time_calls", lambda *a: pytest.fail("the benchmark started"))
+    monkeypatch.setattr(inference_benchmark, "time_calls", lambda *a: pytest.fail("the benchmark started"))
     status, lines, _ = run_main(capsys, "inference", bench("--batch_sizes", "8", "4096"))
     assert status == 2 and "--batch_sizes 4,096" in lines[0], lines
-    fixed, per_sample = inference.memory_needs({"nb_users": 10, "nb_items": 10, "mf_dim": 4,
+    fixed, per_sample = inference_benchmark.memory_needs({"nb_users": 10, "nb_items": 10, "mf_dim": 4,
                                                 "mlp_layer_sizes": [8, 4]}, onnx=False)
     # 20 rows x (4 + 4) + the layer 8x4 + 4 + the output 4 + 4 + 1 parameters; 20 rows x 4 first-layer terms.
     assert fixed == 4 * (20 * 8 + 36 + 9) + 4 * 20 * 4
@@ -537,7 +645,7 @@ def test_batch_sizes_beyond_memory_are_refused_before_the_model_is_built(capsys,
 
 
 def test_json_path_is_checked_before_the_benchmark_and_only_ours_is_replaced(world, capsys, monkeypatch, tmp_path):
-    monkeypatch.setattr(inference, "benchmark_model", lambda *a: pytest.fail("the benchmark started"))
+    monkeypatch.setattr(inference_benchmark, "benchmark_model", lambda *a: pytest.fail("the benchmark started"))
     status, lines, _ = run_main(capsys, "inference", bench("--json_path", tmp_path))
     assert status == 2 and "is a folder" in lines[0]
     monkeypatch.undo()
@@ -546,7 +654,7 @@ def test_json_path_is_checked_before_the_benchmark_and_only_ours_is_replaced(wor
         status, lines, out = run_main(capsys, "inference", bench("--json_path", report))
         assert status == 0, lines
         written = json.loads(report.read_text())
-        assert written.pop("created_by") == inference.BENCHMARK_CREATED_BY
+        assert written.pop("created_by") == inference_benchmark.CREATED_BY
         assert written == json.loads(out.strip().splitlines()[-1])
 
 
@@ -556,9 +664,9 @@ def test_export_id_maps_carry_the_manifests_dataset(world):
         identity = maps["dataset"]
     carried = json.loads(str(identity))
     assert carried == manifest["dataset"] == torch.load(world["ck"], weights_only=True)["dataset"]
-    assert inference.identity_problem({"dataset": identity}, manifest) is None
+    assert serving.identity_problem({"dataset": identity}, manifest) is None
     other = json.loads((world["export_other"] / "manifest.json").read_text())
-    assert "another dataset" in inference.identity_problem({"dataset": np.array(json.dumps(carried))}, other)
+    assert "another dataset" in serving.identity_problem({"dataset": np.array(json.dumps(carried))}, other)
 
 
 def test_throughput_appends_only_to_its_own_log(capsys, monkeypatch, tmp_path):
@@ -621,8 +729,9 @@ def test_these_files_pass_ruff():
     ruff = ROOT / ".venv" / "bin" / "ruff"
     if not ruff.exists():
         pytest.skip("ruff is not installed in .venv")
-    files = ["inference.py", "logger/plot.py", *(f"benchmarks/{name}.py" for name in (
-        "stability", "throughput", "convert_benchmark", "planted_ceiling", "sync_check"))]
+    files = ["inference.py", "serving.py", "recommendation_files.py", "export.py", "logger/plot.py",
+             *(f"benchmarks/{name}.py" for name in ("stability", "throughput", "convert_benchmark", "planted_ceiling",
+                                                    "sync_check", "inference_benchmark", "batch_recommend_benchmark"))]
     result = subprocess.run([str(ruff), "check", *files], cwd=ROOT, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout
 
