@@ -13,6 +13,7 @@ import torch.distributed as dist
 import cache_format
 from cli import EnvironmentFailure, UserError, atomic_file, identity_mismatch
 from dataloading import safe_load
+from devices import memory_bytes
 from neumf import ModelConfig, NeuMF, build_model
 
 
@@ -58,6 +59,7 @@ def load_checkpoint(path, cache, what="checkpoint", resume=False):
     `cache`'s dataset when one is given. `resume`: it must also hold what --resume needs."""
     fix = "pass a checkpoint written by ncf.py (--load_checkpoint_path), or train first"
     ckpt = safe_load(path, what, fix)
+    _check_size(ckpt, path, what, fix)
     if is_nvidia_state_dict(ckpt):
         ckpt = from_nvidia(ckpt, path, what)
     _check_content(ckpt, path, what, fix)
@@ -118,6 +120,17 @@ def to_nvidia(ckpt):
     return state
 
 
+def _check_size(ckpt, path, what, fix):
+    """Tensors that declare more elements than the machine could hold are refused before any check touches
+    them: a few-KB file of expanded (stride-0) tensors would otherwise allocate until the process dies."""
+    weights = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else {}
+    declared = sum(4 * t.numel() for t in weights.values() if isinstance(t, torch.Tensor)) \
+        if isinstance(weights, dict) else 0
+    if declared > memory_bytes(torch.device("cpu"), free=False):
+        raise UserError(f"{what} {path} declares weights of {declared / 2**30:,.0f} GiB, more than this machine holds: "
+                        f"{fix}")
+
+
 def _check_content(ckpt, path, what, fix):
     """A dict with a model of finite tensors and a config of the right types: anything else is refused
     before it can be built, trusted or trained on."""
@@ -169,6 +182,9 @@ def _check_dataset(ckpt, cache, path, what):
             f"the dataset has {cache.num_users} users and {cache.num_items} items: "
             f"use the checkpoint with the dataset it was trained on"
         )
+    if not isinstance(ckpt.get("dataset"), dict):
+        warnings.warn(f"{what} {path} records no dataset (an NVIDIA-format or an old checkpoint): only its user and "
+                      f"item counts could be checked against {cache.path}, not its split", stacklevel=3)
     mismatch = identity_mismatch(ckpt.get("dataset"), dataset_identity(cache))
     if mismatch is None:
         return

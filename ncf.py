@@ -652,7 +652,17 @@ def load_resume_state(args, given, cache):
         raise UserError(f"--resume: {last_path} does not exist: run without --resume, or pass the "
                         f"--checkpoint_dir of the run to continue")
     resumed = checkpoint.load_checkpoint(last_path, cache, "--resume checkpoint", resume=True)
-    return resumed, resolved_resume_args(args, resumed["args"], given)
+    broken = f"--resume: {last_path} holds flags or progress no run can have (edited?)"
+    if not isinstance(resumed["args"], dict) or not isinstance(resumed["state"], dict) or \
+            type(resumed["state"].get("epoch")) is not int:
+        raise UserError(f"{broken}: resume from a last.pth that ncf.py wrote, or train without --resume")
+    resolved = resolved_resume_args(args, resumed["args"], given)
+    try:
+        validate_args(resolved)
+    except (UserError, TypeError, ValueError) as err:
+        raise UserError(f"{broken} ({str(err)[:120]}): resume from a last.pth that ncf.py wrote, or pass the flag "
+                        f"on the command line") from None
+    return resumed, resolved
 
 
 def build_training(args, ctx, cache, resumed, steps_per_epoch):
@@ -675,6 +685,9 @@ def build_training(args, ctx, cache, resumed, steps_per_epoch):
         restore_scaler(scaler, resumed["scaler"])
         if resumed.get("scheduler"):
             scheduler.load_state_dict(resumed["scheduler"])
+        # The schedule's position in this run's steps: a resume starts an epoch, and with another batch
+        # (-b, -n, --grads_accumulated) last.pth's step count would put the warm-up or decay elsewhere.
+        scheduler.last_epoch = int(resumed["state"]["epoch"]) * steps_per_epoch
         apply_optimizer_flags(optimizer, scheduler, args)
         state.update(resumed["state"])
         checkpoint.restore_rng_states(resumed["rng"], ctx)

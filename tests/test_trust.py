@@ -405,3 +405,52 @@ def test_an_epoch_of_few_steps_is_warned_with_a_batch_that_gives_enough(world, t
     assert "try -b 2,048 (22 steps)" in err
     status, _, err = run_ncf(capsys, "--data", world["cache"], "-e", "1", "--checkpoint_dir", "", *TINY_MODEL)
     assert status == 0 and "optimizer step" not in err, err
+
+
+# -- the hostile pass's findings on these surfaces ----------------------------------------------------------
+
+
+def test_a_resume_with_another_batch_keeps_the_schedule_in_epochs(world, tmp_path, capsys):
+    """Cosine decay to 0 at the last epoch: with -b halved on resume, last.pth's step count (in the old
+    batch's steps) must not be read as the new batch's, or the last epoch ends at half the rate."""
+    ck = tmp_path / "ck"
+    run_ncf(capsys, "--data", world["cache"], "-e", "1", "--checkpoint_dir", ck, *TINY_MODEL, "--lr_schedule", "cosine")
+    status, _, err = run_ncf(capsys, "--data", world["cache"], "-e", "2", "--checkpoint_dir", ck, "--resume", "-b",
+                             "1024")
+    assert status == 0, err
+    (group,) = torch.load(ck / "last.pth", weights_only=True)["optimizer"]["param_groups"]
+    assert group["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("edit", ["learning rate a string", "args a list", "learning rate nan", "epoch a string"])
+def test_an_edited_last_pth_is_one_line_on_resume(world, tmp_path, capsys, edit):
+    ck = copy_run(world, tmp_path)
+    last = torch.load(ck / "last.pth", weights_only=True)
+    if edit == "args a list":
+        last["args"] = [1, 2]
+    elif edit == "epoch a string":
+        last["state"]["epoch"] = "x"
+    else:
+        last["args"]["learning_rate"] = "abc" if edit == "learning rate a string" else float("nan")
+    torch.save(last, ck / "last.pth")
+    before = snapshot(ck)
+    status, _, err = run_ncf(capsys, "--data", world["cache"], "-e", "3", "--checkpoint_dir", ck, "--resume")
+    one_line(err, status, 2, "no run can have")
+    assert snapshot(ck) == before
+
+
+def test_a_checkpoint_without_a_dataset_record_says_its_split_is_unchecked(world, tmp_path, capsys):
+    ckpt = torch.load(world["ck"] / "model.pth", weights_only=True)
+    del ckpt["dataset"]
+    torch.save(ckpt, tmp_path / "m.pth")
+    status, _, err = run_ncf(capsys, "--data", world["cache"], "--mode", "test", "--load_checkpoint_path",
+                             tmp_path / "m.pth")
+    assert status == 0 and "records no dataset" in err and "not its split" in err
+
+
+def test_expanded_tensors_declaring_more_than_the_machine_are_refused(world, tmp_path, capsys):
+    state = {"mf_user_embed.weight": torch.zeros(1, 1).expand(300, 2**28)}  # a few bytes on disk
+    torch.save(state, tmp_path / "huge.pth")
+    status, _, err = run_ncf(capsys, "--data", world["cache"], "--mode", "test", "--load_checkpoint_path",
+                             tmp_path / "huge.pth")
+    one_line(err, status, 2, "declares weights of", "GiB")
