@@ -14,7 +14,11 @@ import cache_format
 from cli import EnvironmentFailure, UserError, atomic_file, identity_mismatch
 from dataloading import safe_load
 from devices import memory_bytes
-from neumf import ModelConfig, NeuMF, build_model
+from model_config import ModelConfig
+from neumf import NeuMF, build_model
+
+BEST_CHECKPOINT = "model.pth"  # a run's best epoch's model (the recipe's name)
+LAST_CHECKPOINT = "last.pth"  # a run's last epoch's full state, for --resume
 
 
 def is_checkpoint_file(path):

@@ -34,6 +34,7 @@ warnings.formatwarning = _one_line_warning
 EXIT_USER_ERROR = 2
 EXIT_ENVIRONMENT_FAILURE = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a command ended by Ctrl-C
+LOCK_FILE = ".lock"  # in an output folder, held (hold_lock) by the run writing there
 
 
 class UserError(Exception):
@@ -49,9 +50,24 @@ class EnvironmentFailure(UserError):
     exit_status = EXIT_ENVIRONMENT_FAILURE
 
 
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default, once: not when the help text already states it in words, nor for a
+    flag that has none (None) or is off unless given (False)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, with a bad flag a UserError like any other bad input: one stderr line, exit status 2, no usage
-    dump (--help still prints the usage). Every entrypoint's parser is one of these."""
+    dump (--help still prints the usage), and the defaults shown once (DefaultsFormatter). Every entrypoint's
+    parser is one of these."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{"formatter_class": DefaultsFormatter, **kwargs})
 
     def error(self, message):
         raise UserError(f"{message} (see --help)")
@@ -247,7 +263,7 @@ def staged_folder(output, may_replace, what):
 
 
 # ---------------------------------------------------------------------------------------------
-# One owner for every write (spec §9): a command writes, appends to or deletes a user-visible path only
+# One owner for every write: a command writes, appends to or deletes a user-visible path only
 # through the helpers below, and each asks a proof first. A proof is a function of the path that reads
 # its content (a marker's "created_by", a checkpoint's own fields, a log's records): a file of the same
 # name is no proof. tests/test_write_owner.py walks the source and fails on a write that bypasses them.
@@ -283,6 +299,11 @@ def may_write(path, proof):
     if os.path.islink(path) or not os.path.isfile(path):
         return False
     return os.path.getsize(path) == 0 or proven(proof, path)
+
+
+def NEW_FILES_ONLY(path):
+    """A proof (may_write) that nothing proves: a file already there is never replaced (empty ones aside)."""
+    return False
 
 
 def check_may_write(path, flag, proof, what):
@@ -368,7 +389,7 @@ def hold_lock(path, what, proof=lock_note, holder_note=True):
 
 
 # ---------------------------------------------------------------------------------------------
-# One identity for every reuse (spec §9): checkpoints, exports and studies record what they were made
+# One identity for every reuse: checkpoints, exports and studies record what they were made
 # from as a flat dict; every reader compares it with what it is given here, through this one function.
 
 

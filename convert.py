@@ -1,4 +1,4 @@
-"""Convert a ratings file into the tensor cache that `ncf.py --data DIR` trains on (SPEC §3.2).
+"""Convert a ratings file into the tensor cache that `ncf.py --data DIR` trains on.
 
     python convert.py --path data/ml-20m/ratings.csv --output data/cache/ml-20m
     python convert.py --path data/ml-1m/ratings.dat --output data/cache/ml-1m --min_ratings 20
@@ -79,8 +79,7 @@ def parse_args(argv=None):
     data_dir = os.environ.get("DATA_DIR", "./data")  # as ncf.py: the Docker image sets /data, the recipe's
     defaults = {"path": os.path.join(data_dir, "ml-20m", "ratings.csv"),
                 "output": os.path.join(data_dir, "cache", "ml-20m"), "check": None, "check_output": None}
-    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     # SUPPRESS: absent unless given, so that parse_args can tell (and no "default: None" in the help).
     parser.add_argument("--path", default=argparse.SUPPRESS,
                         help="ratings file: ratings.csv, ratings.dat, u.data or a custom CSV (default: "

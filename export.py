@@ -5,11 +5,11 @@
 
 `export` writes the scoring model (ONNX, or a torch.export program), the id maps and a manifest, the folder
 `recommend --model` serves (serving.py reads it, without torch). `--format onnx` needs the extras of
-requirements-export.txt. `recommend --checkpoint` scores through `checkpoint_source` here.
+requirements-export.txt. `--format nvidia` writes one file instead, NVIDIA's recipe model.pth, so that a model
+moves back to the recipe. `recommend --checkpoint` scores through `checkpoint_source` here.
 """
 import cli  # noqa: I001  (sets the OpenMP wait policy before torch starts its thread pool)
 
-import argparse
 import contextlib
 import json
 import logging
@@ -22,8 +22,8 @@ import torch
 import cache_format
 import checkpoint
 from cache_format import file_record
-from cli import EnvironmentFailure, UserError, check_output_folder, is_own_folder, json_marker, main_guard, \
-    owned_file, staged_folder
+from cli import NEW_FILES_ONLY, EnvironmentFailure, UserError, check_may_write, check_output_folder, is_own_folder, \
+    json_marker, main_guard, owned_file, staged_folder
 from dataloading import load_cache, train_positives_csr
 from devices import choose_precision, pick_device
 from serving import (EXPORT_CREATED_BY, EXPORT_FILES, EXPORT_VERSION, ID_MAPS_FILE, INPUTS, MANIFEST_FILE,
@@ -228,7 +228,25 @@ def export_manifest(args, tmp, cache, ckpt, known, facts, check):
     }
 
 
+def run_nvidia_export(args):
+    """NVIDIA's model.pth (a plain state dict of its NeuMF) at --output, a new file, read back through the
+    recipe-format loader and checked to score as the checkpoint does."""
+    check_may_write(args.output, "--output", NEW_FILES_ONLY, "a file")  # a plain state dict proves no owner
+    cache = load_cache(args.data)
+    model, ckpt = load_model(args.checkpoint, cache, torch.device("cpu"))
+    checkpoint.save_atomic(checkpoint.to_nvidia(ckpt), args.output)
+    with warnings.catch_warnings():  # that it records no dataset: the recipe's format has no place for one
+        warnings.simplefilter("ignore")
+        back, _ = checkpoint.load_model(args.output, cache, torch.device("cpu"), "--output")
+    max_diff = check_export(model_scorer(model, torch.device("cpu")), model_scorer(back, torch.device("cpu")),
+                            cache.num_users, cache.num_items)
+    print(f"exported {args.checkpoint} in NVIDIA's recipe format to {args.output} (load it with its "
+          f"NeuMF.load_state_dict); logits equal the checkpoint's to {max_diff:.1e} on {CHECK_PAIRS:,} random pairs")
+
+
 def run_export(args):
+    if args.format == "nvidia":
+        return run_nvidia_export(args)
     check_export_output(args.output, {"--checkpoint": args.checkpoint, "--data": args.data})
     # The extras are checked before any work, as the output path is.
     ort = require("export --format onnx", "onnx", "onnxscript", "onnxruntime")[-1] if args.format == "onnx" else None
@@ -257,15 +275,17 @@ def run_export(args):
 
 
 def parse_args(argv=None, prog=None):
-    parser = cli.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = cli.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="model.pth written by ncf.py")
     parser.add_argument("--data", required=True, help="dataset cache the checkpoint was trained on (its id maps and "
                                                       "training items go into the export)")
-    parser.add_argument("--format", choices=tuple(MODEL_FILES), default="onnx",
-                        help="onnx: served by onnxruntime; torch-export: a torch.export program (.pt2)")
+    parser.add_argument("--format", choices=(*MODEL_FILES, "nvidia"), default="onnx",
+                        help="onnx: served by onnxruntime; torch-export: a torch.export program (.pt2); nvidia: "
+                             "NVIDIA's recipe model.pth (a plain state dict of its NeuMF), for its ncf.py --mode test "
+                             "or load_state_dict")
     parser.add_argument("--output", required=True, help="folder to write (an existing one is replaced only if it "
-                                                        "is empty or an export of this command)")
+                                                        "is empty or an export of this command); with --format nvidia, "
+                                                        "a new file")
     return parser.parse_args(argv)
 
 

@@ -27,6 +27,15 @@ def rank_metric_sums(rank, k):
     return {name: metric(rank, k).sum() for name, metric in METRICS.items()}
 
 
+def candidate_loss_sum(logits):
+    """The recipe's validation loss, summed: the binary cross-entropy of logits [users, candidates] against
+    label 1 for column 0 (the held-out item) and 0 for the others, every candidate counted (a recipe-protocol
+    cache's repeated negatives too, as the recipe's mean over its evaluation batches counts them)."""
+    logits = logits.float()
+    return torch.nn.functional.softplus(-logits[:, 0]).sum(dtype=torch.float64) + \
+        torch.nn.functional.softplus(logits[:, 1:]).sum(dtype=torch.float64)
+
+
 def sampled_ranks(scores, counted=None):
     """Ranks of column 0 of `scores` [users, candidates] among the other columns (those `counted` [users,
     candidates - 1] marks, when given: a recipe-protocol cache's repeated negatives count once)."""

@@ -29,18 +29,17 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import checkpoint
-from cli import (UserError, check_may_write, check_output_path, hold_lock, lock_note, main_guard, remove_owned,
-                 remove_owned_folder, remove_stale_temporaries)
+from checkpoint import BEST_CHECKPOINT, LAST_CHECKPOINT
+from cli import (EXIT_INTERRUPTED, LOCK_FILE, UserError, check_may_write, check_output_path, hold_lock, lock_note,
+                 main_guard, remove_owned, remove_owned_folder, remove_stale_temporaries)
 from dataloading import EpochSampler, FullRankingData, TestData, load_cache
 from devices import Precision, choose_precision, matmul_precision, memory_bytes, pick_device, set_matmul_precision
 from logger import RunLogger, format_record, is_run_log
-from metrics import METRICS, ItemPopularity, full_ranks, rank_metric_sums, sampled_ranks
-from neumf import DROPOUT, FACTORS, LAYERS, MODELS, ModelConfig, branch_widths, build_model, load_pretrained
+from metrics import METRICS, ItemPopularity, candidate_loss_sum, full_ranks, rank_metric_sums, sampled_ranks
+from model_config import DROPOUT, FACTORS, LAYERS, MODELS, ModelConfig, branch_widths
+from neumf import build_model, load_pretrained
 
 DATA_DIR = os.environ.get("DATA_DIR", "./data")
-BEST_CHECKPOINT = "model.pth"  # the best epoch's model
-LAST_CHECKPOINT = "last.pth"  # the last epoch's full state, for --resume
-LOCK_FILE = ".lock"  # held by the run writing the folder (see hold_lock)
 # --resume continues a run: the flags below take last.pth's values unless given on the command line.
 # These cannot change: the model's shape, and the k that the run's best figures so far are HR@k of.
 FIXED_ON_RESUME = ("model", "factors", "layers", "topk")
@@ -72,7 +71,6 @@ def given_flags(argv=None):
 def build_parser():
     p = cli.ArgumentParser(
         description="Train a Neural Collaborative Filtering (NeuMF) model",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--data", default=os.path.join(DATA_DIR, "cache", "ml-20m"),
                    help="folder of the dataset cache written by prepare_dataset.sh / convert.py")
@@ -98,7 +96,7 @@ def build_parser():
     p.add_argument("--load_checkpoint_path", "--checkpoint-path", dest="load_checkpoint_path", default=None,
                    help="model checkpoint to evaluate (--mode test) or to start training from")
     p.add_argument("--mode", choices=("train", "test"), default="train",
-                   help="train, or only evaluate the checkpoint (default: CHECKPOINT_DIR/model.pth)")
+                   help="train, or only evaluate a checkpoint: --load_checkpoint_path, else CHECKPOINT_DIR/model.pth")
     p.add_argument("--grads_accumulated", type=int, default=1,
                    help="split each global batch into this many micro-batches (same result, less memory)")
     p.add_argument("--opt_level", choices=("O0", "O2"), default="O2",
@@ -109,7 +107,8 @@ def build_parser():
 
 def add_project_flags(p):
     """The rest of the flags: the seed, this project's additions and the launcher's --local_rank."""
-    p.add_argument("--amp", dest="opt_level", action="store_const", const="O2", help="same as --opt_level O2")
+    p.add_argument("--amp", dest="opt_level", action="store_const", const="O2", default=argparse.SUPPRESS,
+                   help="same as --opt_level O2")
     p.add_argument("--amp_dtype", choices=("auto", "float16", "bfloat16"), default="auto",
                    help="mixed-precision type; auto: float16 on CUDA, bfloat16 on CPUs with native bf16 "
                         "(others fall back to fp32)")
@@ -140,8 +139,9 @@ def add_project_flags(p):
                    help="set by torch.distributed.launch; the LOCAL_RANK environment variable wins")
 
 
-def validate_args(args):
-    """Checks that need nothing but the flags; each message names the flag and the fix."""
+def validate_args(args, world_size=1):
+    """Checks that need nothing but the flags (and the launch's world size); each message names the flag
+    and the fix."""
     positive = {
         "--epochs": args.epochs, "--batch_size": args.batch_size, "--valid_batch_size": args.valid_batch_size,
         "--factors": args.factors, "--negative_samples": args.negative_samples, "--topk": args.topk,
@@ -175,9 +175,11 @@ def validate_args(args):
     if args.mode == "train" and len(starts) > 1:
         raise UserError(f"{' and '.join(starts)}: a run starts from one of them (last.pth, a model checkpoint, or "
                         f"pretrained branches), not several: pass only one")
-    if args.batch_size % args.grads_accumulated:
-        raise UserError(f"--batch_size {args.batch_size} is not divisible by --grads_accumulated "
-                        f"{args.grads_accumulated}: choose sizes that divide")
+    parts = world_size * args.grads_accumulated  # a step's batch is split across ranks, then micro-batches
+    if args.batch_size % parts:
+        by = f"world size {world_size} x " if world_size > 1 else ""
+        raise UserError(f"--batch_size {args.batch_size} is not divisible by {by}--grads_accumulated "
+                        f"{args.grads_accumulated}: choose a multiple of {parts}")
 
 
 def hold_run_locks(args):
@@ -396,15 +398,17 @@ def candidate_scorer(model):
 
 
 @torch.no_grad()
-def evaluate(model, test_data, topk, batch_size, precision, ctx):
+def evaluate(model, test_data, topk, batch_size, precision, ctx, loss=True):
     """The sampled ranking metrics @k (metrics.METRICS) over all test users (each rank scores its share);
-    returns {name: mean}.
+    returns {name: mean}, and with `loss` (a model that scores logits) "eval_loss": the recipe's validation
+    loss, the mean binary cross-entropy over every candidate.
 
     `batch_size` bounds the user-candidate pairs scored at once (--valid_batch_size). Sums stay on the
     device and users are counted on the host: no host round trip per batch.
     """
     model.eval()
     sums = metric_sums(ctx.device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
     users_per_batch = max(1, batch_size // test_data.num_candidates)
     score = candidate_scorer(model)
     for start in range(0, test_data.users.shape[0], users_per_batch):
@@ -414,7 +418,11 @@ def evaluate(model, test_data, topk, batch_size, precision, ctx):
             scores = score(users, candidates)
         counted = None if test_data.counted is None else test_data.counted[start : start + users_per_batch]
         add_sums(sums, rank_metric_sums(sampled_ranks(scores, counted), topk))
-    return _all_reduce_means(sums, test_data.users.shape[0], ctx)
+        if loss:
+            loss_sum += candidate_loss_sum(scores)
+    sums[-2] = loss_sum  # with the metrics: one all-reduce
+    means, loss_per_user = _all_reduce_means(sums, test_data.users.shape[0], ctx)
+    return {**means, "eval_loss": loss_per_user / test_data.num_candidates} if loss else means
 
 
 @torch.no_grad()
@@ -433,26 +441,27 @@ def evaluate_full_ranking(model, data, topk, batch_size, precision, ctx):
         rows, excluded = data.train_pairs_of(lo, lo + users.shape[0])
         ranks = full_ranks(scores, data.positives[lo : lo + users.shape[0]], rows, excluded)
         add_sums(sums, rank_metric_sums(ranks, topk))
-    return _all_reduce_means(sums, data.users.shape[0], ctx)
+    return _all_reduce_means(sums, data.users.shape[0], ctx)[0]
 
 
 def metric_sums(device):
-    """One float64 device tensor of every metric's sum, in METRICS order, and the users counted last."""
-    return torch.zeros(len(METRICS) + 1, dtype=torch.float64, device=device)
+    """One float64 device tensor: every metric's sum in METRICS order, a loss sum, then the users counted."""
+    return torch.zeros(len(METRICS) + 2, dtype=torch.float64, device=device)
 
 
 def add_sums(sums, named):
-    sums[:-1] += torch.stack([named[name] for name in METRICS])
+    sums[:len(METRICS)] += torch.stack([named[name] for name in METRICS])
 
 
 def _all_reduce_means(sums, count, ctx):
-    """Every metric's sum and this rank's user count, over all ranks -> {name: sum / count}: reduce the sums
-    and counts, divide once. The count joins as a host number (a kernel argument, not a copy): one read of
-    the device per evaluation, at the end."""
+    """metric_sums' sums and this rank's user count, over all ranks -> ({name: sum / count}, the loss sum /
+    count): reduce the sums and counts, divide once. The count joins as a host number (a kernel argument,
+    not a copy): one read of the device per evaluation, at the end."""
     sums[-1] += count
     if ctx.distributed:
         dist.all_reduce(sums)
-    return dict(zip(METRICS, (sums[:-1] / sums[-1]).tolist(), strict=True))
+    *means, loss_per_user = (sums[:-1] / sums[-1]).tolist()
+    return dict(zip(METRICS, means, strict=True)), loss_per_user
 
 
 def run_evaluation(model, test_data, full_data, topk, batch_size, precision, ctx, valid_data=None):
@@ -640,7 +649,7 @@ def restore_scaler(scaler, state):
                       "fresh loss scale", stacklevel=2)
 
 
-def load_resume_state(args, given, cache):
+def load_resume_state(args, given, cache, world_size):
     """(last.pth's content, the run's flags reconciled with it) for --resume, else (None, args)."""
     if not args.resume:
         return None, args
@@ -658,7 +667,7 @@ def load_resume_state(args, given, cache):
         raise UserError(f"{broken}: resume from a last.pth that ncf.py wrote, or train without --resume")
     resolved = resolved_resume_args(args, resumed["args"], given)
     try:
-        validate_args(resolved)
+        validate_args(resolved, world_size)
     except (UserError, TypeError, ValueError) as err:
         raise UserError(f"{broken} ({str(err)[:120]}): resume from a last.pth that ncf.py wrote, or pass the flag "
                         f"on the command line") from None
@@ -788,7 +797,7 @@ def log_start(log, training, ctx, cache, sampler, test_data):
     if ctx.is_main:
         warn_if_few_steps(steps, sampler.samples_per_epoch, args.batch_size)
     popularity = evaluate(ItemPopularity(sampler.items, cache.num_items), test_data, args.topk, args.valid_batch_size,
-                          training.precision, ctx)
+                          training.precision, ctx, loss=False)  # counts, not logits
     log.info(f"item-popularity baseline: {format_record(popularity, args.topk)}")
     if training.state["epoch"] > 0:
         log.info(f"resumed from {os.path.join(args.checkpoint_dir, LAST_CHECKPOINT)} after epoch "
@@ -858,7 +867,7 @@ def set_up_training(args, given, ctx, cache, log):
     if ctx.is_main and args.checkpoint_dir:
         for name in (LAST_CHECKPOINT, BEST_CHECKPOINT):
             remove_stale_temporaries(os.path.join(args.checkpoint_dir, name))
-    resumed, args = load_resume_state(args, given, cache)
+    resumed, args = load_resume_state(args, given, cache, ctx.world_size)
     sampler = EpochSampler(cache.train, cache.num_items, args.negative_samples, ctx.device, args.seed)
     steps = sampler.steps_per_epoch(args.batch_size, ctx.world_size * args.grads_accumulated)
     training = build_training(args, ctx, cache, resumed, steps)
@@ -901,16 +910,12 @@ def run(argv=None, on_epoch=None):
     """What `python ncf.py ARGS` does, errors raised rather than reported (tune.py runs trials with it);
     returns the training summary (None in --mode test)."""
     args = parse_args(argv)
-    validate_args(args)
+    validate_args(args, world_size=launch_environment(args.local_rank)[2])
     ctx = setup_distributed(args.device, args.local_rank)
     log = None
     locks, created = [], []
     succeeded = False
     try:
-        if args.batch_size % (ctx.world_size * args.grads_accumulated):
-            raise UserError(f"--batch_size {args.batch_size} is not divisible by world size {ctx.world_size} x "
-                            f"--grads_accumulated {args.grads_accumulated}: choose a multiple of "
-                            f"{ctx.world_size * args.grads_accumulated}")
         if ctx.is_main:
             check_outputs(args)
         cache = load_cache(args.data)
@@ -955,7 +960,11 @@ def run(argv=None, on_epoch=None):
 
 @main_guard
 def main(argv=None):
-    run(argv)
+    summary = run(argv)
+    if summary is not None and summary["interrupted"]:
+        # Stopped by SIGTERM after saving last.pth: not a finished run, so a scheduler must not count it as
+        # one (a preempted job is requeued), and the status says so as Ctrl-C's does, on every rank.
+        sys.exit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Recommendation files: what `inference.py recommend --output FILE.csv|FILE.parquet` writes (serving.py).
 
 One row per recommendation (COLUMNS: original user id, rank from 1, original item id, probability), the format
-from the suffix, each file with proof that this command wrote it (spec §9), so that it alone is ever replaced:
+from the suffix, each file with proof that this command wrote it, so that it alone is ever replaced:
 - Parquet carries the proof in its own key-value metadata ("created_by", and "recommendations": a JSON
   description of the model, data, k and users). pyarrow is an optional extra, loaded only here.
 - A CSV carries it in a manifest beside it, FILE.csv.manifest.json (created_by, the description, and the CSV's

@@ -18,7 +18,6 @@ as a hit. Every path (a table, JSON, a CSV or Parquet file) ranks through `ranke
 """
 import cli  # noqa: I001  (sets the OpenMP wait policy before anything starts a thread pool)
 
-import argparse
 import importlib
 import json
 import os
@@ -104,7 +103,7 @@ def sigmoid(logits):
 
 def ranked(logits, maps, users, k):
     """Per user (dense ids `users`; row r of `logits` scores every item for users[r]): the indices of the k
-    highest-scored items the user has not trained on, best first. A non-finite score never ranks (SPEC §9),
+    highest-scored items the user has not trained on, best first. A non-finite score never ranks,
     and equal scores keep item order (a stable sort), so every scorer of the same logits, in chunks of any
     size, gives the same lists."""
     ptr, trained = maps["train_ptr"], maps["train_items"]
@@ -366,8 +365,7 @@ def write_recommendations(source, dense_users, k, chunk_users, output, progress)
 
 
 def parse_args(argv=None, prog=None):
-    parser = cli.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = cli.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="export folder written by `inference.py export` (instead of --data and "
                                         "--checkpoint)")
     parser.add_argument("--data", help="dataset cache folder the checkpoint was trained on")

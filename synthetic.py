@@ -1,4 +1,4 @@
-"""Generate a MovieLens-shaped ratings.csv with planted structure (SPEC §3.4).
+"""Generate a MovieLens-shaped ratings.csv with planted structure.
 
     python synthetic.py --output data/synthetic/ratings.csv                  # ~300k rows, seconds
     python synthetic.py --output /tmp/ml1m/ratings.csv --preset ml-1m        # 6,040 x 3,706, ~1M rows
@@ -22,7 +22,6 @@ full disk or Ctrl-C leaves nothing behind.
 """
 import cli  # noqa: I001  (sets the OpenMP wait policy before numpy starts its thread pool)
 
-import argparse
 import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -93,8 +92,7 @@ def resolve_shape(args):
 
 
 def parse_args(argv=None):
-    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", required=True, help="CSV file to write (e.g. data/synthetic/ratings.csv)")
     add_shape_flags(parser)
     return parser.parse_args(argv)
@@ -116,7 +114,7 @@ def validate(users, items, interactions_per_user_mean, factors, seed=0):
 
 
 def check_output(output):
-    """A new file whose folder can be written (SPEC §9: never replace what we cannot prove we wrote)."""
+    """A new file whose folder can be written (never replace what we cannot prove we wrote)."""
     check_output_path(output, "--output")
     if os.path.lexists(output):
         raise UserError(f"--output {output} already exists, and synthetic.py never replaces a file: "

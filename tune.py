@@ -40,7 +40,7 @@ SEARCHABLE below): {"low": A, "high": B} for a number (add "log": true for a log
 {"choices": [...]} (for --layers, strings such as "64 32 16"). DEFAULT_SPACE below is the default.
 Every choice and both ends of every range are checked by ncf.py's own parser before the first trial.
 """
-import cli  # noqa: F401, I001  (sets the OpenMP wait policy before torch loads)
+import cli  # noqa: I001  (sets the OpenMP wait policy before torch loads)
 
 import argparse
 import contextlib
@@ -62,6 +62,7 @@ from dataclasses import dataclass
 
 from cli import (CREATED_BY, UserError, check_identity, check_may_write, check_output_path, json_marker, main_guard,
                  open_owned_for_append, owned_file, proven, remove_owned)
+from model_config import MODELS
 
 DEFAULT_SPACE = {
     "learning_rate": {"low": 1e-4, "high": 3e-2, "log": True},
@@ -75,9 +76,9 @@ DEFAULT_SPACE = {
     # Decoupled decay shrinks every row by lr * weight_decay per step, so with learning rates near 1e-3
     # values below 1e-3 change nothing in a few thousand steps, and values near 1 erase the embeddings.
     "weight_decay": {"low": 1e-3, "high": 1.0, "log": True},
-    "model": {"choices": ["neumf", "gmf", "mlp"]},
+    "model": {"choices": list(MODELS)},
 }
-# Only what changes the model or how it is trained is searchable (spec 6.6). Left out on purpose: flags that
+# Only what changes the model or how it is trained is searchable. Left out on purpose: flags that
 # change the measure, not the model (topk, threshold, patience, full_ranking: a search over k picks the
 # largest k), the seed (a search over it fits one seed's noise), and flags that change speed or memory but
 # not the result by design (valid_batch_size, grads_accumulated, opt_level, amp_dtype, device, save_every):
@@ -95,6 +96,7 @@ HEARTBEAT_S, GRACE_S = 60, 180  # a running trial's liveness signal, and how old
 BEATS = GRACE_S // HEARTBEAT_S  # --heartbeat S gives a grace of BEATS x S
 HEARTBEAT_ATTR = "heartbeat_s"  # the study's user attribute for a --heartbeat given when it was created
 DEFAULTS_ATTR = "defaults"  # the user attribute of the trial enqueued with ncf.py's defaults
+OUTSIDE_ATTR = "outside_space"  # {flag: ncf.py's default} of that trial's flags whose default the space excludes
 SURPLUS_ATTR = "surplus"  # a trial that another worker's made unneeded: it ran nothing and counts for nothing
 CONFIRM = ".confirm"  # STUDY_NAME.confirm holds the confirmation runs: no --study_name has a dot
 NOISE_SE = 2  # a confirmed win must exceed this many standard errors
@@ -129,8 +131,7 @@ def is_trial_log(path):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="cache with a validation split (convert.py --validation)")
     p.add_argument("--trials", type=int, default=30, help="finished trials the study should reach")
     p.add_argument("--epochs", type=int, default=10, help="epochs per trial (early stopping may end it sooner)")
@@ -291,17 +292,28 @@ def load_space(path, ncf, fixed_argv):
 
 
 def suggest(trial, space, integers):
-    """The trial's flags as {name: value}; `integers` names the flags that take an int."""
+    """The trial's flags as {name: value}; `integers` names the flags that take an int. The defaults' trial
+    (and its confirmation runs) takes ncf.py's defaults that the space excludes as they are (OUTSIDE_ATTR):
+    Optuna would sample them instead, and the "defaults" the winner is compared with would not be."""
+    outside = trial.user_attrs.get(OUTSIDE_ATTR, {})
     params = {}
     for name, spec in space.items():
         log = spec.get("log", False)
-        if "choices" in spec:
+        if name in outside:
+            params[name] = outside[name]
+        elif "choices" in spec:
             params[name] = trial.suggest_categorical(name, spec["choices"])
         elif name in integers:
             params[name] = trial.suggest_int(name, spec["low"], spec["high"], log=log)
         else:  # a float flag's range is continuous even if its ends are written as integers
             params[name] = trial.suggest_float(name, float(spec["low"]), float(spec["high"]), log=log)
     return params
+
+
+def trial_flags(trial):
+    """The searched flags a trial ran with: its parameters, and for the defaults' trial the defaults the space
+    excludes (see suggest)."""
+    return {**trial.user_attrs.get(OUTSIDE_ATTR, {}), **trial.params}
 
 
 def flags_of(params):
@@ -313,17 +325,17 @@ def flags_of(params):
 
 
 def enqueue_defaults(study, space, defaults):
-    """A new study's first trial: ncf.py's defaults (with the fixed flags) for every searched flag whose
-    default the space admits, the rest sampled. The search then starts from the recipe's setting, and the
-    confirmation compares the winner with it."""
-    params = {}
+    """A new study's first trial: ncf.py's defaults (with the fixed flags) for every searched flag. Those the
+    space admits are the trial's parameters; the others (the recipe's batch of 2^20 against a space of small
+    batches, say) it takes as they are, outside the search (OUTSIDE_ATTR). The search then starts from the
+    recipe's setting, and the confirmation compares the winner with exactly it."""
+    params, outside = {}, {}
     for name, spec in space.items():
         value = getattr(defaults, name)
         value = " ".join(map(str, value)) if name == "layers" else value
         admitted = value in spec["choices"] if "choices" in spec else spec["low"] <= value <= spec["high"]
-        if admitted:
-            params[name] = value
-    study.enqueue_trial(params, user_attrs={DEFAULTS_ATTR: True})
+        (params if admitted else outside)[name] = value
+    study.enqueue_trial(params, user_attrs={DEFAULTS_ATTR: True, OUTSIDE_ATTR: outside})
 
 
 # -- the storage ---------------------------------------------------------------------------------------------
@@ -651,7 +663,7 @@ def run_trial(ncf, trial, argv, folder, on_epoch, sigterm):
             return ncf.run(argv, on_epoch)
         finally:
             trial.set_user_attr("stderr", err.getvalue()[-500:])
-            remove_owned(os.path.join(folder, ncf.LAST_CHECKPOINT), checkpoint.is_checkpoint_file)  # large
+            remove_owned(os.path.join(folder, checkpoint.LAST_CHECKPOINT), checkpoint.is_checkpoint_file)  # large
             if sigterm.arrived():
                 raise KeyboardInterrupt  # it wins over the pruning or the failure
 
@@ -869,7 +881,8 @@ def run_confirmation(optuna, confirmation, plan, search, sigterm):
         for key, (trial, seed) in plan.items():
             if key not in runs:
                 confirmation.enqueue_trial({**trial.params, "seed": seed},
-                                           user_attrs={"run": key, "seed": seed, "of_trial": trial.number})
+                                           user_attrs={"run": key, "seed": seed, "of_trial": trial.number,
+                                                       OUTSIDE_ATTR: trial.user_attrs.get(OUTSIDE_ATTR, {})})
         runs = standing_runs(confirmation)
         pending = [runs[key] for key in plan if runs[key].state.name in ("WAITING", "RUNNING")]
         if not pending:
@@ -887,11 +900,9 @@ def confirm(optuna, storage, study, search, settings, sigterm):
     """Train the leading trials and the defaults' trial again with --confirm_seeds new seeds (the search's
     seed + 1, + 2, ...: its own figure chose these trials, so it is left out), sharing the runs with the
     other workers; the record of what they show, or None if --timeout came first."""
-    if not wait_for_others(optuna, study, "trials", search):
-        return None
     seeds = [(search.fixed.seed + i) % 2**32 for i in range(1, search.args.confirm_seeds + 1)]
     trials = {t.number: t for t in [*leaders(study, search.args.confirm_top), defaults_trial(study)]}
-    plan = {run_key(t.params, seed): (t, seed) for t in trials.values() for seed in seeds}
+    plan = {run_key(trial_flags(t), seed): (t, seed) for t in trials.values() for seed in seeds}
     confirmation = open_confirmation(optuna, storage, search.args, settings, search.shown, create=True)
     print(f"confirming trials {' '.join(map(str, trials))} with seeds {' '.join(map(str, seeds))} "
           f"({len(plan)} runs, in {confirmation.study_name})")
@@ -905,8 +916,8 @@ def seed_figures(trial, runs, seeds, users):
     """A trial's confirmation: validation HR per seed (None: failed), their mean and its standard error (the
     seeds' spread, and the users' binomial error, which more seeds do not shrink: every seed is evaluated
     on the same users), and the mean test HR, only to report."""
-    done = [runs.get(run_key(trial.params, seed)) for seed in seeds]
-    entry = {"trial": trial.number, "params": trial.params, "valid_hr": [r.value if r else None for r in done]}
+    done = [runs.get(run_key(trial_flags(trial), seed)) for seed in seeds]
+    entry = {"trial": trial.number, "params": trial_flags(trial), "valid_hr": [r.value if r else None for r in done]}
     if all(done):
         values = entry["valid_hr"]
         entry["mean"] = statistics.fmean(values)
@@ -973,12 +984,13 @@ def verdict(winner, defaults, paired):
 
 
 def print_table(study, users):
-    names = sorted({name for t in study.trials for name in t.params})
+    names = sorted({name for t in study.trials for name in trial_flags(t)})
     print(f"{'trial':>5} {'state':>8} {'valid HR ± SE':>15} {'test HR':>8}  " + "  ".join(names))
     for t in study.trials:
         value = f"{t.value:.4f} ± {binomial_se(t.value, users):.4f}" if t.value is not None else "-"
         test = t.user_attrs.get("test_hr")
-        params = "  ".join(f"{t.params[n]:.3g}" if isinstance(t.params.get(n), float) else str(t.params.get(n, "-"))
+        flags = trial_flags(t)
+        params = "  ".join(f"{flags[n]:.3g}" if isinstance(flags.get(n), float) else str(flags.get(n, "-"))
                            for n in names)
         state = SURPLUS_ATTR if t.user_attrs.get(SURPLUS_ATTR) else \
             "done" if t.state.name == "COMPLETE" else t.state.name.lower()
@@ -1005,7 +1017,8 @@ def print_confirmation(record):
 
 
 def command_of(trial, data):
-    return shlex.join(["python", "ncf.py", "--data", data, *trial.user_attrs["ncf_flags"], *flags_of(trial.params)])
+    flags = [*trial.user_attrs["ncf_flags"], *flags_of(trial_flags(trial))]
+    return shlex.join(["python", "ncf.py", "--data", data, *flags])
 
 
 def report_best(study, search, confirmation, unconfirmed):
@@ -1019,9 +1032,9 @@ def report_best(study, search, confirmation, unconfirmed):
     se = binomial_se(best.value, users)
     record = {CREATED_BY: "tune.py", "study": study.study_name, "trial": best.number, "valid_hr": best.value,
               "valid_hr_se": se, "valid_users": users, "test_hr_of_that_trial": best.user_attrs.get("test_hr"),
-              "best_epoch": best.user_attrs.get("best_epoch"), "params": best.params,
+              "best_epoch": best.user_attrs.get("best_epoch"), "params": trial_flags(best),
               "fixed_flags": best.user_attrs["ncf_flags"], "confirmation": confirmation,
-              "recommended": {"trial": chosen.number, "params": chosen.params, "why": why}, "command": command}
+              "recommended": {"trial": chosen.number, "params": trial_flags(chosen), "why": why}, "command": command}
     with owned_file(os.path.join(search.study_dir, BEST), "--output", is_tune_json, f"a {BEST}") as f:
         f.write(json.dumps(record, indent=1).encode())
     if confirmation:
@@ -1033,24 +1046,34 @@ def report_best(study, search, confirmation, unconfirmed):
 
 
 def plot(study, study_dir):
+    """The study's optimization history and parameter importances as PNGs in STUDY_DIR, the objective named
+    for what it is (Optuna's "Objective Value" would not say that it is the validation HR@k)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
         from optuna.visualization import matplotlib as optuna_plots
     except ImportError:
         raise UserError("plots need matplotlib: pip install matplotlib, or pass --no_plots") from None
 
+    objective = f"validation HR@{study.user_attrs.get(SETTINGS_ATTR, {}).get('--topk', 10)}"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
         draws = (optuna_plots.plot_optimization_history, optuna_plots.plot_param_importances)
         for name, draw in zip(PLOTS, draws, strict=True):
             try:
-                axes = draw(study)
+                axes = draw(study, target_name=objective)
             except (ValueError, RuntimeError) as err:  # importances need 2+ finished trials that differ
                 print(f"no {name}: {err}")
                 continue
+            if draw is optuna_plots.plot_optimization_history:
+                axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # trials are numbered, not measured
+                axes.set_title(f"{objective} of each trial of study {study.study_name}")
+            else:
+                axes.set_title(f"hyperparameter importances for the {objective} of study {study.study_name}",
+                               loc="left")
             path = os.path.join(study_dir, name)
             with owned_file(path, "--output", is_tune_plot, "a plot") as f:
                 axes.figure.savefig(f, format="png", dpi=100, bbox_inches="tight", metadata={CREATED_BY: "tune.py"})
@@ -1134,15 +1157,18 @@ def main(argv=None):
                     None if args.timeout is None else time.monotonic() + args.timeout,
                     min(10, rdb.heartbeat_interval))
     confirmation, unconfirmed = None, "unconfirmed (--confirm_top 0 or --confirm_seeds 0): chosen on one seed"
+    confirming = bool(args.confirm_top and args.confirm_seeds)
     with SigtermWatch() as sigterm:
         try:
             complete = search_trials(study, search, sigterm)
+            if complete and confirming:  # the confirmation picks from every trial's last state: so does the table
+                complete = wait_for_others(optuna, study, "trials", search)
         finally:
             print_table(study, users)
         if not any(t.value is not None for t in study.trials):
             raise UserError(f"no trial finished: see {os.path.join(study_dir, 'trials', 'N', TRIAL_LOG)} and widen "
                             "or fix the search space")
-        if args.confirm_top and args.confirm_seeds:
+        if confirming:
             confirmation = confirm(optuna, rdb, study, search, settings, sigterm) if complete else None
             unconfirmed = f"unconfirmed: --timeout came before the {'search' if not complete else 'confirmation'} " \
                           "ended; run the same command again to finish it"

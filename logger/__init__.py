@@ -22,6 +22,7 @@ METRIC_SPLITS = {"valid_": "valid ", "": "", "full_": "full "}  # key prefix -> 
 _FIELDS = {
     "epoch": ("epoch", "{:d}"),
     "loss": ("loss", "{:.4f}"),
+    "eval_loss": ("eval loss", "{:.4f}"),
     **{prefix + name: (label_prefix + label, "{:.4f}") for prefix, label_prefix in METRIC_SPLITS.items()
        for name, label in METRIC_LABELS.items()},
     "train_time_s": ("train time", "{:.2f} s"),
@@ -45,7 +46,8 @@ _NUMBER_FIELDS = ("run_time_s",)  # logged, not printed
 # time_to_target is the time from start to the end of training, reached or not (its 2019 and newest code
 # alike); time_to_target_s here is null unless --threshold was reached, so run_time_s carries it.
 RECIPE_KEYS = {
-    "loss": "train_loss", "hr": "hr@{k}", "train_time_s": "train_epoch_time", "eval_time_s": "validation_epoch_time",
+    "loss": "train_loss", "eval_loss": "validation_loss", "hr": "hr@{k}", "train_time_s": "train_epoch_time",
+    "eval_time_s": "validation_epoch_time",
     "best_hr": "best_accuracy", "time_to_best_model_s": "time_to_best_model", "run_time_s": "time_to_target",
 }
 
