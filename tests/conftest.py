@@ -1,143 +1,86 @@
-"""The one shared fixture module: run a command line of the project, check the one-line user-error
-contract, and make tiny synthetic datasets and checkpoints.
-
-Two sizes of data: `make_synthetic_cache` (799 users, converted by the command line, for end-to-end
-runs) and `make_tiny_cache` (300 users x 200 items, converted in-process: on a busy 2-core machine a fresh
-interpreter spends seconds importing torch, which the tests of the command lines already pay for).
-"""
-import importlib.util
-import os
-import subprocess
+"""The fixtures the test files share; the helpers they are built from live in helpers.py (tests import those
+by name). Fixtures that build a dataset, a run or an export are session-scoped: built once, the first time a test
+asks, and only read by the tests (a test that writes copies first, as helpers.copy_run does)."""
+import json
+import shutil
 import sys
-from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+pytest.register_assert_rewrite("helpers")  # a failed assert in a helper shows its values, as in a test
 
+import helpers  # noqa: E402
+from helpers import ROOT, make_synthetic_cache, make_tiny_cache, train_tiny  # noqa: E402
 
-def load_benchmark(name):
-    """benchmarks/NAME.py as a module (the folder is no package)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 sys.path.insert(0, str(ROOT))  # the scripts are modules too, whichever way pytest is started
-
-
-def _run(args, env=None, cwd=ROOT, timeout=300):
-    """Run `args` (a python script of the repo when args[0] ends in .py) and capture text output."""
-    args = [str(a) for a in args]
-    if args[0].endswith(".py"):
-        args = [sys.executable, str(ROOT / args[0]), *args[1:]]
-    elif args[0].endswith(".sh"):
-        args[0] = str(ROOT / args[0])
-    full_env = {**os.environ, "PYTHON": sys.executable, **(env or {})}
-    return subprocess.run(args, check=False, env=full_env, cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def _assert_user_error(result, *words):
-    """Exit status 2, exactly one stderr line mentioning every word, and no traceback."""
-    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    for word in words:
-        assert word in lines[0], (word, lines[0])
-    return lines[0]
 
 
 @pytest.fixture
 def run_cli():
-    return _run
+    """helpers.run, for the tests that take it as a fixture."""
+    return helpers.run
 
 
 @pytest.fixture
 def assert_user_error():
-    return _assert_user_error
+    """helpers.assert_user_error, for the tests that take it as a fixture."""
+    return helpers.assert_user_error
 
 
-# A small model and batch that learn the tiny synthetic dataset in a few seconds per run.
-TINY_TRAIN = ["-f", "16", "--layers", "64", "32", "16", "-b", "2048", "-l", "0.01", "--no_progress"]
-
-
-def make_synthetic_cache(folder, users=799, items=400, per_user=30, seed=0, negatives=100):
-    """Synthetic ratings converted into a cache; 799 users so two ranks get unequal shares."""
-    import synthetic
-
-    folder = Path(folder)
-    csv = folder / "ratings.csv"
-    synthetic.write_ratings_csv(csv, users=users, items=items, interactions_per_user_mean=per_user, seed=seed)
-    # --seed 0: the negatives the tests' figures were measured with (convert's default is the recipe's 1).
-    result = _run(["convert.py", "--path", csv, "--output", folder / "cache", "--negatives", negatives,
-                   "--seed", "0", "--no_progress"])
-    assert result.returncode == 0, result.stderr
-    return folder / "cache"
+@pytest.fixture(scope="session")
+def synthetic_cache(tmp_path_factory):
+    """make_synthetic_cache's 799 users, converted by the command line: the end-to-end runs' data."""
+    return make_synthetic_cache(tmp_path_factory.mktemp("synthetic"))
 
 
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory):
-    return make_synthetic_cache(tmp_path_factory.mktemp("tiny"))
+    """make_tiny_cache's 300 users x 200 items (its folder also holds the ratings.csv it was converted from)."""
+    return make_tiny_cache(tmp_path_factory.mktemp("tiny"))
 
 
-def read_log(path):
-    from logger import read_log as _read
+@pytest.fixture(scope="session")
+def loaded_tiny_cache(tiny_cache):
+    """tiny_cache as dataloading.load_cache returns it."""
+    from dataloading import load_cache
 
-    return _read(path)
-
-
-def epochs_of(log_path):
-    return [r for r in read_log(log_path) if r["event"] == "epoch"]
+    return load_cache(str(tiny_cache))
 
 
-def event_of(log_path, event):
-    (record,) = [r for r in read_log(log_path) if r["event"] == event]
-    return record
+@pytest.fixture(scope="session")
+def tiny_validation_cache(tmp_path_factory):
+    """The tiny ratings converted with --validation: same source, shape and settings as tiny_cache, another split."""
+    return make_tiny_cache(tmp_path_factory.mktemp("tiny_validation"), validation=True)
 
 
-def train(cache, workdir, *extra, name="run", env=None):
-    """Run ncf.py training into workdir/name/; returns (result, log path, checkpoint dir)."""
-    out = Path(workdir) / name
-    out.mkdir(parents=True, exist_ok=True)
-    log = out / "log.json"
-    args = ["ncf.py", "--data", cache, "--checkpoint_dir", out / "ck", "--log_path", log, *TINY_TRAIN, *extra]
-    result = _run(args, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result, log, out / "ck"
+@pytest.fixture(scope="session")
+def tiny_twin(tiny_cache, tmp_path_factory):
+    """A copy of tiny_cache that says it was converted from another source file: the same shape, another dataset."""
+    twin = tmp_path_factory.mktemp("tiny_twin") / "cache"
+    shutil.copytree(tiny_cache, twin)
+    meta = json.loads((twin / "metadata.json").read_text())
+    meta["source_sha256"] = "f" * 64
+    (twin / "metadata.json").write_text(json.dumps(meta))
+    return twin
 
 
-def make_tiny_cache(folder, users=300, items=200, seed=0, validation=False):
-    """300 users x 200 items, ~30 interactions each, 50 test negatives, converted in-process (with a
-    validation split when asked)."""
-    import convert
-    import synthetic
-
-    folder = Path(folder)
-    csv = folder / "ratings.csv"
-    synthetic.write_ratings_csv(csv, users=users, items=items, interactions_per_user_mean=30, seed=seed)
-    cache = folder / "cache"
-    convert.main(["--path", str(csv), "--output", str(cache), "--negatives", "50", "--min_ratings", "20",
-                  "--seed", "0", "--no_progress", *(["--validation"] if validation else [])])
-    return cache
+@pytest.fixture(scope="session")
+def trained_tiny(tiny_cache, tmp_path_factory):
+    """The checkpoint folder of a two-epoch run of the tiny model on tiny_cache (model.pth, last.pth)."""
+    return train_tiny(tiny_cache, tmp_path_factory.mktemp("trained_tiny") / "ck", 2).parent
 
 
-# The tiny cache's model: factors 8, layers 32 16 8, batch 2048 (one epoch is ~45k samples: 22 steps, above the
-# 20 below which ncf.py warns that an epoch is too few steps).
-TINY_MODEL = ["--factors", "8", "--layers", "32", "16", "8", "-b", "2048", "--opt_level", "O0", "--no_progress"]
+@pytest.fixture(scope="session")
+def exported_tiny(tiny_cache, tmp_path_factory):
+    """The tiny model trained for one epoch on tiny_cache (cache_dir, checkpoint: its model.pth) and its exports
+    (exports: the folder of each format, onnx and torch-export)."""
+    import inference
 
-
-def run_script(*args):
-    """Run a script of the repository in a fresh interpreter; raise with its output when it fails."""
-    result = _run(list(args))
-    assert result.returncode == 0, (args, result.stdout, result.stderr)
-    return result
-
-
-def train_tiny(cache, checkpoint_dir, epochs=2, *extra):
-    """Train the tiny model in-process (ncf.main); returns the path of the best-epoch checkpoint."""
-    import ncf
-
-    ncf.main(["--data", str(cache), "-e", str(epochs), "--checkpoint_dir", str(checkpoint_dir), *TINY_MODEL,
-              *map(str, extra)])
-    return Path(checkpoint_dir) / "model.pth"
+    folder = tmp_path_factory.mktemp("exported_tiny")
+    model_path = train_tiny(tiny_cache, folder / "checkpoints", 1)
+    exports = {fmt: folder / f"export-{fmt}" for fmt in ("onnx", "torch-export")}
+    for fmt, output in exports.items():
+        inference.main(["export", "--checkpoint", str(model_path), "--data", str(tiny_cache), "--format", fmt,
+                        "--output", str(output)])
+    return SimpleNamespace(cache_dir=tiny_cache, checkpoint=model_path, exports=exports)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import ROOT, make_tiny_cache, train_tiny
+from helpers import ROOT
 
 import inference
 import recommendation_files
@@ -194,14 +194,9 @@ def test_parquet_needs_pyarrow_and_says_so(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("batch")
-    cache = make_tiny_cache(folder)
-    checkpoint = train_tiny(cache, folder / "checkpoints", 1)
-    inference.main(["export", "--checkpoint", str(checkpoint), "--data", str(cache), "--format", "onnx",
-                    "--output", str(folder / "export")])
-    return Namespace(cache=cache, checkpoint=checkpoint, export=folder / "export",
-                     user_ids=np.load(folder / "export" / "id_maps.npz")["user_ids"].tolist())
+def user_ids(exported_tiny):
+    """Every user of the tiny dataset, in original ids, as its ONNX export maps them."""
+    return np.load(exported_tiny.exports["onnx"] / "id_maps.npz")["user_ids"].tolist()
 
 
 def per_user(capsys, users, source):
@@ -221,17 +216,17 @@ def assert_file_equals(path, recommendations):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("which", ["checkpoint", "onnx"])
-def test_every_user_in_a_file_equals_recommend_per_user(tiny, tmp_path, capsys, which):
-    source = (["--data", str(tiny.cache), "--checkpoint", str(tiny.checkpoint), "--device", "cpu"]
-              if which == "checkpoint" else ["--model", str(tiny.export)])
-    want = per_user(capsys, tiny.user_ids, source)
+def test_every_user_in_a_file_equals_recommend_per_user(exported_tiny, user_ids, tmp_path, capsys, which):
+    source = (["--data", str(exported_tiny.cache_dir), "--checkpoint", str(exported_tiny.checkpoint), "--device", "cpu"]
+              if which == "checkpoint" else ["--model", str(exported_tiny.exports["onnx"])])
+    want = per_user(capsys, user_ids, source)
     for chunk, suffix in (("7", ".parquet"), ("1000", ".csv")):
         output = tmp_path / f"all{suffix}"
         inference.main(["recommend", *source, "--all_users", "--output", str(output), "--chunk_users", chunk])
-        assert f"of {len(tiny.user_ids)} users" in capsys.readouterr().out
+        assert f"of {len(user_ids)} users" in capsys.readouterr().out
         assert_file_equals(output, want)
     # A list of users from a file: its order, each once.
-    chosen = tiny.user_ids[::-7][:20]
+    chosen = user_ids[::-7][:20]
     (tmp_path / "users.txt").write_text("\n".join(map(str, chosen + chosen[:3])) + "\n")
     inference.main(["recommend", *source, "--users_file", str(tmp_path / "users.txt"), "--output",
                     str(tmp_path / "some.parquet"), "-k", "4"])
@@ -239,13 +234,14 @@ def test_every_user_in_a_file_equals_recommend_per_user(tiny, tmp_path, capsys, 
     assert_file_equals(tmp_path / "some.parquet", [{**r, "items": r["items"][:4], "scores": r["scores"][:4]}
                                                    for r in per_user(capsys, chosen, source)])
     metadata = json.loads(pq.read_metadata(tmp_path / "some.parquet").metadata[b"recommendations"])
-    assert metadata["topk"] == 4 and metadata["users"] == 20 and metadata["dataset"]["num_users"] == len(tiny.user_ids)
+    assert metadata["topk"] == 4 and metadata["users"] == 20 and metadata["dataset"]["num_users"] == len(user_ids)
 
 
 @pytest.mark.slow
-def test_a_progress_bar_on_a_terminal(tiny, tmp_path, capsys, monkeypatch):
+def test_a_progress_bar_on_a_terminal(exported_tiny, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
-    argv = ["recommend", "--model", str(tiny.export), "--all_users", "--output", str(tmp_path / "r.csv")]
+    argv = ["recommend", "--model", str(exported_tiny.exports["onnx"]), "--all_users", "--output",
+            str(tmp_path / "r.csv")]
     inference.main(argv)
     err = capsys.readouterr().err
     assert "recommend: 100%" in err and "300/300" in err and "user/s" in err
@@ -266,10 +262,11 @@ print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".parquet", ".csv"])
-def test_a_batch_from_onnx_imports_no_torch(tiny, tmp_path, suffix):
+def test_a_batch_from_onnx_imports_no_torch(exported_tiny, user_ids, tmp_path, suffix):
     output = tmp_path / f"recs{suffix}"
-    result = subprocess.run([sys.executable, "-c", SERVE, "recommend", "--model", str(tiny.export), "--all_users",
-                             "--output", str(output)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", SERVE, "recommend", "--model", str(exported_tiny.exports["onnx"]),
+                             "--all_users", "--output", str(output)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stderr.strip().splitlines()[-1]) == []
-    assert len(rows_of(Path(output))["user"]) == 10 * len(tiny.user_ids)
+    assert len(rows_of(Path(output))["user"]) == 10 * len(user_ids)

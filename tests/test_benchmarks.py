@@ -1,4 +1,4 @@
-"""The benchmark scripts (spec §8) run: benchmarks/throughput.py and the GPU check's CPU path, at tiny
+"""The benchmark scripts run: benchmarks/throughput.py and the GPU check's CPU path, at tiny
 sizes, so they are ready whenever a GPU is lent; the figures they print agree with each other and with
 the floor formula worked out by hand."""
 import argparse
@@ -6,7 +6,8 @@ import json
 import os
 
 import pytest
-from conftest import ROOT, _run, epochs_of, load_benchmark
+import torch
+from helpers import ROOT, epochs_of, load_benchmark, run
 
 
 def load_throughput():
@@ -19,7 +20,7 @@ def median(values):
 
 @pytest.mark.slow
 def test_throughput_benchmark_prints_one_json_per_configuration():
-    result = _run(["benchmarks/throughput.py", "--device", "cpu", "--batch_size", "1024", "2048",
+    result = run(["benchmarks/throughput.py", "--device", "cpu", "--batch_size", "1024", "2048",
                    "--precision", "fp32", "amp", "--users", "300", "--items", "100", "--positives", "5000",
                    "--eval_users", "100", "--factors", "8", "--layers", "16", "8", "--warmup", "1", "--steps", "2"],
                   timeout=600)
@@ -95,20 +96,23 @@ def test_gpu_check_script_cpu_path(tmp_path):
     script = ROOT / "benchmarks" / "gpu_check.sh"
     assert script.read_text().startswith("#!/usr/bin/env bash\n")
     assert os.access(script, os.X_OK)
-    result = _run([str(script)], env={"DEVICE": "cpu", "OUT": str(out)}, timeout=600)
+    result = run([str(script)], env={"DEVICE": "cpu", "OUT": str(out)}, timeout=600)
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
     for name in ("environment.txt", "pytest_cuda.txt", "throughput.txt", "throughput.jsonl", "train.txt",
                  "train.jsonl"):
         assert (out / name).stat().st_size > 0, name
     assert len((out / "throughput.jsonl").read_text().splitlines()) == 2
     assert epochs_of(out / "train.jsonl")
+    if not torch.cuda.is_available():  # nothing CUDA ran: the summary must not say "ok"
+        summary = (out / "summary.txt").read_text()
+        assert "skipped: no CUDA" in summary and "no sync detection" in summary
 
 
 @pytest.mark.slow
 def test_batch_recommend_benchmark_times_the_command_in_one_process_per_configuration():
     """benchmarks/batch_recommend_benchmark.py at a tiny shape: one record per (source, precision), each timed
     in its own process (the onnx one without torch), the users/s its own figures give."""
-    result = _run(["benchmarks/batch_recommend_benchmark.py", "--users", "300", "--items", "200", "--positives",
+    result = run(["benchmarks/batch_recommend_benchmark.py", "--users", "300", "--items", "200", "--positives",
                    "6000", "--users_timed", "120", "--chunk_users", "50", "-k", "5", "--format", "csv"], timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]

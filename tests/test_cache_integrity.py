@@ -1,4 +1,4 @@
-"""A cache is checked when loaded (SPEC §9): checksums, format version, id ranges and order; the fix
+"""A cache is checked when loaded: checksums, format version, id ranges and order; the fix
 each refusal suggests really repairs it (convert.py replaces the damaged cache, prepare_dataset.sh
 rebuilds it instead of calling it complete)."""
 import json
@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import make_tiny_cache
+from helpers import make_tiny_cache
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -17,10 +17,9 @@ from dataloading import load_cache
 
 
 @pytest.fixture(scope="module")
-def pristine(tmp_path_factory):
-    """A tiny cache (300 users x 200 items) and the ratings it was converted from."""
-    cache = make_tiny_cache(tmp_path_factory.mktemp("pristine"))
-    return cache, cache.parent / "ratings.csv"
+def pristine(tiny_cache):
+    """The tiny cache (300 users x 200 items) and the ratings it was converted from."""
+    return tiny_cache, tiny_cache.parent / "ratings.csv"
 
 
 @pytest.fixture

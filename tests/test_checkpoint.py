@@ -4,7 +4,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, make_tiny_cache
+from helpers import OLD_CHECKPOINT, ROOT
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -12,29 +12,22 @@ import checkpoint
 import dataloading
 import ncf
 from cli import UserError
-from dataloading import load_cache
 from devices import choose_precision
-from neumf import MODELS, NeuMF, build_model
+from model_config import MODELS
+from neumf import NeuMF, build_model
 
 CPU = torch.device("cpu")
-OLD_CHECKPOINT = ROOT / "tests" / "data" / "neumf_before_restructuring.pth"
-# Written at commit 3460a33 by `ncf.py -e 3 --factors 8 --layers 32 16 8 -b 4096 --opt_level O0` on
-# make_tiny_cache's data (its best epoch, 1); these scores were computed by that commit's code.
+# OLD_CHECKPOINT's scores of three users' first four candidates, computed by the commit that wrote it.
 OLD_SCORES = [[-0.32500192523002625, -0.30417537689208984, -0.297514408826828, -0.2481742948293686],
               [-0.263312429189682, -0.302076518535614, -0.2842312753200531, -0.28986436128616333],
               [-0.28572043776512146, -0.31629708409309387, -0.285431832075119, -0.25382304191589355]]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return load_cache(str(make_tiny_cache(tmp_path_factory.mktemp("checkpoint"))))
-
-
-def test_a_checkpoint_written_before_the_restructuring_loads_and_scores_the_same(tiny):
-    model, ckpt = checkpoint.load_model(str(OLD_CHECKPOINT), tiny, CPU)
+def test_a_checkpoint_written_before_the_restructuring_loads_and_scores_the_same(loaded_tiny_cache):
+    model, ckpt = checkpoint.load_model(str(OLD_CHECKPOINT), loaded_tiny_cache, CPU)
     assert ckpt["config"] == {"nb_users": 300, "nb_items": 200, "mf_dim": 8, "mlp_layer_sizes": [32, 16, 8],
                               "dropout": 0.5}
-    data = dataloading.TestData.from_cache(tiny, CPU)
+    data = dataloading.TestData.from_cache(loaded_tiny_cache, CPU)
     scores = model.score_candidates(data.users[:3], data.candidates[:3, :4])
     torch.testing.assert_close(scores, torch.tensor(OLD_SCORES), rtol=1e-5, atol=1e-6)
     ctx = ncf.DistContext(rank=0, local_rank=0, world_size=1, device=CPU)
@@ -42,23 +35,24 @@ def test_a_checkpoint_written_before_the_restructuring_loads_and_scores_the_same
     assert (figures["hr"], figures["ndcg"]) == pytest.approx((ckpt["hr"], ckpt["ndcg"]), abs=1e-6)
 
 
-def test_payload_round_trip(tiny, tmp_path):
+def test_payload_round_trip(loaded_tiny_cache, tmp_path):
+    cache = loaded_tiny_cache
     torch.manual_seed(0)
-    model = build_model({"nb_users": tiny.num_users, "nb_items": tiny.num_items, "mf_dim": 4,
+    model = build_model({"nb_users": cache.num_users, "nb_items": cache.num_items, "mf_dim": 4,
                          "mlp_layer_sizes": [8, 4], "dropout": 0.25}, CPU)
     path = tmp_path / "sub" / "model.pth"
-    saved = checkpoint.payload(model, {"factors": 4}, checkpoint.dataset_identity(tiny), 3, {"hr": 0.5, "ndcg": 0.25})
+    saved = checkpoint.payload(model, {"factors": 4}, checkpoint.dataset_identity(cache), 3, {"hr": 0.5, "ndcg": 0.25})
     checkpoint.save_atomic(saved, str(path))
     assert [p.name for p in path.parent.iterdir()] == ["model.pth"]  # no temporary left
-    loaded, ckpt = checkpoint.load_model(str(path), tiny, CPU)
+    loaded, ckpt = checkpoint.load_model(str(path), cache, CPU)
     assert not loaded.training and loaded.config == model.config
     for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     assert (ckpt["epoch"], ckpt["hr"], ckpt["ndcg"], ckpt["args"]) == (3, 0.5, 0.25, {"factors": 4})
-    assert ckpt["dataset"] == {"num_users": tiny.num_users, "num_items": tiny.num_items,
-                               "source_sha256": tiny.metadata["source_sha256"], "min_ratings": 20,
+    assert ckpt["dataset"] == {"num_users": cache.num_users, "num_items": cache.num_items,
+                               "source_sha256": cache.metadata["source_sha256"], "min_ratings": 20,
                                "validation": False,
-                               "train_sha256": tiny.metadata["files"]["train_ratings.pt"]["sha256"]}
+                               "train_sha256": cache.metadata["files"]["train_ratings.pt"]["sha256"]}
 
 
 def test_rng_states_round_trip():
@@ -137,15 +131,10 @@ REFUSED = {
 
 
 @pytest.mark.parametrize("case", sorted(REFUSED))
-def test_a_broken_or_foreign_checkpoint_is_refused(tiny, tmp_path, case):
+def test_a_broken_or_foreign_checkpoint_is_refused(loaded_tiny_cache, tmp_path, case):
     edit, words = REFUSED[case]
     with pytest.raises(UserError, match=words):
-        checkpoint.load_checkpoint(edited_copy(tmp_path, edit), tiny)
-
-
-def test_a_model_only_checkpoint_cannot_be_resumed(tiny):
-    with pytest.raises(UserError, match=r"last\.pth"):
-        checkpoint.load_checkpoint(str(OLD_CHECKPOINT), tiny, resume=True)
+        checkpoint.load_checkpoint(edited_copy(tmp_path, edit), loaded_tiny_cache)
 
 
 # -- fuzz: an edited checkpoint is refused cleanly, or evaluated correctly -------------------------------------
@@ -187,18 +176,18 @@ def apply_edit(ckpt, edit):
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(edits=st.lists(EDITS, min_size=1, max_size=3))
-def test_fuzz_an_edited_checkpoint_is_refused_cleanly_or_evaluated_correctly(tiny, tmp_path, edits):
+def test_fuzz_an_edited_checkpoint_is_refused_cleanly_or_evaluated_correctly(loaded_tiny_cache, tmp_path, edits):
     ckpt = torch.load(OLD_CHECKPOINT, weights_only=True)
     for edit in edits:
         apply_edit(ckpt, edit)
     path = tmp_path / "edited.pth"
     torch.save(ckpt, path)
     try:
-        model, _ = checkpoint.load_model(str(path), tiny, CPU)
+        model, _ = checkpoint.load_model(str(path), loaded_tiny_cache, CPU)
     except UserError:
         return  # refused with a one-line message (anything else raised fails the test)
     # Accepted: it must evaluate to honest figures, the same on the plain-torch path.
-    data = dataloading.TestData.from_cache(tiny, CPU)
+    data = dataloading.TestData.from_cache(loaded_tiny_cache, CPU)
     ctx = ncf.DistContext(rank=0, local_rank=0, world_size=1, device=CPU)
     precision = choose_precision("O0", "auto", CPU)
     figures = ncf.evaluate(model, data, 10, 1 << 20, precision, ctx)

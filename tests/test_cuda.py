@@ -1,7 +1,7 @@
 """Training and evaluation on a CUDA device (skipped without one; benchmarks/gpu_check.sh runs them)."""
 import pytest
 import torch
-from conftest import epochs_of, event_of, train
+from helpers import epochs_of, event_of, train
 
 import dataloading
 import ncf
@@ -14,22 +14,22 @@ pytestmark = [pytest.mark.cuda,
 CUDA = torch.device("cuda")
 
 
-def test_epoch_samples_are_made_on_the_gpu(tiny_cache):
-    cache = load_cache(tiny_cache)
+def test_epoch_samples_are_made_on_the_gpu(synthetic_cache):
+    cache = load_cache(synthetic_cache)
     sampler = EpochSampler(cache.train, cache.num_items, 4, CUDA, seed=1)
     (users, items, labels), = next(sampler.epoch(1, 4096, 0, 1, 1))[0]
     assert {users.device.type, items.device.type, labels.device.type, sampler.users.device.type} == {"cuda"}
 
 
-def test_amp_fp16_training_on_the_gpu_learns(tiny_cache, tmp_path):
-    _, log, _ = train(tiny_cache, tmp_path, "--device", "cuda", "--opt_level", "O2", "-e", "3")
+def test_amp_fp16_training_on_the_gpu_learns(synthetic_cache, tmp_path):
+    _, log, _ = train(synthetic_cache, tmp_path, "--device", "cuda", "--opt_level", "O2", "-e", "3")
     config = event_of(log, "config")
     assert config["device"].startswith("cuda") and config["precision"] == "fp16 autocast"
     assert epochs_of(log)[-1]["hr"] > config["popularity_hr"] + 0.1
 
 
-def test_gpu_evaluation_matches_the_cpu(tiny_cache):
-    cache = load_cache(tiny_cache)
+def test_gpu_evaluation_matches_the_cpu(synthetic_cache):
+    cache = load_cache(synthetic_cache)
     torch.manual_seed(0)
     model = NeuMF(cache.num_users, cache.num_items, 8, (16, 8)).eval()
     results = {}

@@ -9,7 +9,7 @@ import threading
 import zipfile
 
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 
 import convert
 from cache_format import TENSOR_FILES

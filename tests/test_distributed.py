@@ -1,4 +1,4 @@
-"""torchrun, torch.distributed.launch and multi-node runs on CPU (gloo), spec §7."""
+"""torchrun, torch.distributed.launch and multi-node runs on CPU (gloo)."""
 import os
 import signal
 import socket
@@ -7,7 +7,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, TINY_TRAIN, epochs_of, event_of, train
+from helpers import ROOT, TINY_TRAIN, epochs_of, event_of, train
 
 pytestmark = pytest.mark.slow
 
@@ -36,9 +36,9 @@ def free_port():
 
 
 @pytest.fixture(scope="module")
-def two_process_run(tiny_cache, tmp_path_factory):
+def two_process_run(synthetic_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("torchrun2")
-    result = run(torchrun_cmd("--standalone", "--nproc_per_node=2") + ncf_args(tiny_cache, out, *PARITY))
+    result = run(torchrun_cmd("--standalone", "--nproc_per_node=2") + ncf_args(synthetic_cache, out, *PARITY))
     assert result.returncode == 0, result.stderr[-3000:]
     return result, out
 
@@ -47,17 +47,17 @@ def figures(log):
     return [(r["loss"], r["hr"], r["ndcg"]) for r in epochs_of(log)]
 
 
-def test_two_processes_reproduce_one(two_process_run, tiny_cache, tmp_path):
+def test_two_processes_reproduce_one(two_process_run, synthetic_cache, tmp_path):
     result, out = two_process_run
     assert "world size 2" in result.stdout and "per rank 4,096" in result.stdout
     two = epochs_of(out / "log.json")
-    _, one_log, _ = train(tiny_cache, tmp_path, *PARITY, name="one")
+    _, one_log, _ = train(synthetic_cache, tmp_path, *PARITY, name="one")
     one = epochs_of(one_log)
     for a, b in zip(one, two, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-3)
         assert b["hr"] == pytest.approx(a["hr"], abs=0.01)
     # Against one process that splits each batch in the same two halves, only float rounding differs.
-    _, halves_log, _ = train(tiny_cache, tmp_path, *PARITY, "--grads_accumulated", "2", name="halves")
+    _, halves_log, _ = train(synthetic_cache, tmp_path, *PARITY, "--grads_accumulated", "2", name="halves")
     for a, b in zip(epochs_of(halves_log), two, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
 
@@ -74,23 +74,23 @@ def test_only_rank_zero_prints_logs_and_writes(two_process_run):
     assert sorted(os.listdir(out / "ck")) == [".lock", "last.pth", "model.pth"]  # rank 0's lock: one run
 
 
-def test_torch_distributed_launch_passes_local_rank(tiny_cache, tmp_path):
+def test_torch_distributed_launch_passes_local_rank(synthetic_cache, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.launch", "--nproc_per_node=2", "--master_port", str(free_port()),
-           str(ROOT / "ncf.py"), *ncf_args(tiny_cache, tmp_path, "-e", "1", "--opt_level", "O0")]
+           str(ROOT / "ncf.py"), *ncf_args(synthetic_cache, tmp_path, "-e", "1", "--opt_level", "O0")]
     result = run(cmd)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "world size 2" in result.stdout
     assert len(epochs_of(tmp_path / "log.json")) == 1
 
 
-def test_two_nodes_on_one_machine_match_two_local_processes(two_process_run, tiny_cache, tmp_path):
+def test_two_nodes_on_one_machine_match_two_local_processes(two_process_run, synthetic_cache, tmp_path):
     port = free_port()
     nodes = []
     for node in range(2):
         launcher = ["--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
                     "--rdzv_id=ncf-test"]
         out = tmp_path / f"node{node}"
-        nodes.append(subprocess.Popen(torchrun_cmd(*launcher) + ncf_args(tiny_cache, out, *PARITY), cwd=ROOT,
+        nodes.append(subprocess.Popen(torchrun_cmd(*launcher) + ncf_args(synthetic_cache, out, *PARITY), cwd=ROOT,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = [p.communicate(timeout=600) for p in nodes]
     assert [p.returncode for p in nodes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
@@ -104,13 +104,14 @@ def test_two_nodes_on_one_machine_match_two_local_processes(two_process_run, tin
         assert b == pytest.approx(a, rel=1e-6)
 
 
-def test_evaluation_split_over_ranks_matches_one_process(two_process_run, tiny_cache, tmp_path):
+def test_evaluation_split_over_ranks_matches_one_process(two_process_run, synthetic_cache, tmp_path):
     _, out = two_process_run
     results = {}
     for nproc in (1, 2):
         log = tmp_path / f"test{nproc}.json"
-        args = ["--data", str(tiny_cache), "--mode", "test", "--load_checkpoint_path", str(out / "ck" / "model.pth"),
-                "--opt_level", "O0", "--log_path", str(log), "--valid_batch_size", "10000"]
+        args = ["--data", str(synthetic_cache), "--mode", "test", "--load_checkpoint_path",
+                str(out / "ck" / "model.pth"), "--opt_level", "O0", "--log_path", str(log),
+                "--valid_batch_size", "10000"]
         result = run(torchrun_cmd("--standalone", f"--nproc_per_node={nproc}") + args)
         assert result.returncode == 0, result.stderr[-3000:]
         results[nproc] = event_of(log, "test")
@@ -135,8 +136,8 @@ def worker_pids(launcher_pid):
     return pids
 
 
-def test_a_dead_rank_ends_the_job_promptly(tiny_cache, tmp_path):
-    cmd = torchrun_cmd("--standalone", "--nproc_per_node=2") + ncf_args(tiny_cache, tmp_path, "-e", "200",
+def test_a_dead_rank_ends_the_job_promptly(synthetic_cache, tmp_path):
+    cmd = torchrun_cmd("--standalone", "--nproc_per_node=2") + ncf_args(synthetic_cache, tmp_path, "-e", "200",
                                                                          "--opt_level", "O0")
     job = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -155,8 +156,8 @@ def test_a_dead_rank_ends_the_job_promptly(tiny_cache, tmp_path):
             job.kill()
 
 
-def test_batch_not_divisible_by_world_size_is_a_clear_error(tiny_cache, tmp_path):
-    cmd = torchrun_cmd("--standalone", "--nproc_per_node=2") + ncf_args(tiny_cache, tmp_path, "-b", "1001")
+def test_batch_not_divisible_by_world_size_is_a_clear_error(synthetic_cache, tmp_path):
+    cmd = torchrun_cmd("--standalone", "--nproc_per_node=2") + ncf_args(synthetic_cache, tmp_path, "-b", "1001")
     result = run(cmd)
     assert result.returncode != 0
     assert result.stderr.count("--batch_size 1001 is not divisible by world size 2") == 1
@@ -182,7 +183,7 @@ def note(name):
 
 
 def save_atomic(obj, path):
-    if RANK == "0" and os.path.basename(path) == ncf.LAST_CHECKPOINT:
+    if RANK == "0" and os.path.basename(path) == checkpoint.LAST_CHECKPOINT:
         time.sleep(2)
         if MODE == "fail":
             raise cli.EnvironmentFailure("cannot write " + path + " (a full disk, injected)")
@@ -208,14 +209,14 @@ def noted(notes, name):
     return float((notes / name).read_text())
 
 
-def test_ranks_leave_together_once_rank_zero_has_written_its_files(tiny_cache, tmp_path):
+def test_ranks_leave_together_once_rank_zero_has_written_its_files(synthetic_cache, tmp_path):
     """A rank that finished first used to leave at once, while rank 0 was still writing: it went into
     interpreter shutdown with a gloo worker thread still releasing its last collective's tensors, and
     aborted ("terminate called without an active exception", exit -6). Now every rank waits at the end
     until rank 0 has written its files and closed its log."""
     script, notes = wrapped_ncf(tmp_path, "slow")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-           *ncf_args(tiny_cache, tmp_path / "out", "-e", "1", "--opt_level", "O0")]
+           *ncf_args(synthetic_cache, tmp_path / "out", "-e", "1", "--opt_level", "O0")]
     result = run(cmd)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "terminate called" not in result.stderr
@@ -223,7 +224,7 @@ def test_ranks_leave_together_once_rank_zero_has_written_its_files(tiny_cache, t
     assert event_of(tmp_path / "out" / "log.json", "summary")["best_epoch"] == 1
 
 
-def test_a_rank_that_fails_at_the_end_fails_every_node_promptly(tiny_cache, tmp_path):
+def test_a_rank_that_fails_at_the_end_fails_every_node_promptly(synthetic_cache, tmp_path):
     """Two nodes, so that no launcher ends the other's worker: rank 0 fails writing last.pth while rank 1
     waits for it at the end of the run. Rank 1 learns it from its closed connection, and both nodes end
     with a non-zero status within seconds (not at a timeout, and never with status 0 on one node while
@@ -237,7 +238,7 @@ def test_a_rank_that_fails_at_the_end_fails_every_node_promptly(tiny_cache, tmp_
                     f"--rdzv_id=ncf-fails-{port}"]
         nodes.append(subprocess.Popen(
             [sys.executable, "-m", "torch.distributed.run", *launcher, str(script),
-             *ncf_args(tiny_cache, tmp_path / f"node{node}", "-e", "1", "--opt_level", "O0")],
+             *ncf_args(synthetic_cache, tmp_path / f"node{node}", "-e", "1", "--opt_level", "O0")],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     try:
         outputs = [p.communicate(timeout=240) for p in nodes]
@@ -254,11 +255,11 @@ def test_a_rank_that_fails_at_the_end_fails_every_node_promptly(tiny_cache, tmp_
 
 @pytest.mark.parametrize("stop", [["-e", "20", "-t", "0.05"], ["-e", "40", "--patience", "1"]],
                          ids=["threshold", "patience"])
-def test_a_run_stopped_early_ends_with_status_0_on_every_rank(tiny_cache, tmp_path, stop):
+def test_a_run_stopped_early_ends_with_status_0_on_every_rank(synthetic_cache, tmp_path, stop):
     """--threshold and --patience stop every rank after the same epoch (the figures they compare are
     all-reduced), and the job ends with status 0."""
     result = run(torchrun_cmd("--standalone", "--nproc_per_node=2")
-                 + ncf_args(tiny_cache, tmp_path, "--opt_level", "O0", *stop))
+                 + ncf_args(synthetic_cache, tmp_path, "--opt_level", "O0", *stop))
     assert result.returncode == 0, result.stderr[-3000:]
     assert ("reached --threshold" if "-t" in stop else "(--patience;") in result.stdout
     done = len(epochs_of(tmp_path / "log.json"))

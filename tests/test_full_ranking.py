@@ -2,14 +2,14 @@
 
 The brute force is plain Python over a score table: for each user, every item that is not one of
 their training items is a candidate; the rank of the test item is the number of OTHER candidates
-scored greater than or equal to it (ties count against the model, SPEC §6.3).
+scored greater than or equal to it (ties count against the model).
 """
 import math
 
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_cache, run_script, train_tiny
+from helpers import run_script
 from torch import nn
 
 import ncf
@@ -133,15 +133,8 @@ def score_table(model, cache):
     return np.stack([model(torch.full_like(items, u), items).numpy() for u in range(cache.num_users)])
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("full_ranking")
-    cache = make_tiny_cache(folder)
-    return cache, train_tiny(cache, folder / "checkpoints", 2)
-
-
-def test_trained_model_matches_brute_force(trained):
-    cache_dir, checkpoint = trained
+def test_trained_model_matches_brute_force(tiny_cache, trained_tiny):
+    cache_dir, checkpoint = tiny_cache, trained_tiny / "model.pth"
     cache = load_cache(str(cache_dir))
     model, _ = load_model(str(checkpoint), cache, CPU)
     scores = score_table(model, cache)
@@ -151,8 +144,8 @@ def test_trained_model_matches_brute_force(trained):
 
 
 @pytest.mark.slow
-def test_mode_test_logs_brute_force_figures(trained, tmp_path):
-    cache_dir, checkpoint = trained
+def test_mode_test_logs_brute_force_figures(tiny_cache, trained_tiny, tmp_path):
+    cache_dir, checkpoint = tiny_cache, trained_tiny / "model.pth"
     log_path = tmp_path / "test.json"
     run_script("ncf.py", "--data", cache_dir, "--mode", "test", "--load_checkpoint_path", checkpoint,
                   "--full_ranking", "--valid_batch_size", 1000, "--opt_level", "O0", "--log_path", log_path)
@@ -171,9 +164,9 @@ def test_mode_test_logs_brute_force_figures(trained, tmp_path):
     assert record["hr"] == pytest.approx(ckpt["hr"], abs=1e-12)
 
 
-def test_full_ranking_mrr_matches_brute_force(trained):
+def test_full_ranking_mrr_matches_brute_force(tiny_cache, trained_tiny):
     """MRR@k against every untrained item: 1 / (rank + 1) for a hit, one user and one item at a time."""
-    cache_dir, checkpoint = trained
+    cache_dir, checkpoint = tiny_cache, trained_tiny / "model.pth"
     cache = load_cache(str(cache_dir))
     model, _ = load_model(str(checkpoint), cache, CPU)
     scores, trained_pairs = score_table(model, cache), {tuple(p) for p in cache.train.tolist()}

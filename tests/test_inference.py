@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, make_tiny_cache, train_tiny
+from helpers import ROOT
 
 import inference
 import serving
@@ -20,15 +20,8 @@ import inference_benchmark
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("inference")
-    cache_dir = make_tiny_cache(folder)
-    return cache_dir, train_tiny(cache_dir, folder / "checkpoints", 2)
-
-
-def test_recommendations_skip_training_items_in_original_ids(trained, run_cli):
-    cache_dir, checkpoint = trained
+def test_recommendations_skip_training_items_in_original_ids(tiny_cache, trained_tiny, run_cli):
+    cache_dir, checkpoint = tiny_cache, trained_tiny / "model.pth"
     cache = load_cache(str(cache_dir))
     dense_users = [0, 7, 123, cache.num_users - 1]
     original_users = cache.user_ids[dense_users].tolist()
@@ -60,8 +53,8 @@ def test_recommendations_skip_training_items_in_original_ids(trained, run_cli):
         assert scores == pytest.approx(probs[items], abs=1e-6)
 
 
-def test_recommend_prints_a_table(trained, capsys):
-    cache_dir, checkpoint = trained
+def test_recommend_prints_a_table(tiny_cache, trained_tiny, capsys):
+    cache_dir, checkpoint = tiny_cache, trained_tiny / "model.pth"
     user = load_cache(str(cache_dir)).user_ids[5].item()
     inference.main(["recommend", "--data", str(cache_dir), "--checkpoint", str(checkpoint), "--users", str(user),
                     "--topk", "3", "--device", "cpu"])
@@ -70,8 +63,8 @@ def test_recommend_prints_a_table(trained, capsys):
     assert [line.split()[0] for line in lines[2:]] == ["1", "2", "3"]
 
 
-def test_unknown_user_is_a_user_error(trained, run_cli, assert_user_error):
-    cache_dir, checkpoint = trained
+def test_unknown_user_is_a_user_error(tiny_cache, trained_tiny, run_cli, assert_user_error):
+    cache_dir, checkpoint = tiny_cache, trained_tiny / "model.pth"
     known = load_cache(str(cache_dir)).user_ids[0].item()
     result = run_cli(["inference.py", "recommend", "--data", cache_dir, "--checkpoint", checkpoint,
                       "--users", known, 999_999, "--device", "cpu"])
@@ -79,8 +72,8 @@ def test_unknown_user_is_a_user_error(trained, run_cli, assert_user_error):
     assert result.stdout == ""
 
 
-def test_checkpoint_of_another_dataset_is_a_user_error(trained, tmp_path):
-    cache_dir, checkpoint = trained
+def test_checkpoint_of_another_dataset_is_a_user_error(tiny_cache, trained_tiny, tmp_path):
+    cache_dir, checkpoint = tiny_cache, trained_tiny / "model.pth"
     ckpt = torch.load(checkpoint, weights_only=True)
     ckpt["config"]["nb_items"] += 1  # a consistent checkpoint of a dataset with one item more
     items = ckpt["model"]["item_embed.weight"]
@@ -119,8 +112,8 @@ def test_benchmark_without_data(run_cli):
     assert "samples/s" in result.stdout  # the table comes before the JSON line
 
 
-def test_benchmark_of_a_checkpoint(trained, capsys, tmp_path):
-    cache_dir, checkpoint = trained
+def test_benchmark_of_a_checkpoint(tiny_cache, trained_tiny, capsys, tmp_path):
+    cache_dir, checkpoint = tiny_cache, trained_tiny / "model.pth"
     json_path = tmp_path / "bench.json"
     inference.main(["benchmark", "--data", str(cache_dir), "--checkpoint", str(checkpoint), "--batch_sizes", "100",
                     "--precision", "fp32", "--device", "cpu", "--iterations", "3", "--warmup", "0",

@@ -1,4 +1,4 @@
-"""HR@k / NDCG@k on hand-computed cases, ties counted against the model (spec §6.3)."""
+"""HR@k / NDCG@k on hand-computed cases, ties counted against the model."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""NeuMF shapes, initialisation and configuration (spec §4)."""
+"""NeuMF shapes, initialisation and configuration."""
 import math
 
 import pytest
@@ -120,7 +120,7 @@ def test_item_popularity_scores_by_training_count():
 
 
 def test_the_model_config_round_trips_through_the_checkpoint_dict_and_refuses_what_no_model_is():
-    from neumf import ModelConfig
+    from model_config import ModelConfig
 
     for config in (ModelConfig(3, 4), ModelConfig(3, 4, 8, (16, 8), 0.0, "mlp"), ModelConfig(3, 4, 8, (), 0.1, "gmf")):
         assert ModelConfig.from_dict(config.as_dict()) == config

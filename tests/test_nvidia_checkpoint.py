@@ -5,11 +5,11 @@ import itertools
 
 import pytest
 import torch
-from conftest import make_tiny_cache
 from torch import nn
 
 import checkpoint
 import dataloading
+import inference
 import ncf
 from cli import UserError
 from dataloading import load_cache
@@ -38,14 +38,9 @@ class RecipeLayoutNeuMF(nn.Module):
         return self.final(torch.cat((gmf, hidden), dim=1)).squeeze(1)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_cache(tmp_path_factory.mktemp("nvidia"))
-
-
 @pytest.fixture
-def recipe_model(tiny):
-    cache = load_cache(str(tiny))
+def recipe_layout_model(tiny_cache):
+    cache = load_cache(str(tiny_cache))
     torch.manual_seed(3)
     model = RecipeLayoutNeuMF(cache.num_users, cache.num_items, 8, [32, 16, 8]).eval()
     for table in (model.mf_user_embed, model.mf_item_embed, model.mlp_user_embed, model.mlp_item_embed):
@@ -60,34 +55,69 @@ def hr_of(model, cache):
 
 
 @pytest.mark.parametrize("prefix", ["", "module."])
-def test_an_nvidia_model_pth_is_evaluated_as_the_recipe_scores_it(tiny, recipe_model, tmp_path, prefix, capsys):
-    cache = load_cache(str(tiny))
+def test_an_nvidia_model_pth_is_evaluated_as_the_recipe_scores_it(tiny_cache, recipe_layout_model, tmp_path, prefix,
+                                                                  capsys):
+    cache = load_cache(str(tiny_cache))
     path = tmp_path / "model.pth"
-    torch.save({prefix + name: t for name, t in recipe_model.state_dict().items()}, path)
-    expected = hr_of(recipe_model, cache)
+    torch.save({prefix + name: t for name, t in recipe_layout_model.state_dict().items()}, path)
+    expected = hr_of(recipe_layout_model, cache)
     model, ckpt = checkpoint.load_model(str(path), cache, CPU)
     assert ckpt["config"] == {"nb_users": 300, "nb_items": 200, "mf_dim": 8, "mlp_layer_sizes": [32, 16, 8],
                               "dropout": 0.5}
     assert hr_of(model, cache) == pytest.approx(expected, abs=1e-9)
-    ncf.main(["--data", str(tiny), "--mode", "test", "--load_checkpoint_path", str(path), "--opt_level", "O0"])
+    ncf.main(["--data", str(tiny_cache), "--mode", "test", "--load_checkpoint_path", str(path), "--opt_level", "O0"])
     out = capsys.readouterr().out
     assert f"HR@10 {expected['hr']:.4f}" in out
 
 
-def test_ours_written_in_the_recipes_layout_loads_into_its_model(tiny, recipe_model, tmp_path):
-    cache = load_cache(str(tiny))
+def test_the_logged_validation_loss_is_the_recipes(tiny_cache, recipe_layout_model):
+    """The recipe's validation_loss: binary cross-entropy of sigmoid(score) against 1 for the held-out item and
+    0 for each negative, averaged over every candidate of every test user."""
+    cache = load_cache(str(tiny_cache))
+    data = dataloading.TestData.from_cache(cache, CPU)
+    users = data.users[:, None].expand_as(data.candidates).reshape(-1).long()
+    with torch.no_grad():
+        predictions = torch.sigmoid(recipe_layout_model(users, data.candidates.reshape(-1).long()).double())
+    labels = torch.zeros_like(data.candidates, dtype=torch.float64)
+    labels[:, 0] = 1
+    expected = nn.functional.binary_cross_entropy(predictions, labels.reshape(-1)).item()
+    assert hr_of(recipe_layout_model, cache)["eval_loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_ours_written_in_the_recipes_layout_loads_into_its_model(tiny_cache, recipe_layout_model, tmp_path):
+    cache = load_cache(str(tiny_cache))
     path = tmp_path / "model.pth"
-    torch.save(recipe_model.state_dict(), path)
+    torch.save(recipe_layout_model.state_dict(), path)
     ours = checkpoint.load_checkpoint(str(path), cache)
     back = RecipeLayoutNeuMF(300, 200, 8, [32, 16, 8]).eval()
     back.load_state_dict(checkpoint.to_nvidia(ours))  # strict: every name and shape of the recipe's layout
-    for name, tensor in recipe_model.state_dict().items():
+    for name, tensor in recipe_layout_model.state_dict().items():
         assert torch.equal(back.state_dict()[name], tensor), name
 
 
+def test_export_format_nvidia_writes_what_the_recipes_model_loads(exported_tiny, tmp_path, capsys):
+    """`inference.py export --format nvidia`: a trained checkpoint of ours becomes a model.pth that the recipe's
+    NeuMF loads strictly and scores as ours does; a file already at --output is never replaced."""
+    ours, tiny_cache = exported_tiny.checkpoint, exported_tiny.cache_dir
+    path = tmp_path / "nvidia.pth"
+    argv = ["export", "--format", "nvidia", "--checkpoint", str(ours), "--data", str(tiny_cache), "--output", str(path)]
+    inference.main(argv)
+    assert "in NVIDIA's recipe format" in capsys.readouterr().out
+    cache = load_cache(str(tiny_cache))
+    model, _ = checkpoint.load_model(str(ours), cache, CPU)
+    recipe = RecipeLayoutNeuMF(300, 200, 8, [32, 16, 8]).eval()
+    recipe.load_state_dict(torch.load(path, weights_only=True))  # strict: the recipe's names and shapes only
+    assert hr_of(recipe, cache) == pytest.approx(hr_of(model, cache), rel=1e-6)  # ours factored
+    before = path.read_bytes()
+    with pytest.raises(SystemExit) as exit_:
+        inference.main(argv)
+    assert exit_.value.code == 2 and "is not a file this project wrote" in capsys.readouterr().err
+    assert path.read_bytes() == before
+
+
 @pytest.mark.parametrize("edit", ["drop mlp.1.weight", "transpose a table", "other item count"])
-def test_an_edited_nvidia_model_pth_is_refused_in_one_line(tiny, recipe_model, tmp_path, edit):
-    state = recipe_model.state_dict()
+def test_an_edited_nvidia_model_pth_is_refused_in_one_line(tiny_cache, recipe_layout_model, tmp_path, edit):
+    state = recipe_layout_model.state_dict()
     if edit == "drop mlp.1.weight":
         del state["mlp.1.weight"]
     elif edit == "transpose a table":
@@ -97,7 +127,7 @@ def test_an_edited_nvidia_model_pth_is_refused_in_one_line(tiny, recipe_model, t
         state["mlp_item_embed.weight"] = state["mlp_item_embed.weight"][:150]
     torch.save(state, tmp_path / "model.pth")
     with pytest.raises(UserError):
-        checkpoint.load_checkpoint(str(tmp_path / "model.pth"), load_cache(str(tiny)))
+        checkpoint.load_checkpoint(str(tmp_path / "model.pth"), load_cache(str(tiny_cache)))
 
 
 def test_a_branch_alone_has_no_recipe_layout():

@@ -1,4 +1,4 @@
-"""The optimizer ncf.py builds (spec §6.2): Adam, fused where torch has it for the device, else foreach,
+"""The optimizer ncf.py builds: Adam, fused where torch has it for the device, else foreach,
 with the recipe's betas; both give the numbers of Adam written out by hand."""
 import pytest
 import torch

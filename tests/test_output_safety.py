@@ -1,5 +1,5 @@
 """Never delete or replace what the project did not provably write; every output path is checked
-before the work; a full disk or Ctrl-C leaves no partial output (SPEC §9).
+before the work; a full disk or Ctrl-C leaves no partial output.
 
 The fast tests call each script's main(argv) in-process and catch its SystemExit; the slow ones run
 the real command lines (a real SIGINT, a real write failure)."""
@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, make_tiny_cache
+from helpers import ROOT, make_tiny_cache
 
 import cli
 import convert

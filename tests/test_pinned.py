@@ -8,7 +8,7 @@ and AVX-512, so elsewhere the loss holds to rel 1e-4 and HR@10 / NDCG@10 to two 
 """
 import pytest
 import torch
-from conftest import epochs_of, make_tiny_cache
+from helpers import epochs_of
 
 import ncf
 
@@ -33,16 +33,11 @@ PINNED = {
 }
 
 
-@pytest.fixture(scope="module")
-def pinned_cache(tmp_path_factory):
-    return make_tiny_cache(tmp_path_factory.mktemp("pinned"))
-
-
 @pytest.mark.parametrize("name", sorted(PINNED))
-def test_tiny_run_reproduces_the_pinned_figures(pinned_cache, tmp_path, name):
+def test_tiny_run_reproduces_the_pinned_figures(tiny_cache, tmp_path, name):
     flags, expected = PINNED[name]
     log = tmp_path / "log.json"
-    ncf.main(["--data", str(pinned_cache), "-e", "3", "--checkpoint_dir", str(tmp_path / "ck"), "--log_path",
+    ncf.main(["--data", str(tiny_cache), "-e", "3", "--checkpoint_dir", str(tmp_path / "ck"), "--log_path",
               str(log), "--factors", "8", "--layers", "32", "16", "8", "--opt_level", "O0", "--no_progress", *flags])
     got = [(r["loss"], r["hr"], r["ndcg"]) for r in epochs_of(log)]
     same_cpu = torch.backends.cpu.get_cpu_capability() == PINNED_ON

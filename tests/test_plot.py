@@ -120,3 +120,72 @@ def test_the_plotted_lines_are_the_logged_figures(tmp_path, monkeypatch):
         for line in ax.lines:
             colours.setdefault(line.get_label().split(",")[0], set()).add(line.get_color())
     assert len(colours["fp32"]) == len(colours["AMP"]) == 1 and colours["fp32"] != colours["AMP"]
+
+
+def drawn_figure(monkeypatch, draw):
+    """The matplotlib figure `draw()` makes, kept open (plot code closes its figures) to be read back."""
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    draw()
+    (figure,) = figures
+    return figure
+
+
+def test_the_title_names_the_runs_unless_given(tmp_path, monkeypatch):
+    fp32 = write_log(tmp_path / "fp32.json", "fp32", 2)
+    amp = write_log(tmp_path / "amp.json", "bf16 autocast", 2, hr0=0.5)
+    curves = plot.label_runs([str(fp32), str(amp)], ["fp32", "AMP"])
+    figure = drawn_figure(monkeypatch, lambda: plot.plot(curves, str(tmp_path / "a.png")))
+    assert figure._suptitle.get_text() == "ncf.py, per epoch: fp32, AMP"
+    figure = drawn_figure(monkeypatch, lambda: plot.plot(curves, str(tmp_path / "b.png"), "mine"))
+    assert figure._suptitle.get_text() == "mine"
+
+
+def test_identical_runs_stay_visible_and_are_named(tmp_path, monkeypatch, capsys):
+    """The same command run twice logs the same loss and metrics: the second curve lies on the first, so
+    each run has its own marker and the legend and a note say that they coincide."""
+    first = write_log(tmp_path / "first.json", "fp32", 3)
+    second = write_log(tmp_path / "second.json", "fp32", 3)
+    other = write_log(tmp_path / "other.json", "fp32", 3, hr0=0.5)
+    output = tmp_path / "run.png"
+    figure = drawn_figure(monkeypatch, lambda: plot.main([str(first), str(second), str(other), "-o", str(output)]))
+    hr = next(ax for ax in figure.axes if ax.get_ylabel() == "HR@10")
+    lines = {line.get_label(): line for line in hr.lines}
+    assert sorted(lines) == ["first (fp32), sampled", "other (fp32), sampled",
+                             "second (fp32), sampled (= first (fp32))"]
+    markers = {line.get_marker() for line in lines.values()}
+    assert len(markers) == 3  # one shape per run, hollow, so that the one drawn over the other shows through
+    assert all(line.get_markerfacecolor() == "none" for line in lines.values())
+    assert list(lines["second (fp32), sampled (= first (fp32))"].get_ydata()) == \
+        list(lines["first (fp32), sampled"].get_ydata())
+    note = capsys.readouterr().out.splitlines()[-1]
+    assert note.startswith("note: second (fp32) has the same loss and metrics as first (fp32)")
+
+
+def test_tune_plots_name_the_objective_and_number_the_trials(tmp_path, monkeypatch):
+    """tune.py's charts: the objective is the validation HR@k of the study's k (not Optuna's "Objective
+    Value"), and the trial axis has integer ticks."""
+    optuna = pytest.importorskip("optuna")
+    import tune
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", study_name="s")
+    study.set_user_attr(tune.SETTINGS_ATTR, {"--topk": 5})
+    study.optimize(lambda t: t.suggest_float("lr", 0.0, 1.0) * t.suggest_float("beta1", 0.0, 1.0), n_trials=3)
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    tune.plot(study, str(tmp_path))
+    history, importances = (figure.axes[0] for figure in figures)
+    assert history.get_ylabel() == "validation HR@5"
+    assert "validation HR@5" in history.get_title() and "Objective" not in history.get_title()
+    ticks = [t for t in history.get_xticks() if history.get_xlim()[0] <= t <= history.get_xlim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks)
+    assert "validation HR@5" in importances.get_title(loc="left")
+    legend = [text.get_text() for text in importances.get_legend().get_texts()] if importances.get_legend() else []
+    assert "Objective Value" not in legend
+    for name in tune.PLOTS:
+        assert tune.is_tune_plot(tmp_path / name)

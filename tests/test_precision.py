@@ -1,4 +1,4 @@
-"""Mixed precision really happens where it is chosen (spec §5 --opt_level, §6.2).
+"""Mixed precision really happens where it is chosen.
 
 A name string and an HR close to fp32's would pass with autocast switched off, so these tests look at
 what computes in which type: choose_precision's branches with the CPU's bf16 capability injected
@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_MODEL, make_tiny_cache
+from helpers import TINY_MODEL, make_tiny_cache
 
 import devices
 import ncf

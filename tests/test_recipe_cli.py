@@ -2,9 +2,12 @@
 mean what they mean there, --checkpoint_dir '' saves nothing, the JSON log carries the recipe's keys."""
 import json
 import math
+import re
+import socket
+import sys
 
 import pytest
-from conftest import TINY_MODEL, make_tiny_cache
+from helpers import ROOT, TINY_MODEL, run
 
 import ncf
 
@@ -19,15 +22,10 @@ def test_the_recipes_short_forms_mean_what_they_mean_there():
     assert ncf.parse_args(["-b16384"]).batch_size == 16384  # -b with its value attached is still the batch
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_cache(tmp_path_factory.mktemp("recipe"))
-
-
-def test_an_empty_checkpoint_dir_saves_nothing(tiny, tmp_path, capsys, monkeypatch):
+def test_an_empty_checkpoint_dir_saves_nothing(tiny_cache, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     log = tmp_path / "logs" / "log.json"
-    ncf.main(["--data", str(tiny), "-e", "1", "--checkpoint_dir", "", "--log_path", str(log), *TINY_MODEL])
+    ncf.main(["--data", str(tiny_cache), "-e", "1", "--checkpoint_dir", "", "--log_path", str(log), *TINY_MODEL])
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["log.json", "logs"]
     out = capsys.readouterr().out
     assert "model neumf: " in out and " parameters" in out
@@ -37,16 +35,16 @@ def test_an_empty_checkpoint_dir_saves_nothing(tiny, tmp_path, capsys, monkeypat
     (["--resume"], "--checkpoint_dir is ''"),
     (["--mode", "test"], "needs --load_checkpoint_path"),
 ])
-def test_an_empty_checkpoint_dir_with_nothing_to_read_is_one_line(tiny, capsys, flags, words):
+def test_an_empty_checkpoint_dir_with_nothing_to_read_is_one_line(tiny_cache, capsys, flags, words):
     with pytest.raises(SystemExit) as exit_:
-        ncf.main(["--data", str(tiny), "-e", "1", "--checkpoint_dir", "", *TINY_MODEL, *flags])
+        ncf.main(["--data", str(tiny_cache), "-e", "1", "--checkpoint_dir", "", *TINY_MODEL, *flags])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1 and words in err, err
 
 
-def test_the_log_carries_the_recipes_keys_with_its_meanings(tiny, tmp_path):
+def test_the_log_carries_the_recipes_keys_with_its_meanings(tiny_cache, tmp_path):
     log = tmp_path / "log.json"
-    ncf.main(["--data", str(tiny), "-e", "2", "--checkpoint_dir", str(tmp_path / "ck"), "--log_path", str(log),
+    ncf.main(["--data", str(tiny_cache), "-e", "2", "--checkpoint_dir", str(tmp_path / "ck"), "--log_path", str(log),
               *TINY_MODEL])
     records = [json.loads(line) for line in log.read_text().splitlines()]
     epochs = [r for r in records if r["event"] == "epoch"]
@@ -55,6 +53,7 @@ def test_the_log_carries_the_recipes_keys_with_its_meanings(tiny, tmp_path):
         assert record["step"] == [record["epoch"] - 1]  # the recipe counts epochs from 0
         assert 0 < record["mrr"] <= record["ndcg"] <= record["hr"]  # MRR@k: 1/(rank+1) <= 1/log2(rank+2)
         assert (record["hr@10"], record["train_loss"]) == (record["hr"], record["loss"])
+        assert record["validation_loss"] == record["eval_loss"] > 0  # its meaning: tests/test_nvidia_checkpoint.py
         assert (record["train_epoch_time"], record["validation_epoch_time"]) == (record["train_time_s"],
                                                                                  record["eval_time_s"])
     best = max(epochs, key=lambda r: r["hr"])
@@ -65,3 +64,51 @@ def test_the_log_carries_the_recipes_keys_with_its_meanings(tiny, tmp_path):
     assert summary["time_to_target_s"] is None  # this project's own key: the threshold 1.0 was not reached
     steps = math.ceil(best["train_throughput"] * best["train_time_s"] / 4096)
     assert steps >= 1
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_line(stdout):
+    """(global batch, per rank, micro-batch, steps per epoch) from ncf.py's set-up lines."""
+    match = re.search(r"global batch ([\d,]+) \| per rank ([\d,]+) \| micro-batch ([\d,]+) \| steps per epoch ([\d,]+)",
+                      stdout)
+    assert match, stdout
+    return tuple(int(group.replace(",", "")) for group in match.groups())
+
+
+@pytest.mark.slow
+def test_the_command_lines_of_nvidias_readme_run_with_its_meaning(tmp_path):
+    """NVIDIA's README, on tiny_cache data: convert as prepare_dataset.sh calls it, training through
+    torch.distributed.launch (2 processes) and in one process with --grads_accumulated 2, with the recipe's
+    short forms, then `--mode test --checkpoint-path` on 2 processes. Each is accepted, and each step takes
+    what the recipe's flags say (-b B over the ranks; --grads_accumulated G splits it: the README's table)."""
+    import synthetic
+
+    csv = tmp_path / "ratings.csv"
+    synthetic.write_ratings_csv(csv, users=300, items=200, interactions_per_user_mean=30, seed=0)
+    converted = run(["convert.py", "--path", csv, "--output", tmp_path / "cache"])  # prepare_dataset.sh's line
+    assert converted.returncode == 0, converted.stderr
+    train_pairs = int(re.search(r"([\d,]+) train pairs", converted.stdout)[1].replace(",", ""))
+    samples = train_pairs * (1 + 4)  # -n 4
+    launch = [sys.executable, "-m", "torch.distributed.launch", "--nproc_per_node=2", "--master_port"]
+    recipe = ["--data", tmp_path / "cache", "-e", "1", "-b", "8192", "-l", "0.0045", "-b1", "0.25", "-b2", "0.5",
+              "--eps", "1e-8", "-f", "8", "--layers", "32", "16", "8", "-n", "4", "-t", "1.0", "-s", "1",
+              "--no_progress"]
+
+    two = run([*launch, free_port(), ROOT / "ncf.py", *recipe, "--checkpoint_dir", tmp_path / "two"])
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert setup_line(two.stdout) == (8192, 4096, 4096, samples // 8192 + (samples % 8192 >= 2))
+
+    one = run(["ncf.py", *recipe, "--grads_accumulated", "2", "--checkpoint_dir", tmp_path / "one"])
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert setup_line(one.stdout) == (8192, 8192, 4096, samples // 8192 + (samples % 8192 >= 2))
+
+    hr = re.findall(r"epoch 1 \|.*? HR@10 ([\d.]+)", two.stdout)
+    tested = run([*launch, free_port(), ROOT / "ncf.py", "--data", tmp_path / "cache", "--mode", "test",
+                  "--checkpoint-path", tmp_path / "two" / "model.pth"])
+    assert tested.returncode == 0, tested.stderr[-3000:]
+    assert "world size 2" in tested.stdout and f"HR@10 {hr[0]}" in tested.stdout, (hr, tested.stdout)

@@ -1,7 +1,8 @@
-"""Bad input answered clearly, and no interruption leaves a lie on disk (spec §9)."""
+"""Bad input answered clearly, and no interruption leaves a lie on disk."""
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -10,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, TINY_TRAIN, epochs_of, make_synthetic_cache, train
+from helpers import ROOT, TINY_TRAIN, epochs_of, make_synthetic_cache, train
 
 import convert
 import ncf
@@ -20,21 +21,21 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def world(tiny_cache, tmp_path_factory):
-    """Everything the bad-input table needs: the tiny cache, a checkpoint of it, another dataset."""
+def cli_inputs(synthetic_cache, tmp_path_factory):
+    """Everything the bad-input table needs: the synthetic cache, a checkpoint of it, another dataset."""
     tmp = tmp_path_factory.mktemp("errors")
-    _, _, ck = train(tiny_cache, tmp, "-e", "1", "--opt_level", "O0")
+    _, _, ck = train(synthetic_cache, tmp, "-e", "1", "--opt_level", "O0")
     other = make_synthetic_cache(tmp / "other", users=300, items=200, per_user=25, negatives=50)
     a_file = tmp / "a_file"
     a_file.write_text("not a folder\n")
-    return {"cache": tiny_cache, "ck": ck / "model.pth", "other": other, "file": a_file, "tmp": tmp}
+    return {"cache": synthetic_cache, "ck": ck / "model.pth", "other": other, "file": a_file, "tmp": tmp}
 
 
-def broken_cache(world, name, damage):
+def broken_cache(cli_inputs, name, damage):
     """A copy of the tiny cache with one thing broken by `damage(folder)`."""
-    folder = world["tmp"] / f"broken-{name}"
+    folder = cli_inputs["tmp"] / f"broken-{name}"
     if not folder.exists():
-        shutil.copytree(world["cache"], folder)
+        shutil.copytree(cli_inputs["cache"], folder)
         damage(folder)
     return folder
 
@@ -54,26 +55,26 @@ def truncate(path):
     path.write_bytes(data[: len(data) // 2])
 
 
-def ncf_argv(world, *args):
-    return ["ncf.py", "--data", world["cache"], "--checkpoint_dir", world["tmp"] / "ck-new", *TINY_TRAIN, *args]
+def ncf_argv(inputs, *args):
+    return ["ncf.py", "--data", inputs["cache"], "--checkpoint_dir", inputs["tmp"] / "ck-new", *TINY_TRAIN, *args]
 
 
-def truncated_checkpoint(world):
-    path = world["tmp"] / "truncated.pth"
+def truncated_checkpoint(cli_inputs):
+    path = cli_inputs["tmp"] / "truncated.pth"
     if not path.exists():
-        path.write_bytes(world["ck"].read_bytes()[:1000])
+        path.write_bytes(cli_inputs["ck"].read_bytes()[:1000])
     return path
 
 
-def not_a_checkpoint(world):
-    path = world["tmp"] / "list.pth"
+def not_a_checkpoint(cli_inputs):
+    path = cli_inputs["tmp"] / "list.pth"
     torch.save([1, 2, 3], path)
     return path
 
 
-def foreign_file(world, name, folder="foreign"):
+def foreign_file(cli_inputs, name, folder="foreign"):
     """A folder holding a user's own file named as one ncf.py writes (its content is no checkpoint or log)."""
-    path = world["tmp"] / folder / name
+    path = cli_inputs["tmp"] / folder / name
     path.parent.mkdir(exist_ok=True)
     path.write_text("my notes\n")
     return path
@@ -109,8 +110,6 @@ BAD_INPUTS = [
     ("cuda without cuda", lambda w: ncf_argv(w, "--device", "cuda"), ["--device cuda", "--device cpu"]),
     ("test without checkpoint", lambda w: ncf_argv(w, "--mode", "test", "--checkpoint_dir", w["tmp"] / "none"),
      ["--mode test needs a checkpoint"]),
-    ("resume without last.pth", lambda w: ncf_argv(w, "--resume", "--checkpoint_dir", w["tmp"] / "none"),
-     ["--resume", "last.pth does not exist"]),
     ("unwritable checkpoint folder", lambda w: ncf_argv(w, "--checkpoint_dir", w["file"] / "ck"),
      ["--checkpoint_dir", "is a file"]),
     ("unwritable log folder", lambda w: ncf_argv(w, "--log_path", w["file"] / "logs" / "log.json"),
@@ -122,8 +121,6 @@ BAD_INPUTS = [
      [".lock", "not taken as a lock"]),
     ("a log ncf.py did not write", lambda w: ncf_argv(w, "--log_path", foreign_file(w, "notes.txt", "foreign-3")),
      ["--log_path", "not replaced"]),
-    ("resume and pretrained branches", lambda w: ncf_argv(w, "--resume", "--init_gmf", w["ck"], "--init_mlp", w["ck"]),
-     ["--resume and --init_gmf", "pass only one"]),
     ("start checkpoint and pretrained branches", lambda w: ncf_argv(w, "--load_checkpoint_path", w["ck"], "--init_gmf",
                                                                     w["ck"], "--init_mlp", w["ck"]),
      ["--load_checkpoint_path and --init_gmf"]),
@@ -146,14 +143,14 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("case, argv, words", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
-def test_bad_input_is_one_clear_line(world, run_cli, assert_user_error, case, argv, words):
-    (world["tmp"] / "empty.csv").write_text("")
-    command = argv(world)  # builds the row's files (a broken cache, a foreign file) before the snapshot
-    before = files_of(world["tmp"])
-    result = run_cli(command, env={"DATA_DIR": str(world["tmp"] / "data")})
+def test_bad_input_is_one_clear_line(cli_inputs, run_cli, assert_user_error, case, argv, words):
+    (cli_inputs["tmp"] / "empty.csv").write_text("")
+    command = argv(cli_inputs)  # builds the row's files (a broken cache, a foreign file) before the snapshot
+    before = files_of(cli_inputs["tmp"])
+    result = run_cli(command, env={"DATA_DIR": str(cli_inputs["tmp"] / "data")})
     assert_user_error(result, *words)
-    assert not (world["tmp"] / "ck-new").exists(), "an early error left a checkpoint folder"
-    assert files_of(world["tmp"]) == before  # every file there byte-for-byte as it was, and none added
+    assert not (cli_inputs["tmp"] / "ck-new").exists(), "an early error left a checkpoint folder"
+    assert files_of(cli_inputs["tmp"]) == before  # every file there byte-for-byte as it was, and none added
 
 
 def files_of(folder):
@@ -164,28 +161,22 @@ def files_of(folder):
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_a_pickle_that_runs_code_is_refused(world, tmp_path, run_cli, assert_user_error):
+def test_a_pickle_that_runs_code_is_refused(cli_inputs, tmp_path, run_cli, assert_user_error):
     class Exploit:
         def __reduce__(self):
             return (os.system, (f"touch {tmp_path / 'pwned'}",))
 
     cache = tmp_path / "cache"
-    shutil.copytree(world["cache"], cache)
+    shutil.copytree(cli_inputs["cache"], cache)
     with open(cache / "train_ratings.pt", "wb") as f:
         pickle.dump(Exploit(), f)
     checkpoint = tmp_path / "evil.pth"
     torch.save({"model": Exploit(), "config": {}}, checkpoint)
     assert_user_error(run_cli(["ncf.py", "--data", cache, "--checkpoint_dir", tmp_path / "ck"]), "train_ratings.pt")
-    assert_user_error(run_cli(["ncf.py", "--data", world["cache"], "--mode", "test", "--load_checkpoint_path",
+    assert_user_error(run_cli(["ncf.py", "--data", cli_inputs["cache"], "--mode", "test", "--load_checkpoint_path",
                                checkpoint]), "evil.pth")
     assert not (tmp_path / "pwned").exists()
 
-
-def test_a_diverging_run_stops_naming_the_epoch(world, tmp_path, run_cli, assert_user_error):
-    result = run_cli(["ncf.py", "--data", world["cache"], "--checkpoint_dir", tmp_path / "ck", *TINY_TRAIN,
-                      "--opt_level", "O0", "-l", "1e12", "-e", "5"])
-    assert_user_error(result, "diverged", "epoch 1", "--learning_rate")
-    assert "epoch 1 |" not in result.stdout
 
 
 def start(argv, **kwargs):
@@ -222,13 +213,13 @@ def worker_pids(launcher, count, timeout=60):
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
-def test_sigterm_saves_last_checkpoint_and_resume_continues(world, tmp_path, nproc):
-    """SIGTERM (a scheduler's notice) stops training after the epoch with exit status 0 and a last.pth
-    to resume from. With 2 processes only rank 1 is signalled (as when one node is preempted): the ranks
-    agree to stop after the same epoch, rank 0 says so, and torchrun ends with status 0. (torchrun itself,
-    when signalled, always ends with status 1 and its own traceback, whatever its workers do.)"""
+def test_sigterm_saves_last_checkpoint_and_resume_continues(cli_inputs, tmp_path, nproc):
+    """SIGTERM (a scheduler's notice) stops training after the epoch with a last.pth to resume from, and exit
+    status 130 on every rank (not a finished run). With 2 processes only rank 1 is signalled (as when one
+    node is preempted): the ranks agree to stop after the same epoch, rank 0 says so, and torchrun reports
+    both workers' exit code 130 with its status 1, no rank aborting."""
     ck, log = tmp_path / "ck", tmp_path / "log.json"
-    args = ["--data", str(world["cache"]), "--checkpoint_dir", str(ck), "--log_path", str(log), *TINY_TRAIN,
+    args = ["--data", str(cli_inputs["cache"]), "--checkpoint_dir", str(ck), "--log_path", str(log), *TINY_TRAIN,
             "--opt_level", "O0"]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
         if nproc > 1 else [sys.executable]
@@ -241,7 +232,10 @@ def test_sigterm_saves_last_checkpoint_and_resume_continues(world, tmp_path, npr
     finally:
         if job.poll() is None:
             job.kill()
-    assert job.returncode == 0, err[-3000:]
+    assert job.returncode == (130 if nproc == 1 else 1), err[-3000:]
+    if nproc > 1:
+        assert set(re.findall(r"exitcode\s*:\s*(-?\d+)", err)) == {"130"}, err[-3000:]  # the two ranks
+        assert "terminate called" not in err
     assert "stopped by SIGTERM after epoch" in out
     done = torch.load(ck / "last.pth", weights_only=True)["epoch"]
     assert 1 <= done < 100 and len(epochs_of(log)) == done
@@ -259,11 +253,11 @@ def loads_as_checkpoint(path):
     return ckpt["epoch"]
 
 
-def test_killed_while_writing_checkpoints_leaves_old_or_new_files(world, tmp_path):
+def test_killed_while_writing_checkpoints_leaves_old_or_new_files(cli_inputs, tmp_path):
     """SIGKILL as soon as a checkpoint's temporary file appears, i.e. in the middle of writing it."""
     ck = tmp_path / "ck"
     # A wide model makes each checkpoint tens of MB, so the kill lands inside the write.
-    argv = [sys.executable, str(ROOT / "ncf.py"), "--data", str(world["cache"]), "--checkpoint_dir", str(ck),
+    argv = [sys.executable, str(ROOT / "ncf.py"), "--data", str(cli_inputs["cache"]), "--checkpoint_dir", str(ck),
             *TINY_TRAIN, "-f", "2048", "--opt_level", "O0", "-e", "50"]
     hits = 0
     for round_ in range(2):
@@ -343,7 +337,7 @@ def test_killed_convert_leaves_no_cache_that_looks_complete(tmp_path, run_cli):
     assert not [n for n in os.listdir(data / "cache") if ".tmp-" in n or ".old-" in n]
 
 
-def test_grad_scaler_skips_overflowing_steps(tiny_cache):
+def test_grad_scaler_skips_overflowing_steps(synthetic_cache):
     """What fp16 AMP relies on, through ncf.train_step: an overflowing step changes no weight and
     halves the loss scale; the next finite step trains. (A CPU stand-in: large embeddings and a
     huge scale make the scaled fp32 gradients overflow, as fp16 gradients do on a GPU.)"""
@@ -351,7 +345,7 @@ def test_grad_scaler_skips_overflowing_steps(tiny_cache):
     from devices import choose_precision
     from neumf import NeuMF
 
-    cache = load_cache(tiny_cache)
+    cache = load_cache(synthetic_cache)
     ctx = ncf.DistContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
     precision = choose_precision("O0", "auto", ctx.device)
     model = NeuMF(cache.num_users, cache.num_items, mf_dim=8, mlp_layer_sizes=(16, 8), dropout=0.0)

@@ -1,4 +1,4 @@
-"""The device-resident epoch sampler (spec §6.1) and the evaluation candidates."""
+"""The device-resident epoch sampler and the evaluation candidates."""
 import torch
 
 from dataloading import EpochSampler

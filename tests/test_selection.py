@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_MODEL, make_tiny_cache
+from helpers import TINY_MODEL, make_tiny_cache
 
 import cache_format
 import convert
@@ -21,11 +21,6 @@ from logger import read_log
 from neumf import NeuMF, build_model, load_pretrained
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def valid_cache(tmp_path_factory):
-    return make_tiny_cache(tmp_path_factory.mktemp("selection"), validation=True)
 
 
 def train(cache, folder, *flags, epochs=3):
@@ -106,8 +101,8 @@ def test_validation_negatives_are_distinct_unseen_items_and_test_negatives_do_no
 # -- selection, threshold and patience on the validation figures ---------------------------------------------
 
 
-def test_the_best_epoch_is_chosen_by_validation_and_reported_with_its_test_figures(valid_cache, tmp_path):
-    records = train(valid_cache, tmp_path, "-l", "0.01", epochs=4)
+def test_the_best_epoch_is_chosen_by_validation_and_reported_with_its_test_figures(tiny_validation_cache, tmp_path):
+    records = train(tiny_validation_cache, tmp_path, "-l", "0.01", epochs=4)
     epochs = [r for r in records if r["event"] == "epoch"]
     (summary,) = [r for r in records if r["event"] == "summary"]
     assert all({"valid_hr", "valid_ndcg", "hr", "ndcg"} <= r.keys() for r in epochs)
@@ -121,15 +116,15 @@ def test_the_best_epoch_is_chosen_by_validation_and_reported_with_its_test_figur
     assert [r["valid_hr"] for r in epochs] != [r["hr"] for r in epochs]
 
 
-def test_threshold_applies_to_the_validation_figure(valid_cache, tmp_path):
-    records = train(valid_cache, tmp_path, "-l", "0.01", epochs=4)
+def test_threshold_applies_to_the_validation_figure(tiny_validation_cache, tmp_path):
+    records = train(tiny_validation_cache, tmp_path, "-l", "0.01", epochs=4)
     first_valid = next(r for r in records if r["event"] == "epoch")["valid_hr"]
-    records = train(valid_cache, tmp_path / "again", "-l", "0.01", "-t", first_valid, epochs=4)
+    records = train(tiny_validation_cache, tmp_path / "again", "-l", "0.01", "-t", first_valid, epochs=4)
     assert len([r for r in records if r["event"] == "epoch"]) == 1
 
 
-def test_patience_stops_after_epochs_without_improvement(valid_cache, tmp_path, capsys):
-    records = train(valid_cache, tmp_path, "-l", "1e-9", "--patience", "2", epochs=10)  # nothing improves
+def test_patience_stops_after_epochs_without_improvement(tiny_validation_cache, tmp_path, capsys):
+    records = train(tiny_validation_cache, tmp_path, "-l", "1e-9", "--patience", "2", epochs=10)  # nothing improves
     epochs = [r for r in records if r["event"] == "epoch"]
     assert [r["epoch"] for r in epochs] == [1, 2, 3]
     assert "--patience" in capsys.readouterr().out
@@ -186,34 +181,34 @@ def test_load_pretrained_gives_the_alpha_weighted_sum_of_the_branches():
 
 
 @pytest.fixture(scope="module")
-def branches(valid_cache, tmp_path_factory):
+def branches(tiny_validation_cache, tmp_path_factory):
     folder = tmp_path_factory.mktemp("branches")
     for model in ("gmf", "mlp"):
-        train(valid_cache, folder / model, "--model", model, epochs=2)
+        train(tiny_validation_cache, folder / model, "--model", model, epochs=2)
     return folder
 
 
 @pytest.mark.parametrize("model", ["gmf", "mlp"])
-def test_a_branch_alone_trains_tests_and_resumes(valid_cache, branches, tmp_path, model, capsys):
+def test_a_branch_alone_trains_tests_and_resumes(tiny_validation_cache, branches, tmp_path, model, capsys):
     ckpt = torch.load(branches / model / "ck" / "model.pth", weights_only=True)
     assert ckpt["config"]["model"] == model
     summary = next(r for r in read_log(branches / model / "log.json") if r["event"] == "summary")
     assert summary["best_valid_hr"] > 0
-    ncf.main(["--data", str(valid_cache), "--mode", "test", "--load_checkpoint_path",
+    ncf.main(["--data", str(tiny_validation_cache), "--mode", "test", "--load_checkpoint_path",
               str(branches / model / "ck" / "model.pth"), "--log_path", str(tmp_path / "test.json")])
     (tested,) = [r for r in read_log(tmp_path / "test.json") if r["event"] == "test"]
     assert tested["hr"] == pytest.approx(ckpt["hr"], abs=1e-12)
     import shutil
 
     shutil.copytree(branches / model / "ck", tmp_path / "ck")
-    records = train(valid_cache, tmp_path, "--model", model, "--resume", epochs=3)
+    records = train(tiny_validation_cache, tmp_path, "--model", model, "--resume", epochs=3)
     assert [r["epoch"] for r in records if r["event"] == "epoch"] == [3]
 
 
-def test_neumf_starts_from_the_pretrained_branches(valid_cache, branches):
-    cache = load_cache(str(valid_cache))
-    args = ncf.parse_args(["--data", str(valid_cache), *TINY_MODEL, "--init_gmf", str(branches / "gmf/ck/model.pth"),
-                           "--init_mlp", str(branches / "mlp/ck/model.pth")])
+def test_neumf_starts_from_the_pretrained_branches(tiny_validation_cache, branches):
+    cache = load_cache(str(tiny_validation_cache))
+    args = ncf.parse_args(["--data", str(tiny_validation_cache), *TINY_MODEL, "--init_gmf",
+                           str(branches / "gmf/ck/model.pth"), "--init_mlp", str(branches / "mlp/ck/model.pth")])
     model = build_model(ncf.model_config(args, cache), CPU)
     ncf.initial_weights(model, args, cache)
     import checkpoint
@@ -225,9 +220,9 @@ def test_neumf_starts_from_the_pretrained_branches(valid_cache, branches):
         torch.testing.assert_close(model.eval()(users, items), 0.5 * gmf(users, items) + 0.5 * mlp(users, items))
 
 
-def test_pretrained_branches_of_another_shape_are_refused(valid_cache, branches):
-    cache = load_cache(str(valid_cache))
-    args = ncf.parse_args(["--data", str(valid_cache), "--factors", "16", "--layers", "32", "16", "8",
+def test_pretrained_branches_of_another_shape_are_refused(tiny_validation_cache, branches):
+    cache = load_cache(str(tiny_validation_cache))
+    args = ncf.parse_args(["--data", str(tiny_validation_cache), "--factors", "16", "--layers", "32", "16", "8",
                            "--init_gmf", str(branches / "gmf/ck/model.pth"),
                            "--init_mlp", str(branches / "mlp/ck/model.pth")])
     model = build_model(ncf.model_config(args, cache), CPU)
@@ -245,7 +240,7 @@ def test_pretraining_flags_go_together(flags):
 
 
 @pytest.mark.slow
-def test_tune_runs_trials_and_continues_a_stopped_study(valid_cache, tmp_path, capsys):
+def test_tune_runs_trials_and_continues_a_stopped_study(tiny_validation_cache, tmp_path, capsys):
     import tune
 
     out = tmp_path / "tune"
@@ -253,10 +248,10 @@ def test_tune_runs_trials_and_continues_a_stopped_study(valid_cache, tmp_path, c
     space = tmp_path / "space.json"
     space.write_text(json.dumps({"learning_rate": {"low": 1e-4, "high": 3e-2, "log": True},
                                  "dropout": {"low": 0.0, "high": 0.5}, "batch_size": {"choices": [1024, 4096]}}))
-    tune.main(["--data", str(valid_cache), "--trials", "2", "--epochs", "2", "--output", str(out),
+    tune.main(["--data", str(tiny_validation_cache), "--trials", "2", "--epochs", "2", "--output", str(out),
                "--space", str(space), *fixed])
     first = capsys.readouterr().out
-    tune.main(["--data", str(valid_cache), "--trials", "3", "--epochs", "2", "--output", str(out),
+    tune.main(["--data", str(tiny_validation_cache), "--trials", "3", "--epochs", "2", "--output", str(out),
                "--space", str(space), *fixed])
     second = capsys.readouterr().out
     assert "2 trials finished, continuing to 3" in second
@@ -297,7 +292,7 @@ def test_stop_request_restores_the_previous_sigterm_handler():
 
 
 @pytest.mark.slow
-def test_sigterm_during_a_trial_fails_it_and_ends_the_search(valid_cache, tmp_path, monkeypatch, capsys,
+def test_sigterm_during_a_trial_fails_it_and_ends_the_search(tiny_validation_cache, tmp_path, monkeypatch, capsys,
                                                              sigterm_handler_kept):
     """A trial cut short by SIGTERM has the figure of fewer epochs than its flags ask: never recorded as
     complete. The search stops (exit 130), and the next command continues it."""
@@ -315,7 +310,7 @@ def test_sigterm_during_a_trial_fails_it_and_ends_the_search(valid_cache, tmp_pa
     monkeypatch.setattr(ncf, "update_progress", sigterm_in_epoch_1)
     out = tmp_path / "tune"
     with pytest.raises(SystemExit) as stopped:
-        tune.main(tune_argv(valid_cache, out, tmp_path / "space.json", trials=3))
+        tune.main(tune_argv(tiny_validation_cache, out, tmp_path / "space.json", trials=3))
     assert stopped.value.code == 130
     assert capsys.readouterr().err.strip().splitlines() == [f"{os.path.basename(sys.argv[0])}: interrupted"]
     study = optuna.load_study(study_name="ncf", storage=f"sqlite:///{out / 'study.db'}")
@@ -325,14 +320,14 @@ def test_sigterm_during_a_trial_fails_it_and_ends_the_search(valid_cache, tmp_pa
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # the test's own ask() outside optimize()
-def test_a_trial_of_a_killed_search_is_failed_by_the_next_one(valid_cache, tmp_path, monkeypatch,
+def test_a_trial_of_a_killed_search_is_failed_by_the_next_one(tiny_validation_cache, tmp_path, monkeypatch,
                                                               sigterm_handler_kept):
     import optuna
 
     import tune
 
     out = tmp_path / "tune"
-    tune.main(tune_argv(valid_cache, out, tmp_path / "space.json", trials=1))  # a study as tune.py starts it
+    tune.main(tune_argv(tiny_validation_cache, out, tmp_path / "space.json", trials=1))  # a study as tune.py starts it
     storage = tune.make_storage(optuna, f"sqlite:///{out / 'study.db'}")
     study = optuna.load_study(study_name="ncf", storage=storage)
     orphan = study.ask()  # what `kill -9` during a trial leaves: running, with a heartbeat that stopped
@@ -340,19 +335,20 @@ def test_a_trial_of_a_killed_search_is_failed_by_the_next_one(valid_cache, tmp_p
     monkeypatch.setattr(tune, "GRACE_S", 1)
     monkeypatch.setattr(tune, "HEARTBEAT_S", 1)
     time.sleep(2.5)
-    tune.main(tune_argv(valid_cache, out, tmp_path / "space.json", trials=3))  # the failed orphan counts as finished
+    # The failed orphan counts as finished.
+    tune.main(tune_argv(tiny_validation_cache, out, tmp_path / "space.json", trials=3))
     states = [t.state for t in optuna.load_study(study_name="ncf", storage=f"sqlite:///{out / 'study.db'}").trials]
     assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL,
                       optuna.trial.TrialState.COMPLETE]
 
 
 @pytest.mark.slow
-def test_a_diverging_trial_is_failed_in_one_line_and_the_search_goes_on(valid_cache, tmp_path, capsys,
+def test_a_diverging_trial_is_failed_in_one_line_and_the_search_goes_on(tiny_validation_cache, tmp_path, capsys,
                                                                         sigterm_handler_kept):
     import tune
 
     space = tmp_path / "space.json"
-    argv = tune_argv(valid_cache, tmp_path / "tune", space, trials=2)
+    argv = tune_argv(tiny_validation_cache, tmp_path / "tune", space, trials=2)
     space.write_text(json.dumps({"learning_rate": {"low": 1e12, "high": 1e13, "log": True}}))
     with pytest.raises(SystemExit) as ended:
         tune.main(argv)
@@ -380,6 +376,8 @@ def test_suggested_flags_are_ncf_flags():
     import tune
 
     class Fixed:
+        user_attrs = {}  # noqa: RUF012  (read only)
+
         def suggest_categorical(self, name, choices):
             return choices[0]
 

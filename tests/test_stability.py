@@ -4,7 +4,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, TINY_MODEL, make_tiny_cache
+from helpers import ROOT, TINY_MODEL, make_tiny_cache
 
 from cli import UserError
 from logger import read_log

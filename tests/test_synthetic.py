@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import load_benchmark, make_tiny_cache
+from helpers import load_benchmark, make_tiny_cache
 
 import synthetic
 from dataloading import load_cache

@@ -4,7 +4,7 @@ import re
 
 import pytest
 import torch
-from conftest import epochs_of, event_of, make_synthetic_cache, train
+from helpers import epochs_of, event_of, make_synthetic_cache, train
 
 import ncf
 from dataloading import EpochSampler, load_cache
@@ -15,9 +15,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_cache, tmp_path_factory):
+def trained(synthetic_cache, tmp_path_factory):
     """A 6-epoch fp32 run shared by the tests below."""
-    result, log, ck = train(tiny_cache, tmp_path_factory.mktemp("trained"), "-e", "6", "--opt_level", "O0")
+    result, log, ck = train(synthetic_cache, tmp_path_factory.mktemp("trained"), "-e", "6", "--opt_level", "O0")
     return result, log, ck
 
 
@@ -53,11 +53,11 @@ def test_every_epoch_logs_the_recipe_figures(trained):
         assert words in out
 
 
-def test_mode_test_reproduces_the_best_epoch_exactly(trained, tiny_cache, run_cli, tmp_path):
+def test_mode_test_reproduces_the_best_epoch_exactly(trained, synthetic_cache, run_cli, tmp_path):
     _, log, ck = trained
     summary = event_of(log, "summary")
     test_log = tmp_path / "test.json"
-    result = run_cli(["ncf.py", "--data", tiny_cache, "--mode", "test", "--load_checkpoint_path", ck / "model.pth",
+    result = run_cli(["ncf.py", "--data", synthetic_cache, "--mode", "test", "--load_checkpoint_path", ck / "model.pth",
                       "--opt_level", "O0", "--log_path", test_log])
     assert result.returncode == 0, result.stderr
     record = event_of(test_log, "test")
@@ -75,17 +75,17 @@ def test_checkpoint_of_another_dataset_is_refused(trained, tmp_path, run_cli, as
     assert_user_error(result, "799 users", "300 users", "model.pth")
 
 
-def test_threshold_stops_training_and_reports_time_to_target(tiny_cache, tmp_path):
-    result, log, _ = train(tiny_cache, tmp_path, "-e", "10", "--opt_level", "O0", "-t", "0.3")
+def test_threshold_stops_training_and_reports_time_to_target(synthetic_cache, tmp_path):
+    result, log, _ = train(synthetic_cache, tmp_path, "-e", "10", "--opt_level", "O0", "-t", "0.3")
     epochs = epochs_of(log)
     assert epochs[-1]["hr"] >= 0.3 > max(r["hr"] for r in epochs[:-1])
     assert event_of(log, "summary")["time_to_target_s"] > 0
     assert "reached --threshold 0.3" in result.stdout
 
 
-def test_same_seed_same_figures_other_seed_other_figures(tiny_cache, tmp_path):
+def test_same_seed_same_figures_other_seed_other_figures(synthetic_cache, tmp_path):
     def figures(seed, name):
-        _, log, _ = train(tiny_cache, tmp_path, "-e", "2", "--opt_level", "O0", "--seed", seed, name=name)
+        _, log, _ = train(synthetic_cache, tmp_path, "-e", "2", "--opt_level", "O0", "--seed", seed, name=name)
         return [(r["loss"], r["hr"], r["ndcg"]) for r in epochs_of(log)]
 
     first = figures(7, "a")
@@ -94,11 +94,11 @@ def test_same_seed_same_figures_other_seed_other_figures(tiny_cache, tmp_path):
     assert all(x != y for x, y in zip(first, other, strict=True))
 
 
-def test_grads_accumulated_gives_the_same_losses(tiny_cache, tmp_path):
+def test_grads_accumulated_gives_the_same_losses(synthetic_cache, tmp_path):
     """4 micro-batches per step reproduce 1 (dropout 0, same seed), up to float summation order."""
 
     def first_epoch(ga, name):
-        _, log, _ = train(tiny_cache, tmp_path, "-e", "1", "-b", "8192", "--dropout", "0", "--opt_level", "O0",
+        _, log, _ = train(synthetic_cache, tmp_path, "-e", "1", "-b", "8192", "--dropout", "0", "--opt_level", "O0",
                           "--grads_accumulated", ga, name=name)
         return epochs_of(log)[0]
 
@@ -122,8 +122,8 @@ def step_losses(cache, grads_accumulated, steps=6):
     return losses
 
 
-def test_grads_accumulated_step_by_step(tiny_cache):
-    cache = load_cache(tiny_cache)
+def test_grads_accumulated_step_by_step(synthetic_cache):
+    cache = load_cache(synthetic_cache)
     one, four = step_losses(cache, 1), step_losses(cache, 4)
     assert four == pytest.approx(one, rel=1e-4)
     assert len(set(one)) == len(one)
@@ -144,9 +144,9 @@ def host_reads(prof):
     return sum(1 for e in prof.events() if e.name == "aten::_local_scalar_dense" and not in_optimizer(e))
 
 
-def test_no_host_sync_per_batch(tiny_cache):
+def test_no_host_sync_per_batch(synthetic_cache):
     """Host reads of device values during an epoch do not grow with its number of batches."""
-    cache = load_cache(tiny_cache)
+    cache = load_cache(synthetic_cache)
     ctx = ncf.DistContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
     precision = choose_precision("O0", "auto", ctx.device)
 
@@ -172,20 +172,20 @@ def test_host_read_counter_sees_a_read_in_the_loop():
     assert host_reads(prof) == 5
 
 
-def test_amp_bf16_matches_fp32(tiny_cache, tmp_path):
-    _, fp32_log, _ = train(tiny_cache, tmp_path, "-e", "5", "--opt_level", "O0", "--dropout", "0", name="fp32")
-    result, bf16_log, _ = train(tiny_cache, tmp_path, "-e", "5", "--amp", "--amp_dtype", "bfloat16", "--dropout", "0",
-                                name="bf16")
+def test_amp_bf16_matches_fp32(synthetic_cache, tmp_path):
+    _, fp32_log, _ = train(synthetic_cache, tmp_path, "-e", "5", "--opt_level", "O0", "--dropout", "0", name="fp32")
+    result, bf16_log, _ = train(synthetic_cache, tmp_path, "-e", "5", "--amp", "--amp_dtype", "bfloat16", "--dropout",
+                                "0", name="bf16")
     assert "precision bf16 autocast (O2)" in result.stdout
     fp32, bf16 = event_of(fp32_log, "summary")["best_hr"], event_of(bf16_log, "summary")["best_hr"]
     print(f"best HR@10 fp32 {fp32:.4f} bf16 {bf16:.4f}")
     assert bf16 == pytest.approx(fp32, abs=0.02)
 
 
-def test_o2_without_native_bf16_falls_back_with_a_warning(tiny_cache, tmp_path):
+def test_o2_without_native_bf16_falls_back_with_a_warning(synthetic_cache, tmp_path):
     if cpu_has_native_bf16():
         pytest.skip("this CPU has native bf16, so O2 really runs bf16")
-    result, _, _ = train(tiny_cache, tmp_path, "-e", "1", "--opt_level", "O2")
+    result, _, _ = train(synthetic_cache, tmp_path, "-e", "1", "--opt_level", "O2")
     assert "no native bf16" in result.stderr
     assert "precision fp32 (O2)" in result.stdout
 

@@ -1,4 +1,4 @@
-"""No silent wrong answer, no lost file (spec §9), for the commands that serve and measure models: inference.py
+"""No silent wrong answer, no lost file, for the commands that serve and measure models: inference.py
 recommend/export/benchmark, benchmarks/*.py and python -m logger.plot.
 
 The bad-input table runs each command's main(argv) in-process on tiny data (an untrained model of the tiny
@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY_MODEL, load_benchmark, make_tiny_cache
+from helpers import ROOT, TINY_MODEL, load_benchmark, make_tiny_cache
 
 import cache_format
 import checkpoint
@@ -67,9 +67,9 @@ def log_lines(epochs=2):
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def workspace(tmp_path_factory):
     """Two caches of the same shape from different source files, a checkpoint and an export of each, and
-    files of the user's: everything the table's rows point at lives under world["root"]."""
+    files of the user's: everything the table's rows point at lives under workspace["root"]."""
     root = tmp_path_factory.mktemp("trust-outputs")
     w = {"root": root, "cache": make_tiny_cache(root / "a"), "other": make_tiny_cache(root / "b", seed=1)}
     w["ck"] = handmade_checkpoint(w["cache"], root / "model.pth")
@@ -517,10 +517,10 @@ def huge_figures(w):
 
 def held_output(w):
     """A stability output that another (here: this) process is writing: its lock is held."""
-    from cli import hold_lock
+    from cli import LOCK_FILE, hold_lock
 
     folder = stability_output(w, "stab-held", {})
-    w["held lock"] = hold_lock(str(folder / stability.LOCK_FILE), f"--output {folder}")
+    w["held lock"] = hold_lock(str(folder / LOCK_FILE), f"--output {folder}")
     return folder
 
 
@@ -542,15 +542,15 @@ def run_main(capsys, command, argv):
 
 
 @pytest.mark.parametrize("case, command, argv, words", BAD_INPUTS, ids=[row[0] for row in BAD_INPUTS])
-def test_bad_input_is_one_line_and_changes_nothing(world, capsys, case, command, argv, words):
-    args = argv(world)
-    before = tree(world["root"])
+def test_bad_input_is_one_line_and_changes_nothing(workspace, capsys, case, command, argv, words):
+    args = argv(workspace)
+    before = tree(workspace["root"])
     status, lines, _ = run_main(capsys, command, args)
     assert status == 2, (status, lines)
     assert len(lines) == 1 and "Traceback" not in lines[0], lines
     for word in words:
         assert word in lines[0], (word, lines[0])
-    assert tree(world["root"]) == before
+    assert tree(workspace["root"]) == before
 
 
 # ---- Ctrl-C: exit status 130, one line, nothing half-written, the user's files unchanged ------------------------
@@ -605,15 +605,15 @@ def interrupted_cases(w, monkeypatch, case):
 
 @pytest.mark.parametrize("case", ["export", "benchmark", "recommend-csv", "recommend-parquet", "plot", "throughput",
                                   "stability"])
-def test_ctrl_c_is_one_line_and_leaves_nothing_half_written(world, capsys, monkeypatch, case):
-    command, argv = interrupted_cases(world, monkeypatch, case)
-    before = tree(world["root"])
+def test_ctrl_c_is_one_line_and_leaves_nothing_half_written(workspace, capsys, monkeypatch, case):
+    command, argv = interrupted_cases(workspace, monkeypatch, case)
+    before = tree(workspace["root"])
     status, lines, _ = run_main(capsys, command, argv)
     assert status == 130 and len(lines) == 1 and lines[0].endswith("interrupted"), (status, lines)
-    after = tree(world["root"])
+    after = tree(workspace["root"])
     assert not [name for name in after if ".tmp-" in name or ".old-" in name]
     if case == "stability":  # its own folder stays, and says the study did not finish
-        runs = world["root"] / "cases" / "ctrl-c-stability" / "runs"
+        runs = workspace["root"] / "cases" / "ctrl-c-stability" / "runs"
         assert json.loads((runs / "stability.json").read_text())["complete"] is False
         after = {k: v for k, v in after.items() if "runs" not in k}
         before = {k: v for k, v in before.items() if "runs" not in k}
@@ -644,7 +644,7 @@ def test_batch_sizes_beyond_memory_are_refused_before_the_model_is_built(capsys,
     assert f"up to {(2**16 - fixed) // per_sample:,}" in lines[0]
 
 
-def test_json_path_is_checked_before_the_benchmark_and_only_ours_is_replaced(world, capsys, monkeypatch, tmp_path):
+def test_json_path_is_checked_before_the_benchmark_and_only_ours_is_replaced(capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(inference_benchmark, "benchmark_model", lambda *a: pytest.fail("the benchmark started"))
     status, lines, _ = run_main(capsys, "inference", bench("--json_path", tmp_path))
     assert status == 2 and "is a folder" in lines[0]
@@ -658,14 +658,14 @@ def test_json_path_is_checked_before_the_benchmark_and_only_ours_is_replaced(wor
         assert written == json.loads(out.strip().splitlines()[-1])
 
 
-def test_export_id_maps_carry_the_manifests_dataset(world):
-    manifest = json.loads((world["export"] / "manifest.json").read_text())
-    with np.load(world["export"] / "id_maps.npz", allow_pickle=False) as maps:
+def test_export_id_maps_carry_the_manifests_dataset(workspace):
+    manifest = json.loads((workspace["export"] / "manifest.json").read_text())
+    with np.load(workspace["export"] / "id_maps.npz", allow_pickle=False) as maps:
         identity = maps["dataset"]
     carried = json.loads(str(identity))
-    assert carried == manifest["dataset"] == torch.load(world["ck"], weights_only=True)["dataset"]
+    assert carried == manifest["dataset"] == torch.load(workspace["ck"], weights_only=True)["dataset"]
     assert serving.identity_problem({"dataset": identity}, manifest) is None
-    other = json.loads((world["export_other"] / "manifest.json").read_text())
+    other = json.loads((workspace["export_other"] / "manifest.json").read_text())
     assert "another dataset" in serving.identity_problem({"dataset": np.array(json.dumps(carried))}, other)
 
 
@@ -691,9 +691,9 @@ def test_a_failing_throughput_child_is_one_line(capsys, monkeypatch):
     assert status == 1 and len(lines) == 1 and "RuntimeError: boom" in lines[0], lines
 
 
-def test_convert_benchmark_removes_only_a_cache_of_convert(world, tmp_path):
+def test_convert_benchmark_removes_only_a_cache_of_convert(workspace, tmp_path):
     cache = tmp_path / "cache"
-    shutil.copytree(world["cache"], cache)
+    shutil.copytree(workspace["cache"], cache)
     (cache / "notes.txt").write_text("mine")
     convert_benchmark.remove_cache(str(cache))
     assert (cache / "notes.txt").read_text() == "mine" and (cache / "metadata.json").is_file()
@@ -740,9 +740,9 @@ def test_these_files_pass_ruff():
 
 
 @pytest.mark.slow
-def test_stability_rerun_keeps_what_the_user_put_in_its_output(world, tmp_path, run_cli):
+def test_stability_rerun_keeps_what_the_user_put_in_its_output(workspace, tmp_path, run_cli):
     output = tmp_path / "runs"
-    argv = ["benchmarks/stability.py", "--data", world["cache"], "--seeds", 1, "--output", output, "--", "-e", 1,
+    argv = ["benchmarks/stability.py", "--data", workspace["cache"], "--seeds", 1, "--output", output, "--", "-e", 1,
             *TINY_MODEL]
     first = run_cli(argv)
     assert first.returncode == 0, first.stderr

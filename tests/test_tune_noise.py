@@ -8,13 +8,13 @@ seed, and Optuna's sampler by a brute-force one, so that each test knows which t
 """
 import json
 import math
+import re
 import shutil
 import threading
 import time
 
 import pytest
 import torch
-from conftest import make_tiny_cache
 
 import ncf
 import tune
@@ -26,11 +26,6 @@ SEARCH_SEED = 1  # ncf.py's default --seed: the search's trials run with it
 NEW_SEEDS = (2, 3, 4)
 USERS = 300  # make_tiny_cache's users, each with a validation item
 pytestmark = pytest.mark.filterwarnings("ignore:BruteForceSampler is experimental")
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return make_tiny_cache(tmp_path_factory.mktemp("tune_noise"), validation=True)
 
 
 @pytest.fixture(autouse=True)
@@ -125,12 +120,12 @@ def _half_without_validation(folder, cache):
 
 
 def test_every_validation_figure_carries_its_binomial_standard_error_over_the_users_with_a_validation_item(
-        cache, tmp_path, capsys, monkeypatch):
+        tiny_validation_cache, tmp_path, capsys, monkeypatch):
     """The n of sqrt(p (1 - p) / n) is the 150 users who have a validation item, not all 300."""
     scripted(monkeypatch, {DEFAULTS: figures(0.6, (0.6, 0.6, 0.6))})
     out = tmp_path / "out"
-    status, printed, err = tune_main(capsys, _half_without_validation(tmp_path, cache), out, rates=(DEFAULTS,),
-                                     trials=1, top=0)
+    status, printed, err = tune_main(capsys, _half_without_validation(tmp_path, tiny_validation_cache), out,
+                                     rates=(DEFAULTS,), trials=1, top=0)
     assert status == 0, err
     se = math.sqrt(0.6 * 0.4 / 150)
     best = best_of(out)
@@ -150,11 +145,11 @@ CLEAR_WIN = {DEFAULTS: figures(0.60, (0.60, 0.61, 0.59)), LUCKY: figures(0.90, (
              REAL: figures(0.70, (0.80, 0.82, 0.81), test=0.30)}
 
 
-def test_the_winner_is_chosen_on_new_seeds_and_beats_the_defaults_beyond_noise(cache, tmp_path, capsys,
+def test_the_winner_is_chosen_on_new_seeds_and_beats_the_defaults_beyond_noise(tiny_validation_cache, tmp_path, capsys,
                                                                                 monkeypatch):
     calls = scripted(monkeypatch, CLEAR_WIN)
     out = tmp_path / "out"
-    status, printed, err = tune_main(capsys, cache, out)
+    status, printed, err = tune_main(capsys, tiny_validation_cache, out)
     assert status == 0, err
     best = best_of(out)
     real, lucky = trial_of(best, REAL), trial_of(best, LUCKY)
@@ -172,12 +167,12 @@ def test_the_winner_is_chosen_on_new_seeds_and_beats_the_defaults_beyond_noise(c
     assert len({tuple(argv) for argv in confirmation}) == 9
 
 
-def test_a_win_inside_the_users_noise_is_none_and_the_defaults_are_recommended(cache, tmp_path, capsys,
+def test_a_win_inside_the_users_noise_is_none_and_the_defaults_are_recommended(tiny_validation_cache, tmp_path, capsys,
                                                                               monkeypatch):
     """+0.02 on every seed, but 300 users give each figure a standard error near 0.028."""
     scripted(monkeypatch, {DEFAULTS: figures(0.60, (0.60, 0.61, 0.59)), REAL: figures(0.70, (0.62, 0.63, 0.61))})
     out = tmp_path / "out"
-    status, printed, err = tune_main(capsys, cache, out, rates=(DEFAULTS, REAL), trials=2)
+    status, printed, err = tune_main(capsys, tiny_validation_cache, out, rates=(DEFAULTS, REAL), trials=2)
     assert status == 0, err
     best = best_of(out)
     record, real = best["confirmation"], trial_of(best, REAL)
@@ -190,50 +185,50 @@ def test_a_win_inside_the_users_noise_is_none_and_the_defaults_are_recommended(c
     assert best["command"].endswith("--learning_rate 0.0045") and best["recommended"]["trial"] == 0
 
 
-def test_a_win_inside_the_seeds_noise_is_none(cache, tmp_path, capsys, monkeypatch):
+def test_a_win_inside_the_seeds_noise_is_none(tiny_validation_cache, tmp_path, capsys, monkeypatch):
     """A mean difference of +0.12 whose seeds disagree (+0.30, -0.25, +0.30) is no win."""
     scripted(monkeypatch, {DEFAULTS: figures(0.50, (0.40, 0.70, 0.40)), REAL: figures(0.70, (0.70, 0.45, 0.70))})
     out = tmp_path / "out"
-    status, _, err = tune_main(capsys, cache, out, rates=(DEFAULTS, REAL), trials=2)
+    status, _, err = tune_main(capsys, tiny_validation_cache, out, rates=(DEFAULTS, REAL), trials=2)
     assert status == 0, err
     record = best_of(out)["confirmation"]
     assert record["paired"]["mean"] == pytest.approx(0.35 / 3) and record["paired"]["better_on"] == 2
     assert not record["beats_defaults"] and record["recommended"] == 0
 
 
-def test_the_comparison_is_seed_by_seed(cache, tmp_path, capsys, monkeypatch):
+def test_the_comparison_is_seed_by_seed(tiny_validation_cache, tmp_path, capsys, monkeypatch):
     """The seeds move both configurations alike (0.3 to 0.9) and REAL is 0.1 above on each: a clear win that
     a comparison of the two means' own spreads would call noise."""
     scripted(monkeypatch, {DEFAULTS: figures(0.50, (0.30, 0.60, 0.90)), REAL: figures(0.70, (0.40, 0.70, 0.99))})
     out = tmp_path / "out"
-    status, _, err = tune_main(capsys, cache, out, rates=(DEFAULTS, REAL), trials=2)
+    status, _, err = tune_main(capsys, tiny_validation_cache, out, rates=(DEFAULTS, REAL), trials=2)
     assert status == 0, err
     record = best_of(out)["confirmation"]
     assert record["beats_defaults"] and record["recommended"] == record["winner"] != 0
 
 
-def test_the_defaults_leading_the_confirmation_are_recommended(cache, tmp_path, capsys, monkeypatch):
+def test_the_defaults_leading_the_confirmation_are_recommended(tiny_validation_cache, tmp_path, capsys, monkeypatch):
     scripted(monkeypatch, {DEFAULTS: figures(0.60, (0.70, 0.71, 0.69)), REAL: figures(0.80, (0.60, 0.61, 0.59))})
     out = tmp_path / "out"
-    status, printed, err = tune_main(capsys, cache, out, rates=(DEFAULTS, REAL), trials=2)
+    status, printed, err = tune_main(capsys, tiny_validation_cache, out, rates=(DEFAULTS, REAL), trials=2)
     assert status == 0, err
     record = best_of(out)["confirmation"]
     assert record["winner"] == 0 and record["recommended"] == 0 and not record["beats_defaults"]
     assert "ncf.py's defaults (trial 0) lead the confirmation" in printed
 
 
-def test_a_stopped_confirmation_continues_where_it_was(cache, tmp_path, capsys, monkeypatch):
+def test_a_stopped_confirmation_continues_where_it_was(tiny_validation_cache, tmp_path, capsys, monkeypatch):
     """Ctrl-C during the 4th of 9 confirmation runs: the next command runs the 6 that are left (the
     interrupted one again), and the verdict is the uninterrupted one's."""
     import optuna
 
     calls = scripted(monkeypatch, CLEAR_WIN, interrupt_at=3 + 4)
     out = tmp_path / "out"
-    status, _, err = tune_main(capsys, cache, out)
+    status, _, err = tune_main(capsys, tiny_validation_cache, out)
     assert status == 130, err
     first = calls[3:6]
     calls = scripted(monkeypatch, CLEAR_WIN)
-    status, printed, err = tune_main(capsys, cache, out)
+    status, printed, err = tune_main(capsys, tiny_validation_cache, out)
     assert status == 0, err
     assert "3 trials finished" in printed and len(calls) == 6  # no search trial, six confirmation runs
     assert not {tuple(argv[-2:]) + tuple(argv[-4:-2]) for argv in calls} & \
@@ -244,19 +239,19 @@ def test_a_stopped_confirmation_continues_where_it_was(cache, tmp_path, capsys, 
     assert record["winner"] == trial_of(best_of(out), REAL) and record["beats_defaults"]
 
 
-def test_a_confirmation_study_made_with_other_settings_is_refused(cache, tmp_path, capsys, monkeypatch):
+def test_a_confirmation_study_made_with_other_settings_is_refused(tiny_validation_cache, tmp_path, capsys, monkeypatch):
     """The search study was deleted and started again with other --epochs: the confirmation runs left in the
     storage were made with the old ones and are not mixed in."""
     import optuna
 
     calls = scripted(monkeypatch, CLEAR_WIN)
     storage = f"sqlite:///{tmp_path / 'shared.db'}"
-    assert tune_main(capsys, cache, tmp_path / "a", "--storage", storage)[0] == 0
+    assert tune_main(capsys, tiny_validation_cache, tmp_path / "a", "--storage", storage)[0] == 0
     calls.clear()
     optuna.delete_study(study_name="ncf", storage=storage)
     space = tmp_path / "a-space.json"
-    argv = ["--data", str(cache), "--trials", "3", "--epochs", "2", "--output", str(tmp_path / "b"), "--space",
-            str(space), "--no_plots", "--storage", storage, "--", *TINY]
+    argv = ["--data", str(tiny_validation_cache), "--trials", "3", "--epochs", "2", "--output", str(tmp_path / "b"),
+            "--space", str(space), "--no_plots", "--storage", storage, "--", *TINY]
     with pytest.raises(SystemExit) as ended:
         tune.main(argv)
     assert ended.value.code == 2
@@ -268,36 +263,37 @@ def test_a_confirmation_study_made_with_other_settings_is_refused(cache, tmp_pat
 # -- several workers: --trials in all ----------------------------------------------------------------------------
 
 
-def test_a_worker_stops_when_the_study_has_its_trials_counting_other_workers_running_ones(cache, tmp_path, capsys,
-                                                                                         monkeypatch):
+def test_a_worker_stops_when_the_study_has_its_trials_counting_other_workers_running_ones(
+        tiny_validation_cache, tmp_path, capsys, monkeypatch):
     """Trial 0 is done and another worker runs trial 1: to reach --trials 3, this worker runs one trial, and
     asks for no trial that would only be refused as surplus."""
     import optuna
 
     calls = scripted(monkeypatch, CLEAR_WIN)
     out = tmp_path / "out"
-    assert tune_main(capsys, cache, out, trials=1, top=0)[0] == 0
+    assert tune_main(capsys, tiny_validation_cache, out, trials=1, top=0)[0] == 0
     study = optuna.load_study(study_name="ncf", storage=f"sqlite:///{out / 'study.db'}")
     study.ask()  # another worker's running trial (no heartbeat yet: nobody fails it)
-    status, printed, err = tune_main(capsys, cache, out, trials=3, top=0)
+    status, printed, err = tune_main(capsys, tiny_validation_cache, out, trials=3, top=0)
     assert status == 0, err
     assert len(calls) == 2 and "1 trials finished, continuing to 3" in printed
     assert [t.state.name for t in study.trials] == ["COMPLETE", "RUNNING", "COMPLETE"]
     assert not any(t.user_attrs.get(tune.SURPLUS_ATTR) for t in study.trials)
 
 
-def test_a_trial_asked_for_after_the_last_slot_was_taken_runs_nothing(cache, tmp_path, capsys, monkeypatch):
+def test_a_trial_asked_for_after_the_last_slot_was_taken_runs_nothing(tiny_validation_cache, tmp_path, capsys,
+                                                                      monkeypatch):
     """Two workers found the last slot free at the same moment: the database numbered their trials 1 and 2,
     and trial 2, beyond --trials 2, is refused as surplus without training; the study ends with two."""
     import optuna
 
     calls = scripted(monkeypatch, CLEAR_WIN)
     out = tmp_path / "out"
-    assert tune_main(capsys, cache, out, trials=1, top=0)[0] == 0
+    assert tune_main(capsys, tiny_validation_cache, out, trials=1, top=0)[0] == 0
     study = optuna.load_study(study_name="ncf", storage=f"sqlite:///{out / 'study.db'}",
                               sampler=optuna.samplers.RandomSampler())  # the brute-force one stops loops
     rival, late = study.ask(), study.ask()
-    args = tune.parse_args(["--data", str(cache), "--trials", "2", "--output", str(out)])
+    args = tune.parse_args(["--data", str(tiny_validation_cache), "--trials", "2", "--output", str(out)])
     search = tune.Search(args, {"learning_rate": {"choices": [DEFAULTS, LUCKY]}}, ncf.parse_args(TINY),
                          str(out / "ncf"), USERS, "sqlite:///study.db", None, 1)
     with tune.SigtermWatch() as sigterm, pytest.raises(tune.Surplus):
@@ -305,20 +301,20 @@ def test_a_trial_asked_for_after_the_last_slot_was_taken_runs_nothing(cache, tmp
     assert len(calls) == 1 and late.user_attrs.get(tune.SURPLUS_ATTR)
     study.tell(late, state=optuna.trial.TrialState.FAIL)
     study.tell(rival, 0.5)
-    status, printed, err = tune_main(capsys, cache, out, trials=2, top=0)
+    status, printed, err = tune_main(capsys, tiny_validation_cache, out, trials=2, top=0)
     assert status == 0, err
     assert len(calls) == 1 and "2 trials finished, continuing to 2" in printed
     assert [line.split()[1] for line in printed.splitlines()[2:5]] == ["done", "done", "surplus"]
 
 
 def test_a_worker_that_joins_a_study_being_created_waits_for_it_and_does_not_enqueue_the_defaults_again(
-        cache, tmp_path, capsys, monkeypatch):
+        tiny_validation_cache, tmp_path, capsys, monkeypatch):
     """Machine A has created the study and is about to enqueue the defaults' trial and record the settings;
     machine B loads it in between."""
     import optuna
 
     scripted(monkeypatch, CLEAR_WIN)
-    assert tune_main(capsys, cache, tmp_path / "first", trials=1, top=0)[0] == 0
+    assert tune_main(capsys, tiny_validation_cache, tmp_path / "first", trials=1, top=0)[0] == 0
     settings = optuna.load_study(study_name="ncf", storage=f"sqlite:///{tmp_path / 'first' / 'study.db'}").user_attrs
     storage = f"sqlite:///{tmp_path / 'shared.db'}"
     study = optuna.create_study(study_name="ncf", storage=storage, direction="maximize")  # A, before its records
@@ -339,7 +335,7 @@ def test_a_worker_that_joins_a_study_being_created_waits_for_it_and_does_not_enq
     creator = threading.Thread(target=machine_a)
     creator.start()
     try:
-        status, _, err = tune_main(capsys, cache, tmp_path / "b", "--storage", storage, trials=2, top=0)
+        status, _, err = tune_main(capsys, tiny_validation_cache, tmp_path / "b", "--storage", storage, trials=2, top=0)
     finally:
         creator.join()
     assert status == 0, err
@@ -347,22 +343,44 @@ def test_a_worker_that_joins_a_study_being_created_waits_for_it_and_does_not_enq
     assert defaults == [0] and study.trials[0].params == {"learning_rate": DEFAULTS}
 
 
-def test_a_confirmation_run_enqueued_twice_runs_once(cache, tmp_path, capsys, monkeypatch):
+def test_a_confirmation_run_enqueued_twice_runs_once(tiny_validation_cache, tmp_path, capsys, monkeypatch):
     """Two workers that planned the confirmation at the same moment both enqueued its runs: each runs once,
     and the later entry is marked surplus."""
     import optuna
 
     scripted(monkeypatch, CLEAR_WIN, interrupt_at=3 + 1)  # the plan is enqueued, its first run interrupted
     out = tmp_path / "out"
-    assert tune_main(capsys, cache, out)[0] == 130
+    assert tune_main(capsys, tiny_validation_cache, out)[0] == 130
     confirmation = optuna.load_study(study_name="ncf" + tune.CONFIRM, storage=f"sqlite:///{out / 'study.db'}")
     waiting = [r for r in confirmation.trials if r.state.name == "WAITING"]
     for run in waiting[:2]:  # the other worker's entries of the same runs
         confirmation.enqueue_trial(run.system_attrs["fixed_params"], user_attrs=run.user_attrs)
     calls = scripted(monkeypatch, CLEAR_WIN)
-    status, _, err = tune_main(capsys, cache, out)
+    status, _, err = tune_main(capsys, tiny_validation_cache, out)
     assert status == 0, err
     assert len(calls) == 9 and len({tuple(argv) for argv in calls}) == 9
     runs = optuna.load_study(study_name="ncf" + tune.CONFIRM, storage=f"sqlite:///{out / 'study.db'}").trials
     assert sum(bool(r.user_attrs.get(tune.SURPLUS_ATTR)) for r in runs) == 2
     assert best_of(out)["confirmation"]["beats_defaults"]
+
+
+def test_the_defaults_trial_runs_the_defaults_the_space_excludes(tiny_validation_cache, tmp_path, capsys, monkeypatch):
+    """ncf.py's --weight_decay 0 lies outside the space: Optuna would sample it for the enqueued defaults'
+    trial, and the winner would be compared with "defaults" that are not. The trial and its confirmation runs
+    take the default as it is, and best.json and the table say so."""
+    calls = scripted(monkeypatch, CLEAR_WIN)
+    out = tmp_path / "out"
+    space = tmp_path / "space.json"
+    space.write_text(json.dumps({"learning_rate": {"choices": [DEFAULTS, LUCKY, REAL]},
+                                 "weight_decay": {"choices": [0.01, 0.1]}}))
+    argv = ["--data", str(tiny_validation_cache), "--trials", "3", "--epochs", "1", "--output", str(out), "--space",
+            str(space), "--no_plots", "--confirm_top", "1", "--confirm_seeds", str(len(NEW_SEEDS)), "--", *TINY]
+    tune.main(argv)
+    printed = capsys.readouterr().out
+    decays = [ncf.parse_args(argv).weight_decay for argv in calls]
+    defaults_runs = [d for argv, d in zip(calls, decays, strict=True) if ncf.parse_args(argv).learning_rate == DEFAULTS]
+    assert decays[0] == 0.0 and defaults_runs == [0.0] * (1 + len(NEW_SEEDS))  # the trial, then its 3 seeds
+    assert all(d in (0.01, 0.1) for argv, d in zip(calls, decays, strict=True)
+               if ncf.parse_args(argv).learning_rate != DEFAULTS)
+    assert best_of(out)["confirmation"]["defaults"]["params"] == {"learning_rate": DEFAULTS, "weight_decay": 0.0}
+    assert re.search(r"^\s+0\s+done\s.*0\.0045\s+0$", printed, re.M), printed

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, make_tiny_cache
+from helpers import ROOT, make_tiny_cache
 
 TINY = ["--factors", "8", "--layers", "32", "16", "8", "--opt_level", "O0", "-b", "4096"]
 

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 import torch
-from conftest import make_tiny_cache
+from helpers import make_tiny_cache, run_main
 
 import ncf
 import tune
@@ -44,14 +44,7 @@ def sigterm_handler_kept():
 
 
 def run_tune(capsys, *argv):
-    """(exit status, stdout, stderr) of tune.main(argv)."""
-    try:
-        tune.main([str(a) for a in argv])
-        status = 0
-    except SystemExit as exit_:
-        status = exit_.code
-    out, err = capsys.readouterr()
-    return status, out, err
+    return run_main(tune.main, capsys, *argv, record_warnings=False)
 
 
 def snapshot(root):
@@ -353,6 +346,7 @@ class Recorder:
 
     def __init__(self):
         self.asked = {}
+        self.user_attrs = {}
 
     def suggest_categorical(self, name, choices):
         self.asked[name] = ("categorical",)
@@ -381,7 +375,7 @@ def test_a_range_is_searched_as_its_flag_takes_it():
 def test_every_searchable_flag_is_a_training_flag_of_ncf():
     flags = vars(ncf.parse_args([]))
     assert set(tune.SEARCHABLE) <= set(flags) and not set(tune.SEARCHABLE) & tune.RESERVED
-    assert not {"topk", "seed", "threshold", "patience"} & set(tune.SEARCHABLE)  # spec 6.6
+    assert not {"topk", "seed", "threshold", "patience"} & set(tune.SEARCHABLE)
     assert set(tune.DEFAULT_SPACE) <= set(tune.SEARCHABLE)
 
 
@@ -424,8 +418,6 @@ def test_sigterm_during_the_epoch_at_which_a_trial_is_pruned_ends_the_search(tmp
     import optuna
 
     class NcfStandIn:
-        LAST_CHECKPOINT = ncf.LAST_CHECKPOINT
-
         @staticmethod
         def run(argv, on_epoch):
             with ncf.StopRequest():  # ncf.py's own handler, as in train_mode
@@ -444,8 +436,6 @@ def test_a_pruned_trial_without_sigterm_stays_pruned(tmp_path):
     import optuna
 
     class NcfStandIn:
-        LAST_CHECKPOINT = ncf.LAST_CHECKPOINT
-
         @staticmethod
         def run(argv, on_epoch):
             on_epoch({"epoch": 1, "valid_hr": 0.1})

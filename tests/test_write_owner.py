@@ -1,4 +1,4 @@
-"""One owner for every write (spec §9): no command writes, appends to, moves or deletes a path except
+"""One owner for every write: no command writes, appends to, moves or deletes a path except
 through cli.py's helpers, which ask the path's content for proof that this project wrote it first.
 
 The test reads the source, not the behaviour: it walks every module and fails on a call that writes a
