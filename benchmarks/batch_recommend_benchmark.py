@@ -34,7 +34,7 @@ MIN_TRAINING_ITEMS = 19  # MovieLens keeps users with at least 20 ratings, one o
 
 
 def parse_args(argv=None):
-    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--users", type=int, help="users of the model (default: ml-20m's)")
     p.add_argument("--items", type=int, help="items of the model (default: ml-20m's)")
     p.add_argument("--positives", type=int, help="training positives, excluded from the lists (default: ml-20m's)")
@@ -84,7 +84,7 @@ def check_memory(args, users, items, positives):
     from inference_benchmark import GIB, memory_needs
 
     import devices
-    from neumf import ModelConfig
+    from model_config import ModelConfig
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but no CUDA device is available: use --device cpu")

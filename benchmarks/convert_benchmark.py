@@ -1,4 +1,4 @@
-"""Convert time and peak memory on an ml-20m-shaped ratings file (SPEC §8).
+"""Convert time and peak memory on an ml-20m-shaped ratings file.
 
     python benchmarks/convert_benchmark.py                    # 138,493 users, 26,744 items, ~20M rows
     python benchmarks/convert_benchmark.py --preset ml-1m     # quicker look
@@ -12,7 +12,6 @@ What it keeps and removes is only its own: ratings.csv is reused only if the rat
 metadata.json says convert.py wrote it and nothing else is in its folder. Both paths are checked before
 any work.
 """
-import argparse
 import json
 import os
 import subprocess
@@ -42,8 +41,7 @@ CHILD_ENV = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", 
 
 
 def parse_args(argv=None):
-    parser = ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=PRESETS, default="ml-20m")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "ncf-convert-benchmark"),
                         help="where the generated ratings.csv is kept between runs")

@@ -14,7 +14,6 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cli  # noqa: I001  (sets the OpenMP wait policy before torch loads OpenMP)
 
-import argparse
 import functools
 import itertools
 import json
@@ -30,7 +29,8 @@ from cli import UserError, check_may_write, json_marker, main_guard, owned_file
 from dataloading import load_cache
 from devices import choose_precision, cpu_has_native_bf16, pick_device
 from export import amp_precision, export_onnx, load_model
-from neumf import ModelConfig, build_model
+from model_config import ModelConfig
+from neumf import build_model
 from serving import MAX_ID, MODEL_FILES, ort_session, require, session_scorer
 
 CREATED_BY = "inference.py benchmark"  # the created_by of --json_path reports: only those are replaced
@@ -39,20 +39,21 @@ GIB = 2**30
 
 
 def parse_args(argv=None, prog=None):
-    parser = cli.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = cli.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", help="model.pth to time (default: a freshly built model)")
     parser.add_argument("--data", help="dataset cache whose user/item counts shape the model")
     parser.add_argument("--users", type=int, help="users, without --data/--checkpoint (default: ml-20m's)")
     parser.add_argument("--items", type=int, help="items, without --data/--checkpoint (default: ml-20m's)")
     parser.add_argument("-f", "--factors", type=int, help="without --checkpoint (default: ncf.py's)")
     parser.add_argument("--layers", type=int, nargs="+", help="without --checkpoint (default: ncf.py's)")
-    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1024, 65536, 1048576])
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1024, 65536, 1048576],
+                        help="(user, item) pairs per timed batch; one row per batch size")
     parser.add_argument("--backend", nargs="+", choices=("torch", "onnxruntime"), default=["torch"],
                         help="torch: eager PyTorch; onnxruntime: the model exported to ONNX (fp32 only)")
     parser.add_argument("--precision", nargs="+", choices=("fp32", "amp"), default=["fp32", "amp"],
                         help="amp: fp16 autocast on CUDA, bf16 autocast on CPU")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: CUDA where there is one; cuda without one is refused (exit 2)")
     parser.add_argument("--iterations", type=int, default=20, help="timed batches per configuration")
     parser.add_argument("--warmup", type=int, default=3, help="untimed batches first")
     parser.add_argument("--json_path", help="also write the JSON results here (a file there is replaced only if "

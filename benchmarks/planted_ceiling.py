@@ -11,7 +11,6 @@ item popularity the floor. The flags after --cache must be those synthetic.py wa
 flags give the same planted model, and a cache converted from another ratings.csv (its SHA-256 is in
 the cache's metadata) is refused.
 """
-import argparse
 import json
 import os
 import sys
@@ -26,8 +25,7 @@ from synthetic import add_shape_flags, planted_model, ratings_sha256, resolve_sh
 
 
 def parse_args(argv=None):
-    parser = ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache", required=True, help="convert.py's cache of a synthetic.py ratings.csv")
     parser.add_argument("--topk", type=int, default=10, help="k of HR@k and NDCG@k")
     add_shape_flags(parser)

@@ -18,7 +18,6 @@ the log and output of each seed it trains, each only if its content shows it is 
 output this script started); the checkpoints in OUTPUT/seed_S are ncf.py's to replace, and nothing else
 there is touched.
 """
-import argparse
 import json
 import os
 import re
@@ -32,6 +31,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from cli import (  # noqa: E402  (sets OMP_WAIT_POLICY, which every ncf.py inherits)
+    LOCK_FILE,
     ArgumentParser,
     EnvironmentFailure,
     UserError,
@@ -55,7 +55,6 @@ HISTOGRAM = "stability_hr.png"
 CREATED_BY = "benchmarks/stability.py"
 # Every name this script (or an ncf.py it runs) puts in OUTPUT, temporaries of atomic writes included.
 OWN_NAMES = re.compile(r"(stability\.json|stability_hr\.png)(\.tmp-\d+)?|seed_\d+(\.json|\.out)?|\.lock")
-LOCK_FILE = ".lock"  # held while a run writes OUTPUT: a second run would delete the first one's logs
 SEED_FILE = re.compile(r"seed_(\d+)(\.json|\.out)?")
 # The first line of each OUTPUT/seed_S.out: the proof that this script started it, so that a rerun may replace it.
 OUT_HEADER = "benchmarks/stability.py: the output of ncf.py for seed "
@@ -66,7 +65,7 @@ def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     own, ncf_args = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     parser = ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=__doc__.split("\n\n")[0],
         usage="%(prog)s --data DIR [--seeds N] [--first_seed S] [--jobs J] [--output DIR] [-- NCF.PY FLAGS]")
     parser.add_argument("--data", required=True, help="dataset cache folder (ncf.py --data)")
     parser.add_argument("--seeds", type=int, default=5, help="number of seeds to train")

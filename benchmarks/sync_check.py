@@ -5,8 +5,9 @@
 On CUDA, three training steps (after one warm-up step), a sampled evaluation and a full-ranking
 evaluation run under torch.cuda.set_sync_debug_mode("warn"), and every synchronisation torch reports is
 printed with the phase it happened in. Expected: none in the training steps, one read at the end of
-each evaluation. Exit status 1 when a phase syncs more than that. On a CPU (gpu_check.sh's dry run)
-the same code runs without detection.
+each evaluation. Exit status 1 when a phase syncs more than that. On a CPU (`--device cpu`,
+gpu_check.sh's dry run) the same code runs without detection; `--device cuda` (the default) on a machine
+without CUDA is one line and exit status 2, like any bad input.
 """
 import itertools
 import os
@@ -47,9 +48,10 @@ def syncs_of(device, work):
 @main_guard
 def main(argv=None):
     p = cli.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", required=True)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cuda")
-    p.add_argument("--batch_size", type=int, default=65536)
+    p.add_argument("--data", required=True, help="dataset cache folder (ncf.py --data)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cuda",
+                   help="cuda without a CUDA device is refused (exit 2); cpu runs the steps without sync detection")
+    p.add_argument("--batch_size", type=int, default=65536, help="samples per training step")
     args = p.parse_args(argv)
     if args.batch_size <= 0:
         raise UserError(f"--batch_size must be positive, got {args.batch_size}")

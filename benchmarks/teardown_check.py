@@ -13,12 +13,14 @@ Ways (gloo on CPU, 2 ranks, 1 epoch unless said):
   test_mode     --mode test of a checkpoint on two ranks                                  (--early, 5)
   threshold     -e 20 -t 0.05: stopped by --threshold after epoch 1                       (--early, 5)
   patience      -e 40 --patience 1: stopped by --patience                                 (--early, 5)
-  sigterm       -e 100, SIGTERM to rank 1 after epoch 1: stops after the epoch, exit 0    (--early, 5)
+  sigterm       -e 100, SIGTERM to rank 1 after epoch 1: stops after the epoch, every rank  (--early, 5)
+                exits 130 (a stopped run), torchrun 1 with its summary of those codes
   rank_fails    rank 0 fails writing last.pth (a full disk, injected) while rank 1 waits  (--early, 5)
                 for it at the end: the job must fail, promptly (under --prompt_s)
   rank_fails_two_nodes   the same across two "machines", where no launcher kills the peer (--early, 5)
 
-Expected: every launcher exits 0 in every run of the first seven ways, with no aborted rank; the two
+Expected: every launcher exits 0 in every run of the first six ways, and sigterm's with every rank's
+130, with no aborted rank; the two
 rank_fails ways exit non-zero within --prompt_s. A run that passes --timeout_s is killed and counted
 as a timeout.
 
@@ -31,11 +33,11 @@ sometimes does: before the fix of issue 21 about a third of 2-process runs then 
 Prints one JSON line per way (launcher exit statuses, aborted runs, timeouts, times) and a table; exit
 status 1 when any run ended otherwise than expected.
 """
-import argparse
 import collections
 import contextlib
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -46,10 +48,9 @@ import time
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, HERE)
-from cli import open_owned_for_append, owned_file  # noqa: E402
+from cli import NEW_FILES_ONLY, ArgumentParser, open_owned_for_append, owned_file  # noqa: E402
 
 # Each run writes into a folder of its own that it has just made: a file already there is not replaced.
-NEW_FILES_ONLY = lambda path: False  # noqa: E731
 LAUNCH_WAYS = ("torchrun", "launch", "two_nodes")
 EARLY_WAYS = ("test_mode", "threshold", "patience", "sigterm", "rank_fails", "rank_fails_two_nodes")
 FAILING_WAYS = ("rank_fails", "rank_fails_two_nodes")
@@ -63,7 +64,7 @@ sys.path.insert(0, {root!r})
 import checkpoint, cli, ncf
 real = checkpoint.save_atomic
 def save_atomic(obj, path):
-    if os.environ.get("RANK") == "0" and os.path.basename(path) == ncf.LAST_CHECKPOINT:
+    if os.environ.get("RANK") == "0" and os.path.basename(path) == checkpoint.LAST_CHECKPOINT:
         time.sleep(1)  # rank 1 is at the end of its run by now
         raise cli.EnvironmentFailure("cannot write " + path + " (injected by teardown_check.py)")
     return real(obj, path)
@@ -73,7 +74,7 @@ ncf.main(sys.argv[1:])
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", default=HERE, help="the checkout whose ncf.py runs (default: this one)")
     p.add_argument("--python", default=sys.executable)
     p.add_argument("--ways", nargs="+", choices=LAUNCH_WAYS + EARLY_WAYS, default=list(LAUNCH_WAYS + EARLY_WAYS))
@@ -275,6 +276,17 @@ def wait_for_line(path, text, proc, timeout):
     return False
 
 
+def sigterm_rank_1(out, launcher, timeout_s):
+    """SIGTERM to rank 1 once rank 0 printed its epoch 1; a note of what went otherwise ('' if nothing)."""
+    if not wait_for_line(os.path.join(out, "stdout"), "epoch 1 |", launcher, timeout_s):
+        return "no epoch 1 line"
+    workers = {rank_of(pid): pid for pid in descendants([launcher.pid])}
+    if 1 not in workers:
+        return "rank 1 not found"
+    os.kill(workers[1], signal.SIGTERM)
+    return ""
+
+
 def one_run(way, args, out, data, model_path):
     """One run of `way`: its launchers' exit statuses, whether a rank aborted, and its wall time."""
     os.makedirs(out, exist_ok=True)
@@ -296,14 +308,7 @@ def one_run(way, args, out, data, model_path):
     note = ""
     try:
         if way == "sigterm":
-            if wait_for_line(os.path.join(out, "stdout"), "epoch 1 |", launchers[0], args.timeout_s):
-                workers = {rank_of(pid): pid for pid in descendants([launchers[0].pid])}
-                if 1 in workers:
-                    os.kill(workers[1], signal.SIGTERM)
-                else:
-                    note = "rank 1 not found"
-            else:
-                note = "no epoch 1 line"
+            note = sigterm_rank_1(out, launchers[0], args.timeout_s)
         statuses, timed_out = [], False
         for proc in launchers:
             remaining = max(1.0, args.timeout_s - (time.monotonic() - start))
@@ -326,9 +331,12 @@ def one_run(way, args, out, data, model_path):
     if way in FAILING_WAYS:
         ok = all(s != 0 for s in statuses) and not timed_out and elapsed < args.prompt_s
     else:
-        ok = all(s == 0 for s in statuses) and not aborted and not timed_out
-        if way == "sigterm":
-            ok = ok and "stopped by SIGTERM after epoch" in stdout
+        ok = not aborted and not timed_out
+        if way == "sigterm":  # torchrun's 1, for its ranks' 130 (and none other)
+            codes = set(re.findall(r"exitcode\s*:\s*(-?\d+)", stderr))
+            ok = ok and statuses == [1] and codes == {"130"} and "stopped by SIGTERM after epoch" in stdout
+        else:
+            ok = ok and all(s == 0 for s in statuses)
         if way == "threshold":
             ok = ok and "reached --threshold" in stdout
         if way == "patience":

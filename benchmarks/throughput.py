@@ -1,4 +1,4 @@
-"""Training and evaluation throughput of ncf.py's own step code on ml-20m-shaped synthetic data (spec §8).
+"""Training and evaluation throughput of ncf.py's own step code on ml-20m-shaped synthetic data.
 
     python benchmarks/throughput.py --device cpu --batch_size 65536 1048576 --precision fp32 amp
     python benchmarks/throughput.py --device cuda --batch_size 1048576 --precision fp32 amp
@@ -30,7 +30,8 @@ import ncf
 from cli import UserError, check_may_write, main_guard, open_owned_for_append
 from dataloading import EpochSampler, TestData
 from devices import choose_precision, memory_bytes, set_matmul_precision
-from neumf import DROPOUT, FACTORS, LAYERS, ModelConfig, build_model
+from model_config import DROPOUT, FACTORS, LAYERS, ModelConfig
+from neumf import build_model
 from synthetic import PRESETS
 
 # ml-20m's shape (synthetic.py's preset) and its training positives after convert.py's protocol.
@@ -42,24 +43,26 @@ POSITIVE = ("users", "items", "positives", "negatives", "candidates", "eval_repe
 
 
 def parse_args(argv=None):
-    p = cli.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch_size", type=int, nargs="+", default=[65536, 1048576])
+    p = cli.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda without a CUDA device is refused (exit 2); the default is cuda where there is one")
+    p.add_argument("--batch_size", type=int, nargs="+", default=[65536, 1048576],
+                   help="global batches per optimizer step to time, each in its own process")
     p.add_argument("--precision", choices=("fp32", "amp"), nargs="+", default=["fp32", "amp"],
                    help="amp: fp16 autocast + loss scaling on CUDA, bf16 autocast on CPU (forced even without "
                         "native bf16, to measure it)")
-    p.add_argument("--users", type=int, default=ML20M["users"])
-    p.add_argument("--items", type=int, default=ML20M["items"])
-    p.add_argument("--positives", type=int, default=ML20M["positives"])
-    p.add_argument("--negatives", type=int, default=4)
+    p.add_argument("--users", type=int, default=ML20M["users"], help="users of the random data (ml-20m's)")
+    p.add_argument("--items", type=int, default=ML20M["items"], help="items of the random data (ml-20m's)")
+    p.add_argument("--positives", type=int, default=ML20M["positives"],
+                   help="training positives (ml-20m's after convert.py)")
+    p.add_argument("--negatives", type=int, default=4, help="negatives per positive, as ncf.py's -n")
     p.add_argument("--candidates", type=int, default=101, help="evaluation candidates per user")
     p.add_argument("--eval_users", type=int, default=None, help="users scored in the eval timing (default: all)")
     p.add_argument("--eval_repeats", type=int, default=3, help="timed evaluations (the median is reported)")
-    p.add_argument("--valid_batch_size", type=int, default=1048576)
-    p.add_argument("--factors", type=int, default=FACTORS)
-    p.add_argument("--layers", type=int, nargs="+", default=list(LAYERS))
-    p.add_argument("--dropout", type=float, default=DROPOUT)
+    p.add_argument("--valid_batch_size", type=int, default=1048576, help="evaluation pairs at a time, as ncf.py's")
+    p.add_argument("--factors", type=int, default=FACTORS, help="GMF factors, as ncf.py's -f")
+    p.add_argument("--layers", type=int, nargs="+", default=list(LAYERS), help="MLP layer sizes, as ncf.py's")
+    p.add_argument("--dropout", type=float, default=DROPOUT, help="dropout rate, as ncf.py's")
     p.add_argument("--grads_accumulated", type=int, default=1,
                    help="micro-batches per optimizer step, as ncf.py's flag (same maths, smaller activations)")
     p.add_argument("--warmup", type=int, default=2, help="untimed training steps first")

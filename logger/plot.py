@@ -3,9 +3,11 @@
     python -m logger.plot runs/fp32.json runs/amp.json -o runs/accuracy.png
     python -m logger.plot runs/fp32.json runs/amp.json --labels fp32 AMP -o runs/accuracy.png
 
-Several logs are overlaid (e.g. fp32 against AMP, as the recipe's accuracy-curve figure does). A log
-that holds several runs appended one after another (the epoch count starts again) is split into
-them; a resumed run, whose epochs carry on, stays one curve. Needs matplotlib (optional dependency).
+Several logs are overlaid (e.g. fp32 against AMP, as the recipe's accuracy-curve figure does), each run
+with its colour and its marker, so that runs with identical figures stay visible one over the other (the
+legend and a printed note say which); the title names the runs unless --title gives one. A log that
+holds several runs appended one after another (the epoch count starts again) is split into them; a
+resumed run, whose epochs carry on, stays one curve. Needs matplotlib (optional dependency).
 
 -o names the file written, and the path printed is that file: an existing folder gets FOLDER/run.png,
 a name without a suffix gets .png (matplotlib's own rule, now said). It must be .png, .pdf or .svg;
@@ -45,6 +47,9 @@ PANELS = (
       for name, label in METRIC_LABELS.items()),
     ("throughput (samples/s)", (("train_throughput", "train", "-"), ("eval_throughput", "eval", "--"))),
 )
+# Each run's marker (hollow, with its colour; the line style tells the series apart). Runs whose figures
+# are identical (one command run twice) are drawn one over the other: the shapes keep both visible.
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
 
 def parse_args(argv=None):
@@ -53,7 +58,7 @@ def parse_args(argv=None):
     parser.add_argument("-o", "--output", default=DEFAULT_NAME,
                         help=f"image to write (.png, .pdf or .svg); a folder gets FOLDER/{DEFAULT_NAME}")
     parser.add_argument("--labels", nargs="+", help="one legend label per log (default: file name and precision)")
-    parser.add_argument("--title", default=None, help="figure title")
+    parser.add_argument("--title", default=None, help="figure title (default: the runs' labels)")
     return parser.parse_args(argv)
 
 
@@ -172,6 +177,24 @@ def is_figure(value):
     return value is not None and math.isfinite(value)
 
 
+def same_as(curves):
+    """{index of a curve: label of the first earlier curve with the same loss and metrics every epoch} (the
+    throughputs of two runs always differ, and do not hide each other)."""
+    keys = [key for _, series in PANELS for key, _, _ in series if not key.endswith("throughput")]
+    first, same = {}, {}
+    for n, (label, _, records) in enumerate(curves):
+        figures = json.dumps([[r["epoch"], *(r.get(key) for key in keys)] for r in records])
+        same[n] = first.get(figures)
+        first.setdefault(figures, label)
+    return {n: label for n, label in same.items() if label is not None}
+
+
+def default_title(curves):
+    labels = [label for label, _, _ in curves]
+    shown = ", ".join(labels[:4]) + (f" and {len(labels) - 4} more" if len(labels) > 4 else "")
+    return f"ncf.py, per epoch: {shown}"
+
+
 def left_out(curves):
     """How many logged figures of the panels are NaN or infinite."""
     keys = [key for _, series in PANELS for key, _, _ in series]
@@ -193,6 +216,7 @@ def plot(curves, output, title=None):
     rows = (len(PANELS) + 1) // 2
     fig, axes = plt.subplots(rows, 2, figsize=(11, 3.75 * rows), constrained_layout=True, squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    same = same_as(curves)
     for ax in axes.flat[len(PANELS):]:  # an odd number of panels leaves one
         fig.delaxes(ax)
     for ax, (ylabel, series) in zip(axes.flat, PANELS, strict=False):
@@ -202,15 +226,16 @@ def plot(curves, output, title=None):
                 if points:
                     x, y = zip(*points, strict=True)
                     name = label if len(series) == 1 else f"{label}, {kind}"
-                    ax.plot(x, y, style, marker="o", markersize=3, color=colors[n % len(colors)], label=name)
+                    name += f" (= {same[n]})" if n in same and not key.endswith("throughput") else ""
+                    ax.plot(x, y, style, marker=MARKERS[n % len(MARKERS)], markersize=max(3, 7 - n % len(MARKERS)),
+                            markerfacecolor="none", color=colors[n % len(colors)], label=name)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel.format(k=k))
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize="small")
-    if title:
-        fig.suptitle(title)
+    fig.suptitle(title or default_title(curves))
     try:
         save_figure(fig, output, "-o/--output")
     except OSError as err:  # atomic_file has removed its temporary file
@@ -233,6 +258,9 @@ def main(argv=None):
           f"{sum(len(records) for _, _, records in curves)} epochs")
     if left_out(curves):
         print(f"note: {left_out(curves)} logged figure(s) are NaN or infinite (a diverged epoch?) and are not drawn")
+    for n, earlier in same_as(curves).items():
+        print(f"note: {curves[n][0]} has the same loss and metrics as {earlier} every epoch: its curves lie on "
+              f"{earlier}'s, told apart by their markers")
 
 
 if __name__ == "__main__":
