@@ -22,8 +22,8 @@ import torch
 import cache_format
 import checkpoint
 from cache_format import file_record
-from cli import NEW_FILES_ONLY, EnvironmentFailure, UserError, check_may_write, check_output_folder, is_own_folder, \
-    json_marker, main_guard, owned_file, staged_folder
+from cli import NEW_FILES_ONLY, EnvironmentFailure, UserError, check_output_folder, check_output_path, is_own_folder, \
+    json_marker, main_guard, may_write, owned_file, staged_folder
 from dataloading import load_cache, train_positives_csr
 from devices import choose_precision, pick_device
 from serving import (EXPORT_CREATED_BY, EXPORT_FILES, EXPORT_VERSION, ID_MAPS_FILE, INPUTS, MANIFEST_FILE,
@@ -231,7 +231,11 @@ def export_manifest(args, tmp, cache, ckpt, known, facts, check):
 def run_nvidia_export(args):
     """NVIDIA's model.pth (a plain state dict of its NeuMF) at --output, a new file, read back through the
     recipe-format loader and checked to score as the checkpoint does."""
-    check_may_write(args.output, "--output", NEW_FILES_ONLY, "a file")  # a plain state dict proves no owner
+    check_output_path(args.output, "--output")
+    if os.path.lexists(args.output) and not may_write(args.output, NEW_FILES_ONLY):
+        raise UserError(f"--output {args.output} exists, and --format nvidia writes a new file only (a plain state "
+                        "dict carries no mark of who wrote it, so nothing shows it may be replaced): choose a new "
+                        "path, or move that file away")
     cache = load_cache(args.data)
     model, ckpt = load_model(args.checkpoint, cache, torch.device("cpu"))
     checkpoint.save_atomic(checkpoint.to_nvidia(ckpt), args.output)

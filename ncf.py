@@ -601,7 +601,7 @@ def evaluate_checkpoint(args, given, ctx, cache, log):
     model, ckpt = checkpoint.load_model(path, cache, ctx.device)
     precision = checkpoint_precision(args, given, ckpt.get("args"), ctx.device)
     log.info(f"device {ctx.device} | world size {ctx.world_size} | precision {precision.name} | checkpoint {path} "
-             f"(epoch {ckpt.get('epoch')})")
+             f"({'epoch ' + str(ckpt['epoch']) if ckpt.get('epoch') is not None else 'no epoch recorded'})")
     test_data, full_data, _ = evaluation_data(cache, args.full_ranking, ctx)
     log.log("test", **run_evaluation(model, test_data, full_data, args.topk, args.valid_batch_size, precision, ctx))
 
@@ -912,7 +912,7 @@ def run(argv=None, on_epoch=None):
     args = parse_args(argv)
     validate_args(args, world_size=launch_environment(args.local_rank)[2])
     ctx = setup_distributed(args.device, args.local_rank)
-    log = None
+    log = result = None
     locks, created = [], []
     succeeded = False
     try:
@@ -943,6 +943,11 @@ def run(argv=None, on_epoch=None):
             lock.close()
         remove_if_unused(created)
         if ctx.distributed and succeeded:
+            if result is not None and result["interrupted"]:
+                # Stopped by SIGTERM, every rank exits 130 (main); torchrun answers the first such exit by sending
+                # SIGTERM to the others, which would end a rank still leaving as -15. What it must do is done
+                # (rank 0 wrote last.pth before the barrier below): ignore it for the second this rank needs.
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
             # The ranks leave together, once rank 0 has written its files and closed the log (issue 21). A rank
             # that went straight on into interpreter shutdown could still have a gloo worker thread holding its
             # last collective's tensors: freeing them then needs the GIL, Python ends such a thread, and the C++

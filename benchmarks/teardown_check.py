@@ -52,6 +52,7 @@ from cli import NEW_FILES_ONLY, ArgumentParser, open_owned_for_append, owned_fil
 
 # Each run writes into a folder of its own that it has just made: a file already there is not replaced.
 LAUNCH_WAYS = ("torchrun", "launch", "two_nodes")
+EXPECTED = {"sigterm": "1, each rank 130", "rank_fails": "non-zero, prompt", "rank_fails_two_nodes": "non-zero, prompt"}
 EARLY_WAYS = ("test_mode", "threshold", "patience", "sigterm", "rank_fails", "rank_fails_two_nodes")
 FAILING_WAYS = ("rank_fails", "rank_fails_two_nodes")
 TINY_TRAIN = ["-f", "16", "--layers", "64", "32", "16", "-b", "2048", "-l", "0.01", "--no_progress",
@@ -380,7 +381,7 @@ def main(argv=None):
             results = [one_run(way, args, os.path.join(workdir, way, str(i)), data, model_path) for i in range(n)]
             statuses = collections.Counter(",".join(map(str, r["statuses"])) for r in results)
             seconds = [r["seconds"] for r in results]
-            record = {"way": way, "runs": n, "expected": "non-zero, prompt" if way in FAILING_WAYS else "0",
+            record = {"way": way, "runs": n, "expected": EXPECTED.get(way, "0"),
                       "as_expected": sum(r["ok"] for r in results), "launcher_exit_statuses": dict(statuses),
                       "aborted_runs": sum(r["aborted"] for r in results),
                       "timeouts": sum(r["timed_out"] for r in results),

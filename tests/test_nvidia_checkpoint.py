@@ -111,7 +111,7 @@ def test_export_format_nvidia_writes_what_the_recipes_model_loads(exported_tiny,
     before = path.read_bytes()
     with pytest.raises(SystemExit) as exit_:
         inference.main(argv)
-    assert exit_.value.code == 2 and "is not a file this project wrote" in capsys.readouterr().err
+    assert exit_.value.code == 2 and "writes a new file only" in capsys.readouterr().err
     assert path.read_bytes() == before
 
 

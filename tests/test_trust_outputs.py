@@ -228,6 +228,10 @@ def foreign_cache_folder(w):
     return argv
 
 
+def nvidia_export(w, ck, output):
+    return ["export", "--format", "nvidia", "--checkpoint", ck, "--data", w["cache"], "--output", output]
+
+
 # (case, command, argv builder, words the one stderr line must contain); every row expects exit status 2.
 BAD_INPUTS = [
     # ---- inference.py recommend --model (an export) and --checkpoint
@@ -347,6 +351,14 @@ BAD_INPUTS = [
     ("export: --output under a file", "inference", lambda w: ["export", "--checkpoint", w["ck"], "--data", w["cache"],
                                                             "--output", w["root"] / "mine.json" / "x"],
      ["cannot be created"]),
+    ("export nvidia: --output a user's file", "inference", lambda w: nvidia_export(w, w["ck"], w["root"] / "mine.json"),
+     ["writes a new file only"]),
+    ("export nvidia: --output its own --checkpoint", "inference", lambda w: nvidia_export(w, w["ck"], w["ck"]),
+     ["writes a new file only"]),
+    ("export nvidia: --output a folder", "inference", lambda w: nvidia_export(w, w["ck"], w["root"] / "notes"),
+     ["is a folder"]),
+    ("export nvidia: checkpoint of another dataset", "inference",
+     lambda w: nvidia_export(w, w["ck_other"], w["root"] / "cases" / "never.pth"), ["trained on another dataset"]),
     # ---- inference.py benchmark
     ("benchmark: --users 0", "inference", lambda w: ["benchmark", *QUICK, "--batch_sizes", "8", "--users", "0"],
      ["--users", "got 0"]),
