@@ -348,10 +348,25 @@ def test_a_diverging_trial_is_failed_in_one_line_and_the_search_goes_on(tiny_val
     import tune
 
     space = tmp_path / "space.json"
-    argv = tune_argv(tiny_validation_cache, tmp_path / "tune", space, trials=2)
+    argv = tune_argv(tiny_validation_cache, tmp_path / "tune", space, trials=3)
     space.write_text(json.dumps({"learning_rate": {"low": 1e12, "high": 1e13, "log": True}}))
+    tune.main([*argv[:argv.index("--")], "--confirm_top", "0", *argv[argv.index("--"):]])
+    # Trial 0 runs ncf.py's default learning rate, outside this space, and finishes; the two searched diverge.
+    err = capsys.readouterr().err.strip().splitlines()
+    assert [line.split(": training diverged")[0] for line in err] == [
+        "tune.py: trial 1 failed", "tune.py: trial 2 failed"]
+
+
+@pytest.mark.slow
+def test_a_search_whose_every_trial_diverges_ends_in_one_line(tiny_validation_cache, tmp_path, capsys,
+                                                               sigterm_handler_kept):
+    import tune
+
+    space = tmp_path / "space.json"
+    argv = tune_argv(tiny_validation_cache, tmp_path / "tune", space, trials=2)
+    space.write_text(json.dumps({"beta1": {"low": 0.1, "high": 0.9}}))  # the default 0.25 inside: trial 0 runs it
     with pytest.raises(SystemExit) as ended:
-        tune.main(argv)
+        tune.main([*argv, "-l", "1e12"])  # every trial diverges, trial 0 too
     assert ended.value.code == 2  # no trial finished: a UserError, after both were tried
     err = capsys.readouterr().err.strip().splitlines()
     assert [line.split(": training diverged")[0] for line in err[:2]] == [
