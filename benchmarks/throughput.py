@@ -72,6 +72,9 @@ def parse_args(argv=None):
                         "the first step's time, compile included, is reported as first_step_s")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--no_floor", action="store_true", help="skip measuring the matmul rate and memory bandwidth")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after the timing, profile --steps more training steps (torch.profiler) and print their N "
+                        "operators of most self time (0: no profile)")
     p.add_argument("--json_out", default=None, help="also append the JSON lines to this file")
     p.add_argument("--child", nargs=2, metavar=("BATCH", "PRECISION"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -88,8 +91,9 @@ def validate(args):
     for name in ("users", "items"):
         if getattr(args, name) > MAX_ID:
             raise UserError(f"--{name} must be at most {MAX_ID:,} (ids are int32), got {getattr(args, name)}")
-    if args.warmup < 0:
-        raise UserError(f"--warmup must be 0 or more, got {args.warmup}")
+    for name in ("warmup", "profile"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name} must be 0 or more, got {getattr(args, name)}")
     if min(args.layers) <= 0 or args.layers[0] % 2:
         raise UserError(f"--layers must be positive sizes with an even first one, got {args.layers}")
     if not 0 <= args.dropout < 1:  # NaN included
@@ -223,6 +227,8 @@ def measure_one(args, batch_size, precision_name):
     shuffle_s, first_step_s, step_times, loss = time_training(args, sampler, train_model, optimizer, scaler,
                                                               precision, batch_size, ctx)
     step_s = step_times[len(step_times) // 2]  # median: the machine may be shared
+    profile = profile_training(args, sampler, train_model, optimizer, scaler, precision, batch_size, ctx) \
+        if args.profile else None
     eval_times, eval_samples, hr = time_evaluation(args, model, precision, ctx)
     eval_s = sorted(eval_times)[len(eval_times) // 2]
     if device.type == "cuda":
@@ -241,8 +247,34 @@ def measure_one(args, batch_size, precision_name):
         "step_s_median": step_s, "step_s_all": step_times, "shuffle_s": shuffle_s, "first_step_s": first_step_s,
         "compiled": args.compile, "eval_s": eval_s, "eval_s_all": eval_times,
         "eval_samples": eval_samples, "timed_steps": len(step_times), "loss": loss, "eval_hr": hr,
-        "optimizer": optimizer_name, "torch": torch.__version__,
+        "optimizer": optimizer_name, "torch": torch.__version__, **({"profile": profile} if profile else {}),
     }
+
+
+def profile_training(args, sampler, train_model, optimizer, scaler, precision, batch_size, ctx):
+    """The --profile operators of most self time over --steps training steps (forward, backward, optimizer
+    and the sampler's batches, not the epoch's shuffle; fewer steps if the epoch is shorter):
+    [{name, self_s, share, calls}], share of the steps' total self time."""
+    batches = sampler.epoch(2, batch_size, 0, 1, args.grads_accumulated)
+    first = next(batches)  # the epoch's shuffle (randperm) runs here, outside the profile: it is no step's work
+    activities = [torch.profiler.ProfilerActivity.CPU] + \
+        ([torch.profiler.ProfilerActivity.CUDA] if ctx.device.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        for micro_batches, global_size in itertools.chain([first], itertools.islice(batches, args.steps - 1)):
+            ncf.train_step(train_model, optimizer, scaler, precision, micro_batches, global_size, ctx)
+        sync(ctx.device)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    return [{"name": e.key, "self_s": e.self_cpu_time_total / 1e6, "share": e.self_cpu_time_total / total,
+             "calls": e.count} for e in events[:args.profile]]
+
+
+def print_profiles(results):
+    for r in results:
+        if r.get("profile"):
+            print(f"\nprofile, batch {r['batch_size']:,} {r['precision']} (up to --steps steps; self CPU time):")
+            for op in r["profile"]:
+                print(f"  {op['name']:<40} {op['share']:>6.1%} {op['self_s']:>8.3f} s {op['calls']:>7} calls")
 
 
 def per_sample_cost(args, micro_batch=None, device="cpu"):
@@ -385,6 +417,7 @@ def main(argv=None):
     results = [run_child(argv, args, floor, batch_size, precision)
                for batch_size in args.batch_size for precision in args.precision]
     print_table(results, cost, floor)
+    print_profiles(results)
     print(json.dumps({"floor": {**cost, **floor}}))
     if args.json_out:
         with open_owned_for_append(args.json_out, "--json_out", is_throughput_log, "a throughput log") as f:

@@ -462,6 +462,7 @@ BAD_INPUTS = [
     ("throughput: batch not divisible", "throughput", lambda w: [*TINY_THROUGHPUT, "--grads_accumulated", "3"],
      ["--grads_accumulated"]),
     ("throughput: --threads 0", "throughput", lambda w: [*TINY_THROUGHPUT, "--threads", "0"], ["--threads"]),
+    ("throughput: --profile -1", "throughput", lambda w: [*TINY_THROUGHPUT, "--profile", "-1"], ["--profile"]),
     ("throughput: --device cuda without one", "throughput",
      lambda w: [*TINY_THROUGHPUT, "--device", "cuda"] if not torch.cuda.is_available() else ["--steps", "0"],
      ["--"]),
