@@ -185,13 +185,20 @@ def test_a_win_inside_the_users_noise_is_none_and_the_defaults_are_recommended(t
     assert best["command"].endswith("--learning_rate 0.0045") and best["recommended"]["trial"] == 0
 
 
+def against_the_defaults(cache, tmp_path, capsys, monkeypatch, defaults, real):
+    """A two-trial search, the defaults and REAL with the scripted `figures`, then its confirmation: (the
+    confirmation's record, what tune.py printed)."""
+    scripted(monkeypatch, {DEFAULTS: defaults, REAL: real})
+    out = tmp_path / "out"
+    status, printed, err = tune_main(capsys, cache, out, rates=(DEFAULTS, REAL), trials=2)
+    assert status == 0, err
+    return best_of(out)["confirmation"], printed
+
+
 def test_a_win_inside_the_seeds_noise_is_none(tiny_validation_cache, tmp_path, capsys, monkeypatch):
     """A mean difference of +0.12 whose seeds disagree (+0.30, -0.25, +0.30) is no win."""
-    scripted(monkeypatch, {DEFAULTS: figures(0.50, (0.40, 0.70, 0.40)), REAL: figures(0.70, (0.70, 0.45, 0.70))})
-    out = tmp_path / "out"
-    status, _, err = tune_main(capsys, tiny_validation_cache, out, rates=(DEFAULTS, REAL), trials=2)
-    assert status == 0, err
-    record = best_of(out)["confirmation"]
+    record, _ = against_the_defaults(tiny_validation_cache, tmp_path, capsys, monkeypatch,
+                                     figures(0.50, (0.40, 0.70, 0.40)), figures(0.70, (0.70, 0.45, 0.70)))
     assert record["paired"]["mean"] == pytest.approx(0.35 / 3) and record["paired"]["better_on"] == 2
     assert not record["beats_defaults"] and record["recommended"] == 0
 
@@ -199,20 +206,14 @@ def test_a_win_inside_the_seeds_noise_is_none(tiny_validation_cache, tmp_path, c
 def test_the_comparison_is_seed_by_seed(tiny_validation_cache, tmp_path, capsys, monkeypatch):
     """The seeds move both configurations alike (0.3 to 0.9) and REAL is 0.1 above on each: a clear win that
     a comparison of the two means' own spreads would call noise."""
-    scripted(monkeypatch, {DEFAULTS: figures(0.50, (0.30, 0.60, 0.90)), REAL: figures(0.70, (0.40, 0.70, 0.99))})
-    out = tmp_path / "out"
-    status, _, err = tune_main(capsys, tiny_validation_cache, out, rates=(DEFAULTS, REAL), trials=2)
-    assert status == 0, err
-    record = best_of(out)["confirmation"]
+    record, _ = against_the_defaults(tiny_validation_cache, tmp_path, capsys, monkeypatch,
+                                     figures(0.50, (0.30, 0.60, 0.90)), figures(0.70, (0.40, 0.70, 0.99)))
     assert record["beats_defaults"] and record["recommended"] == record["winner"] != 0
 
 
 def test_the_defaults_leading_the_confirmation_are_recommended(tiny_validation_cache, tmp_path, capsys, monkeypatch):
-    scripted(monkeypatch, {DEFAULTS: figures(0.60, (0.70, 0.71, 0.69)), REAL: figures(0.80, (0.60, 0.61, 0.59))})
-    out = tmp_path / "out"
-    status, printed, err = tune_main(capsys, tiny_validation_cache, out, rates=(DEFAULTS, REAL), trials=2)
-    assert status == 0, err
-    record = best_of(out)["confirmation"]
+    record, printed = against_the_defaults(tiny_validation_cache, tmp_path, capsys, monkeypatch,
+                                           figures(0.60, (0.70, 0.71, 0.69)), figures(0.80, (0.60, 0.61, 0.59)))
     assert record["winner"] == 0 and record["recommended"] == 0 and not record["beats_defaults"]
     assert "ncf.py's defaults (trial 0) lead the confirmation" in printed
 
