@@ -47,9 +47,11 @@ FIXED_ON_RESUME = ("model", "factors", "layers", "topk")
 # printed with a warning, and recorded in the new last.pth.
 RESUMED_FLAGS = (
     "epochs", "batch_size", "negative_samples", "learning_rate", "beta1", "beta2", "eps", "dropout",
-    "grads_accumulated", "opt_level", "amp_dtype", "seed", "weight_decay", "lr_schedule", "warmup_epochs",
-    "threshold", "patience", "valid_batch_size", "full_ranking", "save_every",
+    "grads_accumulated", "accumulate", "opt_level", "amp_dtype", "seed", "weight_decay", "lr_schedule",
+    "warmup_epochs", "threshold", "patience", "valid_batch_size", "full_ranking", "save_every",
 )
+# What a last.pth written before a flag existed ran with, where that differs from the flag's default now.
+BEFORE_THE_FLAG = {"model": "neumf", "accumulate": "split"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,7 +78,8 @@ def build_parser():
                    help="folder of the dataset cache written by prepare_dataset.sh / convert.py")
     p.add_argument("-e", "--epochs", type=int, default=30, help="number of epochs to train")
     p.add_argument("-b", "--batch_size", type=int, default=1048576,
-                   help="global batch size (samples per optimizer step, over all processes)")
+                   help="samples per batch over all processes; an optimizer step takes --grads_accumulated "
+                        "batches (the recipe's meaning; see --accumulate)")
     p.add_argument("--valid_batch_size", type=int, default=1048576,
                    help="samples (user-item pairs) scored per evaluation batch")
     p.add_argument("-f", "--factors", type=int, default=FACTORS, help="GMF embedding size (predictive factors)")
@@ -98,7 +101,7 @@ def build_parser():
     p.add_argument("--mode", choices=("train", "test"), default="train",
                    help="train, or only evaluate a checkpoint: --load_checkpoint_path, else CHECKPOINT_DIR/model.pth")
     p.add_argument("--grads_accumulated", type=int, default=1,
-                   help="split each global batch into this many micro-batches (same result, less memory)")
+                   help="batches whose gradients one optimizer step accumulates (see --accumulate)")
     p.add_argument("--opt_level", choices=("O0", "O2"), default="O2",
                    help="O2: mixed precision (fp16 + loss scaling on CUDA, bf16 on CPU); O0: fp32")
     add_project_flags(p)
@@ -109,6 +112,9 @@ def add_project_flags(p):
     """The rest of the flags: the seed, this project's additions and the launcher's --local_rank."""
     p.add_argument("--amp", dest="opt_level", action="store_const", const="O2", default=argparse.SUPPRESS,
                    help="same as --opt_level O2")
+    p.add_argument("--accumulate", choices=("recipe", "split"), default="recipe",
+                   help="recipe: a step accumulates --grads_accumulated batches of -b samples (G x b per step, as "
+                        "NVIDIA's); split: -b is the step's batch, split into G micro-batches (G trades memory only)")
     p.add_argument("--amp_dtype", choices=("auto", "float16", "bfloat16"), default="auto",
                    help="mixed-precision type; auto: float16 on CUDA, bfloat16 on CPUs with native bf16 "
                         "(others fall back to fp32)")
@@ -176,10 +182,20 @@ def validate_args(args, world_size=1):
         raise UserError(f"{' and '.join(starts)}: a run starts from one of them (last.pth, a model checkpoint, or "
                         f"pretrained branches), not several: pass only one")
     parts = world_size * args.grads_accumulated  # a step's batch is split across ranks, then micro-batches
-    if args.batch_size % parts:
+    if step_batch(args) % parts:
+        if args.accumulate == "recipe":
+            raise UserError(f"--batch_size {args.batch_size} is not divisible by world size {world_size} (every rank "
+                            f"takes an equal share of each batch): choose a multiple of {world_size}")
         by = f"world size {world_size} x " if world_size > 1 else ""
         raise UserError(f"--batch_size {args.batch_size} is not divisible by {by}--grads_accumulated "
-                        f"{args.grads_accumulated}: choose a multiple of {parts}")
+                        f"{args.grads_accumulated} (--accumulate split): choose a multiple of {parts}")
+
+
+def step_batch(args):
+    """The samples of one optimizer step over all ranks. The recipe's meaning (--accumulate recipe): a step
+    accumulates --grads_accumulated batches of -b each. --accumulate split: -b is the step's batch, cut into
+    G micro-batches, so that G changes memory and not the optimisation."""
+    return args.batch_size * args.grads_accumulated if args.accumulate == "recipe" else args.batch_size
 
 
 def hold_run_locks(args):
@@ -489,7 +505,7 @@ def resolved_resume_args(args, saved_args, given):
     with a warning; one of FIXED_ON_RESUME that differs is refused."""
     resolved = vars(args).copy()
     for name in FIXED_ON_RESUME:
-        saved = saved_args.get(name, "neumf" if name == "model" else None)  # before --model, all were NeuMF
+        saved = saved_args.get(name, BEFORE_THE_FLAG.get(name))
         if saved is None:
             continue
         if name in given and getattr(args, name) != saved:
@@ -499,12 +515,13 @@ def resolved_resume_args(args, saved_args, given):
                             f"another --checkpoint_dir")
         resolved[name] = saved
     for name in RESUMED_FLAGS:
-        if name not in saved_args:
+        saved = saved_args.get(name, BEFORE_THE_FLAG.get(name))
+        if saved is None:
             continue
         if name not in given:
-            resolved[name] = saved_args[name]
-        elif getattr(args, name) != saved_args[name] and name != "epochs":  # more epochs: the usual resume
-            warnings.warn(f"--resume: --{name} is {getattr(args, name)} here but {saved_args[name]} in last.pth; "
+            resolved[name] = saved
+        elif getattr(args, name) != saved and name != "epochs":  # more epochs: the usual resume
+            warnings.warn(f"--resume: --{name} is {getattr(args, name)} here but {saved} in last.pth; "
                           f"this command line's value is applied from here on", stacklevel=2)
     return argparse.Namespace(**resolved)
 
@@ -556,14 +573,14 @@ class StopRequest:
 
 
 def print_setup(log, ctx, precision, optimizer_name, cache, args, steps, parameters):
-    per_rank = args.batch_size // ctx.world_size
+    per_rank = step_batch(args) // ctx.world_size
     log.info(
         f"device {ctx.device} | world size {ctx.world_size} | precision {precision.name} ({args.opt_level}) | "
         f"fp32 matmuls {matmul_precision(ctx.device)} | optimizer {optimizer_name}\n"
         f"dataset {args.data}: {cache.num_users:,} users, {cache.num_items:,} items, "
         f"{cache.train.shape[0]:,} train positives, {cache.test.shape[0]:,} test users x "
         f"{1 + cache.test_negatives.shape[1]} candidates\n"
-        f"global batch {args.batch_size:,} | per rank {per_rank:,} | micro-batch "
+        f"global batch {step_batch(args):,} | per rank {per_rank:,} | micro-batch "
         f"{per_rank // args.grads_accumulated:,} | steps per epoch {steps:,}\n"
         f"model {args.model}: {parameters:,} parameters"
     )
@@ -776,26 +793,28 @@ def warn_if_replacing(folder):
 MIN_STEPS_PER_EPOCH = 20  # fewer: Adam takes too few steps per epoch to learn on a small dataset (README)
 
 
-def warn_if_few_steps(steps, samples_per_epoch, batch_size):
+def warn_if_few_steps(steps, samples_per_epoch, args):
     """The recipe's batch (2^20) suits ml-20m's 100M samples per epoch; on a dataset of 100k ratings it is one
     optimizer step per epoch, and the model trails item popularity for many epochs. Say so, with a batch
     that gives MIN_STEPS_PER_EPOCH or more steps (a power of two, as the recipe's)."""
     if steps >= MIN_STEPS_PER_EPOCH:
         return
     suggested = 2 ** max(8, int(math.log2(max(1, samples_per_epoch // MIN_STEPS_PER_EPOCH))))
-    warnings.warn(f"an epoch here is {steps} optimizer step(s) of --batch_size {batch_size:,} ({samples_per_epoch:,} "
-                  f"samples): too few to learn well on a dataset this small; try -b {suggested:,} "
-                  f"({math.ceil(samples_per_epoch / suggested)} steps)", stacklevel=2)
+    per_step = step_batch(args) // args.batch_size  # -b that gives `suggested` samples per step
+    warnings.warn(f"an epoch here is {steps} optimizer step(s) of {step_batch(args):,} samples "
+                  f"({samples_per_epoch:,} in all): too few to learn well on a dataset this small; try "
+                  f"-b {max(1, suggested // per_step):,} ({math.ceil(samples_per_epoch / suggested)} steps)",
+                  stacklevel=2)
 
 
 def log_start(log, training, ctx, cache, sampler, test_data):
     """The set-up figures, and the item-popularity baseline the model must beat."""
     args = training.args
-    steps = sampler.steps_per_epoch(args.batch_size, ctx.world_size * args.grads_accumulated)
+    steps = sampler.steps_per_epoch(step_batch(args), ctx.world_size * args.grads_accumulated)
     print_setup(log, ctx, training.precision, training.optimizer_name, cache, args, steps,
                 sum(p.numel() for p in training.model.parameters()))
     if ctx.is_main:
-        warn_if_few_steps(steps, sampler.samples_per_epoch, args.batch_size)
+        warn_if_few_steps(steps, sampler.samples_per_epoch, args)
     popularity = evaluate(ItemPopularity(sampler.items, cache.num_items), test_data, args.topk, args.valid_batch_size,
                           training.precision, ctx, loss=False)  # counts, not logits
     log.info(f"item-popularity baseline: {format_record(popularity, args.topk)}")
@@ -837,7 +856,7 @@ def train_mode(args, given, ctx, cache, log, on_epoch=None):
         for epoch in range(state["epoch"] + 1, args.epochs + 1):
             start = time.perf_counter()
             loss, samples = train_epoch(train_model, training.optimizer, training.scaler, training.precision, sampler,
-                                        epoch, args.batch_size, args.grads_accumulated, ctx, progress,
+                                        epoch, step_batch(args), args.grads_accumulated, ctx, progress,
                                         training.scheduler)
             train_time = time.perf_counter() - start
             check_finite(loss, model, epoch, args.learning_rate)
@@ -869,7 +888,7 @@ def set_up_training(args, given, ctx, cache, log):
             remove_stale_temporaries(os.path.join(args.checkpoint_dir, name))
     resumed, args = load_resume_state(args, given, cache, ctx.world_size)
     sampler = EpochSampler(cache.train, cache.num_items, args.negative_samples, ctx.device, args.seed)
-    steps = sampler.steps_per_epoch(args.batch_size, ctx.world_size * args.grads_accumulated)
+    steps = sampler.steps_per_epoch(step_batch(args), ctx.world_size * args.grads_accumulated)
     training = build_training(args, ctx, cache, resumed, steps)
     if ctx.is_main and not resumed and args.checkpoint_dir:
         warn_if_replacing(args.checkpoint_dir)

@@ -80,17 +80,19 @@ DEFAULT_SPACE = {
 }
 # Only what changes the model or how it is trained is searchable. Left out on purpose: flags that
 # change the measure, not the model (topk, threshold, patience, full_ranking: a search over k picks the
-# largest k), the seed (a search over it fits one seed's noise), and flags that change speed or memory but
-# not the result by design (valid_batch_size, grads_accumulated, opt_level, amp_dtype, device, save_every):
-# a search would rank their noise. Fix any of those after --.
+# largest k), the seed (a search over it fits one seed's noise), flags that change speed or memory but
+# not the result by design (valid_batch_size, opt_level, amp_dtype, device, save_every): a search would rank
+# their noise; and grads_accumulated and accumulate, which multiply the step's batch: search batch_size.
+# Fix any of those after --.
 SEARCHABLE = ("learning_rate", "batch_size", "beta1", "beta2", "eps", "factors", "layers", "dropout",
               "negative_samples", "weight_decay", "model", "lr_schedule", "warmup_epochs")
 # Flags a trial sets itself: refused after --.
 RESERVED = {"data", "epochs", "checkpoint_dir", "log_path", "mode", "resume", "load_checkpoint_path",
             "no_progress", "local_rank", "init_gmf", "init_mlp"}
 # Fixed flags that change neither the training nor its figures, left out of a study's settings: another
-# machine may continue the study on its own device, with an evaluation batch or accumulation that fits it.
-NOT_SETTINGS = {"device", "valid_batch_size", "grads_accumulated", "save_every"}
+# machine may continue the study on its own device, with an evaluation batch that fits it. Not
+# --grads_accumulated: under the recipe's meaning it multiplies the optimizer step's batch.
+NOT_SETTINGS = {"device", "valid_batch_size", "save_every"}
 SETTINGS_ATTR = "tune_settings"  # the study's user attribute that records them
 HEARTBEAT_S, GRACE_S = 60, 180  # a running trial's liveness signal, and how old it may get
 BEATS = GRACE_S // HEARTBEAT_S  # --heartbeat S gives a grace of BEATS x S

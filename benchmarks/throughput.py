@@ -64,7 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, nargs="+", default=list(LAYERS), help="MLP layer sizes, as ncf.py's")
     p.add_argument("--dropout", type=float, default=DROPOUT, help="dropout rate, as ncf.py's")
     p.add_argument("--grads_accumulated", type=int, default=1,
-                   help="micro-batches per optimizer step, as ncf.py's flag (same maths, smaller activations)")
+                   help="micro-batches each --batch_size step is cut into, as ncf.py's --accumulate split (same "
+                        "maths, smaller activations)")
     p.add_argument("--warmup", type=int, default=2, help="untimed training steps first")
     p.add_argument("--steps", type=int, default=5, help="timed training steps")
     p.add_argument("--compile", action="store_true",

@@ -57,7 +57,8 @@ def test_two_processes_reproduce_one(two_process_run, synthetic_cache, tmp_path)
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-3)
         assert b["hr"] == pytest.approx(a["hr"], abs=0.01)
     # Against one process that splits each batch in the same two halves, only float rounding differs.
-    _, halves_log, _ = train(synthetic_cache, tmp_path, *PARITY, "--grads_accumulated", "2", name="halves")
+    _, halves_log, _ = train(synthetic_cache, tmp_path, *PARITY, "--grads_accumulated", "2", "--accumulate", "split",
+                          name="halves")
     for a, b in zip(epochs_of(halves_log), two, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
 

@@ -9,6 +9,7 @@ import sys
 import pytest
 from helpers import ROOT, TINY_MODEL, run
 
+import cli
 import ncf
 
 
@@ -85,7 +86,7 @@ def test_the_command_lines_of_nvidias_readme_run_with_its_meaning(tmp_path):
     """NVIDIA's README, on tiny_cache data: convert as prepare_dataset.sh calls it, training through
     torch.distributed.launch (2 processes) and in one process with --grads_accumulated 2, with the recipe's
     short forms, then `--mode test --checkpoint-path` on 2 processes. Each is accepted, and each step takes
-    what the recipe's flags say (-b B over the ranks; --grads_accumulated G splits it: the README's table)."""
+    what the recipe's flags say (-b B over the ranks; --grads_accumulated G: a step of G batches of B)."""
     import synthetic
 
     csv = tmp_path / "ratings.csv"
@@ -105,10 +106,34 @@ def test_the_command_lines_of_nvidias_readme_run_with_its_meaning(tmp_path):
 
     one = run(["ncf.py", *recipe, "--grads_accumulated", "2", "--checkpoint_dir", tmp_path / "one"])
     assert one.returncode == 0, one.stderr[-3000:]
-    assert setup_line(one.stdout) == (8192, 8192, 4096, samples // 8192 + (samples % 8192 >= 2))
+    assert setup_line(one.stdout) == (16384, 16384, 8192, samples // 16384 + (samples % 16384 >= 2))
 
     hr = re.findall(r"epoch 1 \|.*? HR@10 ([\d.]+)", two.stdout)
     tested = run([*launch, free_port(), ROOT / "ncf.py", "--data", tmp_path / "cache", "--mode", "test",
                   "--checkpoint-path", tmp_path / "two" / "model.pth"])
     assert tested.returncode == 0, tested.stderr[-3000:]
     assert "world size 2" in tested.stdout and f"HR@10 {hr[0]}" in tested.stdout, (hr, tested.stdout)
+
+
+def test_grads_accumulated_multiplies_the_step_as_the_recipes_does():
+    """The recipe's meaning by default: a step accumulates G batches of -b; --accumulate split keeps -b the step."""
+    recipe = ncf.parse_args(["-b", "1000", "--grads_accumulated", "3"])
+    split = ncf.parse_args(["-b", "3000", "--grads_accumulated", "3", "--accumulate", "split"])
+    assert (ncf.step_batch(recipe), ncf.step_batch(split)) == (3000, 3000)
+    ncf.validate_args(recipe)  # every micro-batch is a whole -b: no divisibility by G needed
+    with pytest.raises(cli.UserError, match=r"--batch_size 1000 is not divisible by world size 3 .* multiple of 3"):
+        ncf.validate_args(ncf.parse_args(["-b", "1000"]), world_size=3)
+    with pytest.raises(cli.UserError, match=r"--batch_size 1000 is not divisible by --grads_accumulated 3"):
+        ncf.validate_args(ncf.parse_args(["-b", "1000", "--grads_accumulated", "3", "--accumulate", "split"]))
+
+
+def test_a_last_pth_from_before_the_recipes_accumulation_resumes_with_its_own():
+    """A last.pth without 'accumulate' was trained with -b split into G: a resume keeps that step unless told."""
+    saved = vars(ncf.parse_args(["-b", "4096", "--grads_accumulated", "2"]))
+    del saved["accumulate"]
+    args = ncf.parse_args(["--resume"])
+    resumed = ncf.resolved_resume_args(args, saved, given={"resume"})
+    assert (resumed.accumulate, ncf.step_batch(resumed)) == ("split", 4096)
+    told = ncf.parse_args(["--resume", "--accumulate", "recipe"])
+    with pytest.warns(UserWarning, match="--accumulate is recipe here but split in last.pth"):
+        assert ncf.step_batch(ncf.resolved_resume_args(told, saved, given={"resume", "accumulate"})) == 8192

@@ -94,17 +94,33 @@ def test_same_seed_same_figures_other_seed_other_figures(synthetic_cache, tmp_pa
     assert all(x != y for x, y in zip(first, other, strict=True))
 
 
-def test_grads_accumulated_gives_the_same_losses(synthetic_cache, tmp_path):
-    """4 micro-batches per step reproduce 1 (dropout 0, same seed), up to float summation order."""
+def first_epoch(cache, workdir, batch, *flags):
+    """The first epoch's record, and the setup line's step figures, of a run without dropout."""
+    result, log, _ = train(cache, workdir, "-e", "1", "-b", batch, "--dropout", "0", "--opt_level", "O0", *flags,
+                           name="-".join(map(str, (batch, *flags))))
+    setup = re.search(r"global batch ([\d,]+) \| per rank [\d,]+ \| micro-batch ([\d,]+) \| steps per epoch ([\d,]+)",
+                      result.stdout)
+    return epochs_of(log)[0], tuple(int(group.replace(",", "")) for group in setup.groups())
 
-    def first_epoch(ga, name):
-        _, log, _ = train(synthetic_cache, tmp_path, "-e", "1", "-b", "8192", "--dropout", "0", "--opt_level", "O0",
-                          "--grads_accumulated", ga, name=name)
-        return epochs_of(log)[0]
 
-    one, four = first_epoch(1, "ga1"), first_epoch(4, "ga4")
+def test_grads_accumulated_split_gives_the_same_losses(synthetic_cache, tmp_path):
+    """--accumulate split: 4 micro-batches per step reproduce 1 (dropout 0, same seed), up to float summation
+    order: -b stays the step's batch."""
+    one, one_steps = first_epoch(synthetic_cache, tmp_path, 8192, "--grads_accumulated", 1)
+    four, four_steps = first_epoch(synthetic_cache, tmp_path, 8192, "--grads_accumulated", 4, "--accumulate", "split")
     assert four["loss"] == pytest.approx(one["loss"], rel=1e-4)
     assert four["hr"] == pytest.approx(one["hr"], abs=0.005)
+    assert (one_steps[:2], four_steps[:2]) == ((8192, 8192), (8192, 2048)) and four_steps[2] == one_steps[2]
+
+
+def test_grads_accumulated_takes_the_recipes_meaning(synthetic_cache, tmp_path):
+    """The recipe's --grads_accumulated (the default): a step accumulates G batches of -b, so -b 2048 with G 4
+    is the step of -b 8192 split in four, the same figures exactly, with a quarter of the steps of -b 2048."""
+    recipe, recipe_steps = first_epoch(synthetic_cache, tmp_path, 2048, "--grads_accumulated", 4)
+    split, split_steps = first_epoch(synthetic_cache, tmp_path, 8192, "--grads_accumulated", 4, "--accumulate", "split")
+    figures = ("loss", "hr", "ndcg", "eval_loss")
+    assert [recipe[name] for name in figures] == [split[name] for name in figures]
+    assert recipe_steps == split_steps == (8192, 2048, split_steps[2])
 
 
 def step_losses(cache, grads_accumulated, steps=6):
@@ -195,7 +211,8 @@ RECIPE_FLAGS = {
     "-f/--factors": "64", "--layers": "[256, 256, 128, 64]", "-n/--negative_samples": "4",
     "-l/--learning_rate": "0.0045", "-k/--topk": "10", "-t/--threshold": "1.0", "--beta1": "0.25",
     "--beta2": "0.5", "--eps": "1e-08", "--dropout": "0.5", "--checkpoint_dir": None, "--mode": "train",
-    "--grads_accumulated": "1", "--opt_level": "O2", "-s/--seed": "1", "--local_rank": None, "--amp": None,
+    "--grads_accumulated": "1", "--accumulate": "recipe", "--opt_level": "O2", "-s/--seed": "1", "--local_rank": None,
+    "--amp": None,
     "--device": "auto", "--log_path": None, "--load_checkpoint_path": None, "--resume": None,
     "--full_ranking": None, "--no_progress": None,
 }

@@ -235,7 +235,7 @@ def test_an_epoch_of_few_steps_is_warned_with_a_batch_that_gives_enough(tiny_cac
     """The recipe's 2^20 batch is one optimizer step per epoch on a small dataset (issue 25.4)."""
     flags = [f for f in TINY_MODEL if f not in ("-b", "2048")]
     status, _, err = run_ncf(capsys, "--data", tiny_cache, "-e", "1", "--checkpoint_dir", "", *flags)
-    assert status == 0 and "an epoch here is 1 optimizer step(s) of --batch_size 1,048,576" in err, err
+    assert status == 0 and "an epoch here is 1 optimizer step(s) of 1,048,576 samples" in err, err
     assert "try -b 2,048 (22 steps)" in err
     status, _, err = run_ncf(capsys, "--data", tiny_cache, "-e", "1", "--checkpoint_dir", "", *TINY_MODEL)
     assert status == 0 and "optimizer step" not in err, err

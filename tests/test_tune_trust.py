@@ -156,7 +156,7 @@ def _after(*flags):
 
 
 NOT_SEARCHABLE = ["topk", "seed", "threshold", "patience", "valid_batch_size", "full_ranking", "save_every", "device",
-                  "grads_accumulated", "opt_level", "amp_dtype"]
+                  "grads_accumulated", "accumulate", "opt_level", "amp_dtype"]
 # name: (what to add to a search into t/out given the tmp folder t and the caches c, words of the one line)
 BAD_INPUT = {
     "storage not a URL": (_flags("--storage", "foo"), ["not a database URL"]),
@@ -212,7 +212,8 @@ BAD_INPUT = {
     "fixed flag of a bad value": (_after("--topk", "abc"), ["--topk", "invalid int value"]),
     "fixed flag tune.py sets": (_after("--epochs", "3"), ["--epochs after --"]),
     "fixed flag the space searches": (_after("--learning_rate", "0.1"), ["--learning_rate after --"]),
-    "fixed flag breaking a rule across flags": (_after("--grads_accumulated", "3"), ["not divisible"]),
+    "fixed flag breaking a rule across flags": (_after("--grads_accumulated", "3", "--accumulate", "split"),
+                                                ["not divisible"]),
     "output of the user": (lambda t, c: _folder_with(t / "out", "notes.txt", "mine"),
                            ["no tune.json that tune.py wrote"]),
     "output with an empty tune.json": (lambda t, c: _folder_with(t / "out", "tune.json", "{}"),
