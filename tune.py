@@ -490,6 +490,8 @@ def study_settings(epochs, space, fixed, metadata):
 
     flags = {f"--{name}": value for name, value in vars(fixed).items()
              if name not in RESERVED | NOT_SETTINGS and name not in space}
+    if fixed.grads_accumulated == 1:  # one batch per step: the two meanings agree, so neither is a setting
+        flags["--accumulate"] = None
     # One short entry per searchable flag, so that a difference is named in one readable line.
     searched = {f"--space {name}": space_entry(space[name]) if name in space else "not searched" for name in SEARCHABLE}
     data = {f"--data {key}": value for key, value in evaluation_identity(metadata).items()}
@@ -511,7 +513,8 @@ def check_settings(study, settings, where):
                             "ranked with them: start a new study (another --study_name)")
         study.set_user_attr(SETTINGS_ATTR, settings)
     # Read back: of two machines that started one study at once, the one whose record lost finds out here.
-    check_identity(study.user_attrs[SETTINGS_ATTR], settings, where,
+    # A study older than --accumulate ran -b split into G micro-batches.
+    check_identity({"--accumulate": "split", **study.user_attrs[SETTINGS_ATTR]}, settings, where,
                    "continue it with the settings it was started with, or start a new study (another --study_name)")
 
 

@@ -279,6 +279,8 @@ CONTINUATIONS = {
     "other epochs": ({"epochs": 3}, ["--epochs 2", "--epochs 3"]),
     "other k": ({"ncf_flags": ["--topk", "5"]}, ["--topk 10", "--topk 5"]),
     "another fixed flag": ({"ncf_flags": ["--patience", "2"]}, ["--patience 0", "--patience 2"]),
+    "more batches per step": ({"ncf_flags": ["--grads_accumulated", "2"]},
+                              ["--grads_accumulated 1", "--grads_accumulated 2"]),
     "other data": ({"data": "other"}, ["--data "]),
     "another space": ({"space": {"learning_rate": {"low": 1e-3, "high": 2e-2, "log": True}}},
                       ["--space learning_rate 0.001..0.01 log", "0.001..0.02 log"]),
@@ -314,6 +316,23 @@ def test_a_continuation_with_the_same_settings_spelled_otherwise_goes_on(caches,
     status, printed, err = run_tune(capsys, *argv, "--topk", "10", "--device", "cpu", "--valid_batch_size", "999")
     assert status == 0, err
     assert "1 trials finished, continuing to 2" in printed and len(fake_ncf) == 2
+
+
+def test_a_study_from_before_the_recipes_accumulation_is_continued_only_with_its_step(caches, tmp_path, capsys,
+                                                                                      fake_ncf):
+    """Its record has no --accumulate or --grads_accumulated: its trials cut -b into G. With G 1 both meanings
+    agree; with G 2 the recipe's meaning doubles the step, which is refused."""
+    import optuna
+
+    out, space = tmp_path / "out", write_space(tmp_path, LR_SPACE)
+    assert run_tune(capsys, *search(caches, out, space))[0] == 0
+    study = optuna.load_study(study_name="ncf", storage=f"sqlite:///{out / 'study.db'}")
+    old = {key: value for key, value in study.user_attrs[tune.SETTINGS_ATTR].items()
+           if key not in ("--accumulate", "--grads_accumulated")}
+    study.set_user_attr(tune.SETTINGS_ATTR, old)
+    status, _, err = run_tune(capsys, *search(caches, out, space, trials=3, ncf_flags=["--grads_accumulated", "2"]))
+    assert status == 2 and "made with --accumulate split, but this run has --accumulate recipe" in err, err
+    assert run_tune(capsys, *search(caches, out, space, trials=2))[0] == 0 and len(fake_ncf) == 2
 
 
 def test_the_best_command_carries_the_flags_its_trial_ran_with(caches, tmp_path, capsys, fake_ncf):
