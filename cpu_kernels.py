@@ -84,13 +84,28 @@ class _GatherAddReluDropout(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         y, a_index, b_index = ctx.saved_tensors
-        # Summed in fp32 even under bf16 autocast: a row shared by thousands of samples would otherwise
-        # accumulate its gradient in bf16, whose running sum of ones stops at 256 (autograd casts the
-        # result back to the tables' dtype once).
-        grad = _relu_dropout_grad_(grad, y, ctx.scale).float()
+        grad = _relu_dropout_grad_(grad, y, ctx.scale)
+        return *_row_sums(grad, (a_index, b_index), ctx.rows), None, None, None
+
+
+def _row_sums(grad, indices, rows):
+    """For each (index, row count), the fp32 [rows, D] table whose row r sums grad's rows where index is r:
+    embedding's backward. Summed in fp32 even under bf16 autocast: a row shared by thousands of samples
+    would otherwise accumulate its gradient in bf16, whose running sum of ones stops at 256 (autograd
+    casts the result back to the tables' dtype once). A bf16 grad is converted piece by piece while it
+    is in cache; converting it whole first took twice as long (benchmarks/README.md)."""
+    if grad.dtype == torch.float32:
         scatter = torch.ops.aten.embedding_dense_backward
-        return (scatter(grad, a_index, ctx.rows[0], -1, False), scatter(grad, b_index, ctx.rows[1], -1, False),
-                None, None, None)
+        return [scatter(grad, index, count, -1, False) for index, count in zip(indices, rows, strict=True)]
+    sums = [grad.new_zeros(count, grad.shape[1], dtype=torch.float32) for count in rows]
+    piece_elements, pieces = _row_pieces(grad)
+    buffer = sums[0].new_empty(piece_elements)
+    for piece_rows in pieces:
+        piece = grad[piece_rows]
+        piece = buffer[: piece.numel()].view(piece.shape).copy_(piece)
+        for total, index in zip(sums, indices, strict=True):
+            total.index_add_(0, index[piece_rows], piece)
+    return sums
 
 
 def _row_pieces(x):
@@ -105,7 +120,7 @@ def _apply_relu_dropout_(x, p, fill=None):
     """x = dropout(relu(x), p) in place, piece by piece: each piece's mask is drawn and applied while the
     piece is in cache. fill(rows, piece), when given, first writes each piece's values (x's rows)."""
     piece_elements, pieces = _row_pieces(x)
-    drawer = _MaskDrawer(piece_elements, p) if p and _mask_bits(p) else None
+    drawer = _MaskDrawer(piece_elements, p, x.dtype) if p and _mask_bits(p) else None
     for rows in pieces:
         piece = x[rows]
         if fill:
@@ -176,16 +191,23 @@ def dropout_mask(shape, p):
 
 class _MaskDrawer:
     """Draws dropout masks (see dropout_mask) of up to `elements` elements into buffers it keeps, so
-    that masks drawn piece by piece allocate (and page-fault) nothing per piece."""
+    that masks drawn piece by piece allocate (and page-fault) nothing per piece.
 
-    def __init__(self, elements, p):
+    The mask takes the activations' dtype when that holds the scale 1 / (1 - p) exactly (2 for the
+    default p = 0.5, so bf16 does): a bf16 activation times an fp32 mask in place was 10x slower than
+    times a bf16 one (benchmarks/README.md). Otherwise it stays fp32, so that no dtype rounds the scale.
+    """
+
+    def __init__(self, elements, p, dtype=torch.float32):
         self.bits = _mask_bits(p)
         self.per_byte = 8 // self.bits
-        self.table = _mask_table(self.bits, int(p * (1 << self.bits)), 1.0 / (1.0 - p))
+        scale = 1.0 / (1.0 - p)
+        dtype = dtype if torch.tensor(scale, dtype=dtype).item() == scale else torch.float32
+        self.table = _mask_table(self.bits, int(p * (1 << self.bits)), scale).to(dtype)
         codes = (elements + self.per_byte - 1) // self.per_byte
         self.words = torch.empty((codes + 3) // 4, dtype=torch.int32)
         self.codes = torch.empty(codes, dtype=torch.int32)
-        self.mask = torch.empty(codes, self.per_byte)
+        self.mask = torch.empty(codes, self.per_byte, dtype=dtype)
 
     @eager_under_compile
     def draw(self, shape):
@@ -221,13 +243,14 @@ def random_bytes(count, words=None):
 @torch.no_grad()
 def mlp_scores_in_place(row_term, row_vec, table_term, table_vec, candidates, layers, out_weights, out_bias,
                         piece_rows):
-    """Scores [n, c] of each row's c candidates, in pieces of `piece_rows` rows (fp32, no autograd):
+    """Scores [n, c] of each row's c candidates, in pieces of `piece_rows` rows (no autograd):
 
         h = relu(table_term[candidates] + row_term[row])     then h = relu(h W^T + b) per (W, b) in layers
         score = h w_h^T + (table_vec[candidates] * row_vec[row]) w_v^T + out_bias,  (w_h, w_v) = out_weights
 
-    Every piece is written into the same buffers (out= arguments): allocating each piece's activations
-    afresh costs page faults that make the gathers much slower.
+    The MLP runs in the terms' and layers' dtype (fp32, or bf16 under mixed precision); the output layer
+    and the scores in fp32. Every piece is written into the same buffers (out= arguments): allocating each
+    piece's activations afresh costs page faults that make the gathers much slower.
     """
     n, c = candidates.shape
     rows = min(piece_rows, n) * c
@@ -235,6 +258,7 @@ def mlp_scores_in_place(row_term, row_vec, table_term, table_vec, candidates, la
     vec_buf = table_vec.new_empty(rows, table_vec.shape[1])
     layer_bufs = [table_term.new_empty(rows, weight.shape[0]) for weight, _ in layers]
     weight_h, weight_v = out_weights
+    last_buf = weight_h.new_empty(rows, weight_h.shape[1]) if table_term.dtype != weight_h.dtype else None
     scores = torch.empty(n, c, dtype=torch.float32)
     for lo in range(0, n, piece_rows):
         flat = candidates[lo : lo + piece_rows].reshape(-1)
@@ -244,6 +268,8 @@ def mlp_scores_in_place(row_term, row_vec, table_term, table_vec, candidates, la
         x = hidden.relu_()
         for (weight, bias), buf in zip(layers, layer_bufs, strict=True):
             x = torch.addmm(bias, x, weight.t(), out=buf[:count]).relu_()
+        if last_buf is not None:
+            x = last_buf[:count].copy_(x)
         vec = torch.index_select(table_vec, 0, flat, out=vec_buf[:count])
         vec.view(count // c, c, vec.shape[1]).mul_(row_vec[lo : lo + piece_rows, None, :])  # may be 0 wide
         logits = scores[lo : lo + piece_rows].view(-1, 1)

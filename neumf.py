@@ -73,7 +73,10 @@ class NeuMF(nn.Module):
         # slice's backward would zero-fill a [B, mf_dim + mlp_half] tensor and then add into it.
         u_mf, u_mlp = self.user_embed(user).split((self.mf_dim, self.mlp_half), 1)
         i_mf, i_mlp = self.item_embed(item).split((self.mf_dim, self.mlp_half), 1)
-        return self._output(u_mf * i_mf, self._mlp(torch.cat((u_mlp, i_mlp), dim=1)))
+        if not len(self.mlp):  # an MLP branch of embeddings only (--layers of one size), or none (GMF)
+            return self._output(u_mf * i_mf, torch.cat((u_mlp, i_mlp), dim=1))
+        hidden = self._relu_dropout(self._first_layer(u_mlp, i_mlp))
+        return self._output(u_mf * i_mf, self._mlp(hidden, start=1))
 
     def _factor_first_layer(self, batch):
         # Per-row work beats per-pair work when the batch outnumbers the table rows; measured on CPUs
@@ -92,6 +95,13 @@ class NeuMF(nn.Module):
             return cpu_kernels.relu_dropout_(x, p)  # in place: x is the layer's fresh output
         return nn.functional.dropout(nn.functional.relu(x), p, training=self.training)
 
+    def _first_layer(self, user_mlp, item_mlp):
+        """The first MLP layer on [user | item] as W_u u + b + W_i i: no concatenated copy of the pair's
+        embeddings (under autocast, no fp32 copy to cast either)."""
+        first = self.mlp[0]
+        weight_user, weight_item = first.weight.split(self.mlp_half, 1)
+        return torch.addmm(nn.functional.linear(user_mlp, weight_user, first.bias), item_mlp, weight_item.t())
+
     def _output(self, gmf, mlp):
         """The output layer on [gmf | mlp], as one product per part: no concatenated copy of both."""
         weight_gmf, weight_mlp = self.final.weight.split((self.mf_dim, mlp.shape[1]), 1)
@@ -108,8 +118,9 @@ class NeuMF(nn.Module):
         of a pair is their sum, so each row's term is computed once, not once per pair.
         """
         first = self.mlp[0]
-        user_term = nn.functional.linear(user_mlp, first.weight[:, : self.mlp_half], first.bias)
-        item_term = nn.functional.linear(self.item_embed.weight[:, self.mf_dim :], first.weight[:, self.mlp_half :])
+        weight_user, weight_item = first.weight.split(self.mlp_half, 1)
+        user_term = nn.functional.linear(user_mlp, weight_user, first.bias)
+        item_term = nn.functional.linear(self.item_embed.weight[:, self.mf_dim :], weight_item)
         return user_term, item_term
 
     def _forward_factored(self, user, item):
@@ -137,11 +148,13 @@ class NeuMF(nn.Module):
         user_term, item_term = self._first_layer_terms(u_mlp)
         item_mf = self.item_embed.weight[:, : self.mf_dim]
         step = max(1, SCORE_PIECE_SAMPLES // c) if self.cpu_kernels else n
-        if self.cpu_kernels and not torch.is_autocast_enabled("cpu"):
-            layers = [(layer.weight, layer.bias) for layer in self.mlp[1:]]
+        if self.cpu_kernels:
+            dtype = user_term.dtype  # bf16 under autocast: the hidden layers run in it
+            layers = [(layer.weight.to(dtype), layer.bias.to(dtype)) for layer in self.mlp[1:]]
             out_weights = self.final.weight.split((self.mf_dim, self.mlp_layer_sizes[-1]), 1)[::-1]  # (mlp, gmf)
-            return cpu_kernels.mlp_scores_in_place(user_term, u_mf, item_term, item_mf, candidates, layers,
-                                                   out_weights, self.final.bias, step)
+            with torch.autocast("cpu", enabled=False):
+                return cpu_kernels.mlp_scores_in_place(user_term, u_mf, item_term.to(dtype), item_mf, candidates,
+                                                       layers, out_weights, self.final.bias, step)
         scores = []
         for lo in range(0, n, step):
             flat = candidates[lo : lo + step].reshape(-1)

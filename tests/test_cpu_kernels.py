@@ -30,6 +30,31 @@ def test_fused_relu_dropout_keeps_one_minus_p_with_the_right_gradient(p):
     torch.testing.assert_close(x.grad, torch.where(kept, grad / (1 - p), 0.0), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("p, mask_dtype", [(0.5, torch.bfloat16), (0.75, torch.bfloat16), (0.25, torch.float32)])
+def test_bf16_activations_take_a_bf16_mask_only_where_it_holds_the_scale(p, mask_dtype):
+    """A bf16 mask multiplies a bf16 activation without a conversion; 4/3 has no bf16 form, so p = 0.25
+    keeps the fp32 mask. Either way the result is the fp32 mask's, bit for bit."""
+    assert cpu_kernels._MaskDrawer(64, p, torch.bfloat16).mask.dtype == mask_dtype
+    x = torch.randn(512, 256).bfloat16()
+    torch.manual_seed(3)
+    y = cpu_kernels.relu_dropout_(x.clone(), p)
+    torch.manual_seed(3)
+    mask = cpu_kernels.dropout_mask(x.shape, p)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, x.clamp_min(0).mul_(mask))
+
+
+def test_row_sums_of_a_bf16_gradient_are_fp32_sums_over_every_piece():
+    """embedding's backward of a bf16 gradient, converted piece by piece (three pieces, the last partial)."""
+    torch.manual_seed(0)
+    grad = torch.randn(5000, 256).bfloat16()
+    users, items = torch.randint(0, 7, (5000,), dtype=torch.int32), torch.randint(0, 300, (5000,))
+    sums = cpu_kernels._row_sums(grad, (users, items), (7, 300))
+    scatter = torch.ops.aten.embedding_dense_backward
+    for total, index, rows in zip(sums, (users, items), (7, 300), strict=True):
+        assert total.dtype == torch.float32
+        torch.testing.assert_close(total, scatter(grad.float(), index, rows, -1, False), rtol=1e-5, atol=1e-5)
+
+
 def test_mask_table_reads_each_bit_field_of_a_byte():
     # 2 bits per element, p = 0.25 (kept iff the field is >= 1), scale 4/3; byte 0b11_10_01_00.
     table = cpu_kernels._mask_table(2, 1, 4 / 3)

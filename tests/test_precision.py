@@ -11,6 +11,7 @@ import pytest
 import torch
 from helpers import TINY_MODEL, make_tiny_cache
 
+import cpu_kernels
 import devices
 import ncf
 from cli import UserError
@@ -98,10 +99,19 @@ def test_the_recipe_flags_on_cuda_enable_the_grad_scaler(scalers_made):
 
 
 def record_output_types(model):
-    """Forward hooks on every MLP Linear: the dtypes of their outputs, in call order."""
+    """The dtypes of the MLP layers' outputs, in call order: forward hooks on every Linear after the first,
+    and the first layer as the per-pair path computes it (two products, not through the module)."""
     seen = []
-    for layer in model.mlp:
+    for layer in model.mlp[1:]:
         layer.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    first_layer = model._first_layer
+
+    def spy(user_mlp, item_mlp):
+        output = first_layer(user_mlp, item_mlp)
+        seen.append(output.dtype)
+        return output
+
+    model._first_layer = spy
     return seen
 
 
@@ -109,7 +119,7 @@ CONFIG = {"nb_users": 40, "nb_items": 30, "mf_dim": 8, "mlp_layer_sizes": (16, 1
 
 
 @pytest.mark.parametrize("kernels", ["plain", "cpu_kernels"])
-def test_under_the_chosen_bf16_the_mlp_computes_in_bf16_and_logits_stay_fp32(kernels):
+def test_under_the_chosen_bf16_the_mlp_computes_in_bf16_and_logits_stay_fp32(kernels, monkeypatch):
     torch.manual_seed(0)
     model = build_model(CONFIG, "cpu") if kernels == "cpu_kernels" else NeuMF(**CONFIG)
     seen = record_output_types(model)
@@ -122,9 +132,17 @@ def test_under_the_chosen_bf16_the_mlp_computes_in_bf16_and_logits_stay_fp32(ker
     assert logits.dtype == torch.float32
     logits.sum().backward()  # master weights and their gradients stay fp32
     assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
-    # Evaluation scores under the same autocast, in bf16 too.
+    # Evaluation scores under the same autocast, in bf16 too (on the CPU kernels' in-place scorer, which
+    # calls no module: its terms and layers).
     model.eval()
     seen.clear()
+    scorer = cpu_kernels.mlp_scores_in_place
+
+    def spy(row_term, row_vec, table_term, table_vec, candidates, layers, *rest):
+        seen.extend([row_term.dtype, table_term.dtype, *(tensor.dtype for layer in layers for tensor in layer)])
+        return scorer(row_term, row_vec, table_term, table_vec, candidates, layers, *rest)
+
+    monkeypatch.setattr(cpu_kernels, "mlp_scores_in_place", spy)
     with precision.autocast():
         scores = model.score_candidates(torch.arange(5), torch.randint(0, 30, (5, 7)))
     assert scores.dtype == torch.float32
