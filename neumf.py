@@ -111,26 +111,26 @@ class NeuMF(nn.Module):
             logits = nn.functional.linear(mlp.float(), weight_mlp, self.final.bias)
             return logits.addmm_(gmf.float(), weight_gmf.t()).squeeze(1)
 
-    def _first_layer_terms(self, user_mlp):
+    def _first_layer_terms(self, user_mlp, item_mlp):
         """The first MLP layer is linear in the concatenation [user | item]: W [u; i] + b = (W_u u + b) + W_i i.
 
-        Returns the user term of `user_mlp` rows and the item term of every item row: the pre-activation
+        Returns the user term of `user_mlp` rows and the item term of `item_mlp` rows: the pre-activation
         of a pair is their sum, so each row's term is computed once, not once per pair.
         """
         first = self.mlp[0]
         weight_user, weight_item = first.weight.split(self.mlp_half, 1)
-        user_term = nn.functional.linear(user_mlp, weight_user, first.bias)
-        item_term = nn.functional.linear(self.item_embed.weight[:, self.mf_dim :], weight_item)
-        return user_term, item_term
+        return nn.functional.linear(user_mlp, weight_user, first.bias), nn.functional.linear(item_mlp, weight_item)
 
     def _forward_factored(self, user, item):
         """forward when the batch outnumbers the table rows (CPU kernels): the first layer's terms per row,
         gathered per pair. The same function up to float rounding, with the same dropout masks."""
-        user_term, item_term = self._first_layer_terms(self.user_embed.weight[:, self.mf_dim :])
+        # split, as in forward: each table's gradient is one concatenation of its two parts' gradients.
+        user_mf, user_mlp = self.user_embed.weight.split((self.mf_dim, self.mlp_half), 1)
+        item_mf, item_mlp = self.item_embed.weight.split((self.mf_dim, self.mlp_half), 1)
+        user_term, item_term = self._first_layer_terms(user_mlp, item_mlp)
         p = self.dropout if self.training else 0.0
         hidden = cpu_kernels.gather_add_relu_dropout(user_term, item_term, user, item, p)
-        gmf = (nn.functional.embedding(user, self.user_embed.weight[:, : self.mf_dim])
-               * nn.functional.embedding(item, self.item_embed.weight[:, : self.mf_dim]))
+        gmf = nn.functional.embedding(user, user_mf) * nn.functional.embedding(item, item_mf)
         return self._output(gmf, self._mlp(hidden, start=1))
 
     @torch.no_grad()
@@ -145,7 +145,7 @@ class NeuMF(nn.Module):
         if not len(self.mlp):
             return self(users[:, None].expand(n, c).reshape(-1), candidates.reshape(-1)).view(n, c)
         u_mf, u_mlp = self.user_embed(users).split((self.mf_dim, self.mlp_half), 1)
-        user_term, item_term = self._first_layer_terms(u_mlp)
+        user_term, item_term = self._first_layer_terms(u_mlp, self.item_embed.weight[:, self.mf_dim :])
         item_mf = self.item_embed.weight[:, : self.mf_dim]
         step = max(1, SCORE_PIECE_SAMPLES // c) if self.cpu_kernels else n
         if self.cpu_kernels:

@@ -158,8 +158,8 @@ def test_the_factored_path_computes_in_bf16_too():
     first_layer_types = []
     original = model._first_layer_terms
 
-    def spy(user_mlp):
-        user_term, item_term = original(user_mlp)
+    def spy(user_mlp, item_mlp):
+        user_term, item_term = original(user_mlp, item_mlp)
         first_layer_types.extend((user_term.dtype, item_term.dtype))
         return user_term, item_term
 
@@ -211,7 +211,14 @@ def test_opt_level_o2_on_a_native_bf16_cpu_trains_in_bf16(tmp_path, monkeypatch,
             layer.register_forward_hook(lambda module, inputs, output: seen.append((module.training, output.dtype)))
         return model
 
+    scorer = cpu_kernels.mlp_scores_in_place
+
+    def score_and_watch(row_term, row_vec, table_term, table_vec, candidates, layers, *rest):  # evaluation
+        seen.extend((False, tensor.dtype) for tensor in (row_term, table_term, *layers[0]))
+        return scorer(row_term, row_vec, table_term, table_vec, candidates, layers, *rest)
+
     monkeypatch.setattr(ncf, "build_model", build_and_watch)
+    monkeypatch.setattr(cpu_kernels, "mlp_scores_in_place", score_and_watch)
     bf16_config, bf16_losses, bf16 = _run(cache, tmp_path / "ck16", tmp_path / "bf16.json", "--opt_level", "O2")
     assert bf16_config["precision"] == "bf16 autocast"
     assert bf16_config["args"]["opt_level"] == "O2"
