@@ -51,8 +51,9 @@ def payload(model, args, dataset, epoch, record):
 
 
 def dataset_identity(cache):
-    """What identifies the data and split a model was trained on (cache_format.dataset_identity)."""
-    return cache_format.dataset_identity(cache.metadata)
+    """What identifies the data and split a model was trained on, and the held-out items it was evaluated
+    on (cache_format.evaluation_identity; only --resume compares the latter)."""
+    return cache_format.evaluation_identity(cache.metadata)
 
 
 RESUME_KEYS = ("optimizer", "scaler", "state", "rng", "args")
@@ -71,7 +72,7 @@ def load_checkpoint(path, cache, what="checkpoint", resume=False):
         raise UserError(f"{what} {path} lacks the optimizer and progress state of a last.pth (it is a model-only "
                         f"checkpoint?): resume from the last.pth that ncf.py wrote, or train without --resume")
     if cache is not None:
-        _check_dataset(ckpt, cache, path, what)
+        _check_dataset(ckpt, cache, path, what, held_out=resume)
     return ckpt
 
 
@@ -92,6 +93,11 @@ def from_nvidia(state_dict, path, what):
     """A checkpoint of ours from NVIDIA's model.pth, its config worked out from the tensor shapes. It records
     no dataset, so only the user and item counts can be compared with a cache."""
     weights = {name.removeprefix("module."): tensor for name, tensor in state_dict.items()}
+    if len(weights) < len(state_dict) or not all(isinstance(t, torch.Tensor) and t.is_floating_point()
+                                                 for t in weights.values()):
+        raise UserError(f"{what} {path} looks like an NVIDIA-recipe model.pth but holds a weight twice (with and "
+                        f"without 'module.') or a weight that is not floating point: pass the model.pth that "
+                        f"NVIDIA's ncf.py wrote, unedited")
     tables = [weights.get(name) for pair in NVIDIA_TABLES.values() for name in pair]
     layers = sorted(int(name.split(".")[1]) for name in weights if name.startswith("mlp.") and name.endswith(".weight")
                     and name.split(".")[1].isdigit())
@@ -178,7 +184,9 @@ def parameter_shapes(config):
     return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
 
 
-def _check_dataset(ckpt, cache, path, what):
+def _check_dataset(ckpt, cache, path, what, held_out=False):
+    """Refuse a checkpoint of other training data or split. `held_out` (--resume): the held-out items and
+    negatives too, since the run's best figures so far were measured on them."""
     config = ckpt["config"]
     if (config["nb_users"], config["nb_items"]) != (cache.num_users, cache.num_items):
         raise UserError(
@@ -186,13 +194,23 @@ def _check_dataset(ckpt, cache, path, what):
             f"the dataset has {cache.num_users} users and {cache.num_items} items: "
             f"use the checkpoint with the dataset it was trained on"
         )
+    if not isinstance(ckpt.get("dataset"), dict) and cache.has_validation:
+        raise UserError(f"{what} {path} records no dataset (an NVIDIA-format or an old checkpoint), so nothing shows "
+                        f"that it was not trained on {cache.path}'s validation items (the recipe holds none out), "
+                        f"which would inflate its validation figures: use it with a cache without --validation")
     if not isinstance(ckpt.get("dataset"), dict):
         warnings.warn(f"{what} {path} records no dataset (an NVIDIA-format or an old checkpoint): only its user and "
                       f"item counts could be checked against {cache.path}, not its split", stacklevel=3)
-    mismatch = identity_mismatch(ckpt.get("dataset"), dataset_identity(cache))
+    current = (cache_format.evaluation_identity if held_out else cache_format.dataset_identity)(cache.metadata)
+    mismatch = identity_mismatch(ckpt.get("dataset"), current)
     if mismatch is None:
         return
     key, there, here = mismatch
+    if key == "held_out_sha256":
+        raise UserError(f"{what} {path} was evaluated on other held-out items or negatives of this data (a cache "
+                        f"converted with another --valid_negative, --seed or --negatives_protocol), so its best "
+                        f"figures so far cannot be compared with {cache.path}'s: resume with the cache it ran on, "
+                        f"or start a new run")
     if key == "validation":
         split = "with a validation split" if there else "without a validation split, so on the validation items"
         raise UserError(f"{what} {path} was trained on this data {split}, but the cache {cache.path} "
@@ -201,6 +219,23 @@ def _check_dataset(ckpt, cache, path, what):
     raise UserError(f"{what} {path} was trained on another dataset or split of the same shape ({key} "
                     f"{str(there)[:16]} there, {str(here)[:16]} here): use the checkpoint with the dataset it was "
                     f"trained on")
+
+
+def check_optimizer_state(state, model, path):
+    """Refuse an optimizer state whose moments do not fit the model's parameters one for one: torch's
+    load_state_dict does not check their shapes, and the fused Adam kernel then crashes the process."""
+    params = list(model.parameters())
+    try:
+        ids = [i for group in state["param_groups"] for i in group["params"]]
+        fits = sorted(ids) == list(range(len(params))) and all(
+            not isinstance(value, torch.Tensor) or value.dim() == 0 or
+            (value.shape == params[i].shape and value.is_floating_point())
+            for i in ids for value in state["state"].get(i, {}).values())
+    except (KeyError, TypeError, AttributeError, IndexError):
+        fits = False
+    if not fits:
+        raise UserError(f"--resume: the optimizer state in {path} does not fit the model (edited?): resume from a "
+                        f"last.pth that ncf.py wrote, or train without --resume")
 
 
 def load_model_weights(model, ckpt, path):

@@ -116,8 +116,9 @@ def atomic_file(path):
     has finished and the data is on disk, so a crash or Ctrl-C never leaves a half-written `path`."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
+    claim_temporary(tmp)
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "xb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -125,26 +126,66 @@ def atomic_file(path):
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+        release_temporary(tmp)
+
+
+# A temporary (PATH.tmp-PID, PATH.old-PID) is this project's only while PATH.tmp-PID.partial, written
+# before it, says so in its content: a killed run's temporaries are then deleted by the next run, and a
+# user's file that merely looks like one (model.pth.old-2023) is never touched.
+PARTIAL_SUFFIX = ".partial"
+PARTIAL_CONTENT = "a temporary of this project's atomic writes"
+
+
+def _is_our_temporary(tmp):
+    try:
+        with open(tmp + PARTIAL_SUFFIX, encoding="utf-8") as f:
+            record = json.loads(f.read(1000))
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("created_by") == PARTIAL_CONTENT and \
+        record.get("temporary") == os.path.basename(tmp)
+
+
+def _remove_temporary(tmp):
+    if os.path.isdir(tmp) and not os.path.islink(tmp):
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+    release_temporary(tmp)
+
+
+def claim_temporary(tmp):
+    """Write the proof that `tmp` is this project's temporary, before it exists. A path in the way that is
+    not a temporary of ours (a user's file of that name) is refused, not replaced."""
+    if os.path.lexists(tmp) or os.path.lexists(tmp + PARTIAL_SUFFIX):
+        if not _is_our_temporary(tmp):
+            raise EnvironmentFailure(f"{tmp} is in the way of a temporary this project needs, and this project did "
+                                     "not write it: move it away and rerun")
+        _remove_temporary(tmp)  # one of ours, of a dead process that had this pid
+    with open(tmp + PARTIAL_SUFFIX, "x", encoding="utf-8") as f:
+        f.write(json.dumps({"created_by": PARTIAL_CONTENT, "temporary": os.path.basename(tmp)}))
+
+
+def release_temporary(tmp):
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(tmp + PARTIAL_SUFFIX)
 
 
 def remove_stale_temporaries(path):
-    """Delete `PATH.tmp-PID` / `PATH.old-PID` files or folders left by a process that was killed.
-
-    Atomic writes go through such temporaries; one whose writer is still alive is left alone.
-    """
+    """Delete `PATH.tmp-PID` / `PATH.old-PID` files or folders left by a process that was killed, when their
+    .partial proof says they are this project's (see claim_temporary); a live writer's are left alone."""
     folder, name = os.path.split(os.path.abspath(path))
     if not os.path.isdir(folder):
         return
     for entry in os.listdir(folder):
-        stem, _, pid = entry.rpartition("-")
+        temporary = entry.removesuffix(PARTIAL_SUFFIX)
+        stem, _, pid = temporary.rpartition("-")
         if stem not in (f"{name}.tmp", f"{name}.old") or not pid.isdigit() or _alive(int(pid)):
             continue
-        full = os.path.join(folder, entry)
-        if os.path.isdir(full):
-            shutil.rmtree(full, ignore_errors=True)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(full)
+        full = os.path.join(folder, temporary)
+        if _is_our_temporary(full):
+            _remove_temporary(full)
 
 
 def _alive(pid):
@@ -236,6 +277,8 @@ def staged_folder(output, may_replace, what):
     try:
         os.makedirs(os.path.dirname(output), exist_ok=True)
         remove_stale_temporaries(output)
+        claim_temporary(tmp)
+        claim_temporary(old)
         os.makedirs(tmp)
         yield tmp
         for name in os.listdir(tmp):
@@ -257,8 +300,11 @@ def staged_folder(output, may_replace, what):
                                  "behind: free some space or fix the folder, and rerun") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        release_temporary(tmp)
         if os.path.isdir(output):  # the previous one is kept until the new one is in place
             shutil.rmtree(old, ignore_errors=True)
+        if not os.path.lexists(old):
+            release_temporary(old)
 
 
 

@@ -496,6 +496,13 @@ def main(argv=None):
     args = parse_args(argv)
     if args.check is not None:
         problem = cache_problem(args.check)
+        if problem is None:  # the loader's own checks too (ids in range, order): what ncf.py will refuse
+            from dataloading import load_cache
+
+            try:
+                load_cache(args.check)
+            except UserError as err:
+                problem = str(err)
         if problem is None and args.path_given:
             problem = source_problem(args.check, args.path, args.validation)
         if problem:

@@ -680,7 +680,7 @@ def load_resume_state(args, given, cache, world_size):
     resumed = checkpoint.load_checkpoint(last_path, cache, "--resume checkpoint", resume=True)
     broken = f"--resume: {last_path} holds flags or progress no run can have (edited?)"
     if not isinstance(resumed["args"], dict) or not isinstance(resumed["state"], dict) or \
-            type(resumed["state"].get("epoch")) is not int:
+            type(resumed["state"].get("epoch")) is not int or resumed["state"]["epoch"] < 0:
         raise UserError(f"{broken}: resume from a last.pth that ncf.py wrote, or train without --resume")
     resolved = resolved_resume_args(args, resumed["args"], given)
     try:
@@ -707,6 +707,8 @@ def build_training(args, ctx, cache, resumed, steps_per_epoch):
              "best_train_throughput": 0.0, "best_eval_throughput": 0.0, "elapsed_s": 0.0}
     if resumed:
         checkpoint.load_model_weights(model, resumed, os.path.join(args.checkpoint_dir, LAST_CHECKPOINT))
+        checkpoint.check_optimizer_state(resumed["optimizer"], model, os.path.join(args.checkpoint_dir,
+                                                                                    LAST_CHECKPOINT))
         optimizer.load_state_dict(resumed["optimizer"])
         restore_scaler(scaler, resumed["scaler"])
         if resumed.get("scheduler"):
@@ -781,13 +783,16 @@ def weights_are_finite(model):
     return bool(torch.stack([p.isfinite().all() for p in model.parameters()]).all())
 
 
-def warn_if_replacing(folder):
-    """A fresh run in a folder with a previous run's checkpoints replaces them as it goes: say so."""
+def replace_previous_run(folder):
+    """A fresh run in a folder with a previous run's checkpoints replaces them as it goes: say so. Its
+    last.pth goes now: were this run stopped before writing its own, a --resume would otherwise continue the
+    previous run beside this run's model.pth (both were checked to be ncf.py's when the run started)."""
     previous = [name for name in (BEST_CHECKPOINT, LAST_CHECKPOINT) if os.path.isfile(os.path.join(folder, name))]
     if previous:
         warnings.warn(f"--checkpoint_dir {folder} holds a previous run's {' and '.join(previous)}, which this run "
                       f"replaces: pass --resume to continue that run instead, or another --checkpoint_dir to keep "
                       f"them", stacklevel=2)
+        remove_owned(os.path.join(folder, LAST_CHECKPOINT), checkpoint.is_checkpoint_file)
 
 
 MIN_STEPS_PER_EPOCH = 20  # fewer: Adam takes too few steps per epoch to learn on a small dataset (README)
@@ -891,7 +896,7 @@ def set_up_training(args, given, ctx, cache, log):
     steps = sampler.steps_per_epoch(step_batch(args), ctx.world_size * args.grads_accumulated)
     training = build_training(args, ctx, cache, resumed, steps)
     if ctx.is_main and not resumed and args.checkpoint_dir:
-        warn_if_replacing(args.checkpoint_dir)
+        replace_previous_run(args.checkpoint_dir)
     eval_data = evaluation_data(cache, args.full_ranking, ctx, cache.has_validation)
     log_start(log, training, ctx, cache, sampler, eval_data[0])
     return training, sampler, eval_data

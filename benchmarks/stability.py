@@ -54,7 +54,7 @@ REPORT = "stability.json"
 HISTOGRAM = "stability_hr.png"
 CREATED_BY = "benchmarks/stability.py"
 # Every name this script (or an ncf.py it runs) puts in OUTPUT, temporaries of atomic writes included.
-OWN_NAMES = re.compile(r"(stability\.json|stability_hr\.png)(\.tmp-\d+)?|seed_\d+(\.json|\.out)?|\.lock")
+OWN_NAMES = re.compile(r"(stability\.json|stability_hr\.png)(\.tmp-\d+(\.partial)?)?|seed_\d+(\.json|\.out)?|\.lock")
 SEED_FILE = re.compile(r"seed_(\d+)(\.json|\.out)?")
 # The first line of each OUTPUT/seed_S.out: the proof that this script started it, so that a rerun may replace it.
 OUT_HEADER = "benchmarks/stability.py: the output of ncf.py for seed "

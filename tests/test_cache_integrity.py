@@ -191,6 +191,7 @@ def test_a_fresh_cache_loads_and_passes_check(pristine, capsys):
     ("truncated file", "bytes"),
     ("old format", "format version 1"),
     ("no checksums", "checksums"),
+    ("item out of range", "item ids outside 0..199"),  # checksums updated to the edit: the loader's checks
 ])
 def test_check_says_an_old_or_damaged_cache_is_not_complete(cache, other_cache, capsys, case, reason):
     """prepare_dataset.sh trusts `convert.py --check`: it must see what load_cache refuses."""

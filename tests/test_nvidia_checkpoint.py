@@ -115,11 +115,16 @@ def test_export_format_nvidia_writes_what_the_recipes_model_loads(exported_tiny,
     assert path.read_bytes() == before
 
 
-@pytest.mark.parametrize("edit", ["drop mlp.1.weight", "transpose a table", "other item count"])
+@pytest.mark.parametrize("edit", ["drop mlp.1.weight", "transpose a table", "other item count", "a weight twice",
+                                  "an integer table"])
 def test_an_edited_nvidia_model_pth_is_refused_in_one_line(tiny_cache, recipe_layout_model, tmp_path, edit):
     state = recipe_layout_model.state_dict()
     if edit == "drop mlp.1.weight":
         del state["mlp.1.weight"]
+    elif edit == "a weight twice":  # hostile pass NV_mixed_prefix: which of the two would be used?
+        state["module.mlp.0.weight"] = state["mlp.0.weight"] * 2
+    elif edit == "an integer table":
+        state["mf_user_embed.weight"] = state["mf_user_embed.weight"].long()
     elif edit == "transpose a table":
         state["mlp_item_embed.weight"] = state["mlp_item_embed.weight"].t().contiguous()
     else:

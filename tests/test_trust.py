@@ -195,6 +195,23 @@ def test_a_foreign_file_in_the_checkpoint_folder_is_never_replaced(tiny_cache, t
     assert {p.name: p.read_bytes() for p in ck.iterdir()} == before
 
 
+def test_files_named_like_temporaries_are_deleted_only_with_the_projects_proof(tiny_cache, tmp_path, capsys):
+    """A user's model.pth.old-2023 and last.pth.tmp-1999/ (dead 'pids') stay; a killed run's temporary, whose
+    .partial proof says it is the project's, goes (hostile pass C10)."""
+    ck = tmp_path / "ck"
+    (ck / "last.pth.tmp-1999").mkdir(parents=True)
+    (ck / "last.pth.tmp-1999" / "notes.txt").write_text("mine\n")
+    (ck / "model.pth.old-2023").write_text("my backup\n")
+    killed = ck / "model.pth.tmp-999999"  # no such pid: a killed writer's
+    cli.claim_temporary(str(killed))
+    killed.write_bytes(b"half a checkpoint")
+    status, _, err = run_ncf(capsys, "--data", tiny_cache, "-e", "1", "--checkpoint_dir", ck, *TINY_MODEL)
+    assert status == 0, err
+    assert not killed.exists() and not (ck / "model.pth.tmp-999999.partial").exists()
+    assert (ck / "last.pth.tmp-1999" / "notes.txt").read_text() == "mine\n"
+    assert (ck / "model.pth.old-2023").read_text() == "my backup\n"
+
+
 def test_a_foreign_log_is_never_appended_to(tiny_cache, tmp_path, capsys):
     log = tmp_path / "notes.txt"
     log.write_text("my notes\n")
@@ -208,6 +225,23 @@ def test_a_fresh_run_over_a_previous_one_says_it_replaces_it(tiny_cache, trained
     ck = copy_run(trained_tiny, tmp_path)
     status, _, err = run_ncf(capsys, "--data", tiny_cache, "-e", "1", "--checkpoint_dir", ck, *TINY_MODEL)
     assert status == 0 and "holds a previous run's model.pth and last.pth, which this run replaces" in err
+
+
+def test_a_fresh_run_stopped_early_leaves_no_previous_last_pth_to_resume(tiny_cache, trained_tiny, tmp_path, capsys,
+                                                                          monkeypatch):
+    """Stopped before its first last.pth, a fresh run over a previous one must not leave that run's last.pth
+    for --resume to continue beside this run's model.pth (hostile pass MIX2)."""
+    ck = copy_run(trained_tiny, tmp_path)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ncf, "train_epoch", interrupted)
+    status, _, _ = run_ncf(capsys, "--data", tiny_cache, "-e", "1", "--checkpoint_dir", ck, *TINY_MODEL)
+    assert status == 130 and not (ck / "last.pth").exists() and (ck / "model.pth").exists()
+    monkeypatch.undo()
+    status, _, err = run_ncf(capsys, "--data", tiny_cache, "-e", "3", "--checkpoint_dir", ck, "--resume")
+    one_line(err, status, 2, "last.pth does not exist")
 
 
 def test_a_run_that_fails_after_its_locks_leaves_no_folder_it_made(tiny_cache, tmp_path, capsys):
@@ -252,6 +286,20 @@ def test_a_checkpoint_without_a_dataset_record_says_its_split_is_unchecked(tiny_
     status, _, err = run_ncf(capsys, "--data", tiny_cache, "--mode", "test", "--load_checkpoint_path",
                              tmp_path / "m.pth")
     assert status == 0 and "records no dataset" in err and "not its split" in err
+
+
+@pytest.mark.parametrize("start", [["--mode", "test", "--load_checkpoint_path"], ["-e", "1", "--load_checkpoint_path"]])
+def test_a_checkpoint_without_a_dataset_record_is_refused_on_a_validation_split(tiny_validation_cache, trained_tiny,
+                                                                                tmp_path, capsys, start):
+    """NVIDIA's model.pth records no dataset: on a validation cache it may have trained on the validation items,
+    and a run started from it would record the cache's split as its own (hostile pass NV_trainV2)."""
+    ckpt = torch.load(trained_tiny / "model.pth", weights_only=True)
+    del ckpt["dataset"]
+    torch.save(ckpt, tmp_path / "m.pth")
+    status, _, err = run_ncf(capsys, "--data", tiny_validation_cache, "--checkpoint_dir", tmp_path / "ck", *TINY_MODEL,
+                             *start, tmp_path / "m.pth")
+    one_line(err, status, 2, "records no dataset", "without --validation")
+    assert not (tmp_path / "ck").exists()
 
 
 def test_expanded_tensors_declaring_more_than_the_machine_are_refused(tiny_cache, tmp_path, capsys):
