@@ -11,8 +11,10 @@ import functools
 import json
 import os
 import shutil
+import signal
 import socket
 import sys
+import threading
 import time
 import warnings
 
@@ -75,10 +77,16 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def main_guard(main):
     """Wrap an entrypoint so a UserError becomes one stderr line and exit status 2 (1 for an
-    EnvironmentFailure), and Ctrl-C one line `PROG: interrupted` and exit status 130, no traceback."""
+    EnvironmentFailure), and Ctrl-C or SIGTERM one line `PROG: interrupted` and exit status 130, no traceback:
+    SIGTERM is Ctrl-C here (its temporaries removed, a child process stopped) unless the command handles it
+    itself (ncf.py's training, tune.py)."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
+        handles_sigterm = threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        if handles_sigterm:
+            signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
             return main(*args, **kwargs)
         except UserError as err:
@@ -87,6 +95,9 @@ def main_guard(main):
         except KeyboardInterrupt:
             _report("interrupted")
             sys.exit(EXIT_INTERRUPTED)
+        finally:
+            if handles_sigterm:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     return wrapper
 

@@ -100,10 +100,10 @@ def checkpoint_facts(ckpt, path, cache):
         return value if isinstance(value, kind) and not isinstance(value, bool) else None
 
     saved_args = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
-    # The identity load_model compared with the cache's (through cli.identity_mismatch); a checkpoint older
-    # than identities gets the cache's.
+    # The identity load_model compared with the cache's (through cli.identity_mismatch); a checkpoint that
+    # records none (NVIDIA's, or older than identities) gets the cache's, and the manifest says it was not checked.
     dataset = ckpt.get("dataset") if isinstance(ckpt.get("dataset"), dict) else None
-    return {"dataset": dataset or cache_format.dataset_identity(cache.metadata),
+    return {"dataset": dataset or cache_format.dataset_identity(cache.metadata), "dataset_checked": dataset is not None,
             "checkpoint": {"path": os.path.abspath(path), "epoch": plain(ckpt.get("epoch"), int),
                            "topk": plain(saved_args.get("topk", 10), int), "hr": plain(ckpt.get("hr"), (int, float)),
                            "ndcg": plain(ckpt.get("ndcg"), (int, float))}}
@@ -214,6 +214,15 @@ def check_export(reference, exported, num_users, num_items, pairs=CHECK_PAIRS):
     return float(np.abs(got - want).max())
 
 
+def fingerprint(reference, num_users, num_items):
+    """The logits of a few fixed pairs, kept in the id maps: a model file swapped in from another export of the
+    same shape (its checksum updated in the manifest) scores them otherwise, and serving refuses it."""
+    users = np.array([0, num_users // 2, num_users - 1, 0], dtype=np.int64)
+    items = np.array([0, num_items // 2, num_items - 1, num_items - 1], dtype=np.int64)
+    return {"fingerprint_users": users, "fingerprint_items": items,
+            "fingerprint_logits": np.asarray(reference(users, items), dtype=np.float32)}
+
+
 def export_manifest(args, tmp, cache, ckpt, known, facts, check):
     """manifest.json's content: the format, inputs and output, model, data, versions, check and files."""
     return {
@@ -268,7 +277,8 @@ def run_export(args):
         known = checkpoint_facts(ckpt, args.checkpoint, cache)
         with owned_file(os.path.join(tmp, ID_MAPS_FILE), "--output", no_earlier_file, "id maps") as f:
             # The dataset's identity travels with the id maps too: maps swapped in from another export are refused.
-            np.savez(f, **id_maps(cache), dataset=np.array(json.dumps(known["dataset"], sort_keys=True)))
+            np.savez(f, **id_maps(cache), dataset=np.array(json.dumps(known["dataset"], sort_keys=True)),
+                     **fingerprint(reference, cache.num_users, cache.num_items))
         check = {"pairs": CHECK_PAIRS, "max_abs_logit_diff": max_diff, "tolerance": TOLERANCE, "runtime": runtime}
         manifest = export_manifest(args, tmp, cache, ckpt, known, facts, check)
         with owned_file(os.path.join(tmp, MANIFEST_FILE), "--output", json_marker(EXPORT_CREATED_BY),

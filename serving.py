@@ -23,6 +23,7 @@ import json
 import os
 import sys
 import time
+import warnings
 import zipfile
 from dataclasses import dataclass
 
@@ -42,6 +43,8 @@ MODEL_FILES = {"onnx": "model.onnx", "torch-export": "model.pt2"}
 EXPORT_FILES = (MANIFEST_FILE, ID_MAPS_FILE, *MODEL_FILES.values(), "model.onnx.data")  # .data: weights > 2 GiB
 INPUTS, OUTPUT = ("user", "item"), "logit"
 MAP_KEYS = ("user_ids", "item_ids", "train_ptr", "train_items")  # what id_maps.npz must hold
+FINGERPRINT_KEYS = ("fingerprint_users", "fingerprint_items", "fingerprint_logits")  # and holds since the fingerprint
+FINGERPRINT_TOLERANCE = 1e-4  # fp32 logits of one model through two runtimes agree to 1e-5 (export's check)
 MAX_ID = 2**31 - 1  # the cache stores ids as int32
 INT64 = (-(2**63), 2**63 - 1)
 EXTRAS_HINT = "pip install -r requirements-export.txt (onnx, onnxscript, onnxruntime)"
@@ -197,6 +200,10 @@ def load_export(folder):
     if problem:
         raise UserError(f"--model {folder}: {ID_MAPS_FILE} {problem}, so it is not the id maps of this export's "
                         f"model: {fix}")
+    if manifest.get("dataset_checked") is False:
+        warnings.warn(f"--model {folder} was exported from a checkpoint that records no dataset (an NVIDIA-format "
+                      f"one): its id maps are those of the cache given to export, which nothing shows the model was "
+                      f"trained on", stacklevel=2)
     return manifest, maps
 
 
@@ -277,12 +284,20 @@ def id_maps_problem(maps, num_users, num_items):
         return f"has train_items outside 0..{num_items - 1}"
     if len(np.unique(users)) != len(users):
         return "has a user id twice in user_ids"
+    if any(key in maps for key in FINGERPRINT_KEYS):
+        arrays = [maps.get(key) for key in FINGERPRINT_KEYS]
+        shaped = all(isinstance(a, np.ndarray) and a.ndim == 1 for a in arrays) and len(set(map(len, arrays))) == 1
+        if not shaped or [a.dtype for a in arrays] != [np.int64, np.int64, np.float32] or \
+                not all(ids.min(initial=0) >= 0 and ids.max(initial=0) < count
+                        for ids, count in zip(arrays[:2], (num_users, num_items), strict=True)):
+            return "has a fingerprint that is not int64 pairs of the model's ids with float32 logits"
     return None
 
 
-def export_scorer(folder, manifest):
-    """The export's pair scorer, tried once on its last user and item: a model file swapped for another
-    export's (its checksum updated to match) would otherwise fail deep inside the runtime, or score other ids."""
+def export_scorer(folder, manifest, maps):
+    """The export's pair scorer, tried once on its last user and item and on the id maps' fingerprint pairs: a
+    model file swapped for another export's (its checksum updated to match) would otherwise fail deep inside
+    the runtime, or score other ids, or another dataset's model of the same shape."""
     path = os.path.join(folder, manifest["model_file"])
     ort = require("recommend --model (an ONNX export)", "onnxruntime") if manifest["format"] == "onnx" else None
     last = np.array([manifest["model"]["nb_users"] - 1]), np.array([manifest["model"]["nb_items"] - 1])
@@ -297,6 +312,13 @@ def export_scorer(folder, manifest):
     if not shape_ok:
         raise UserError(f"--model {folder}: {manifest['model_file']} returns {logit.shape}-shaped scores, not one "
                         "per pair: export again")
+    if "fingerprint_logits" in maps:  # exports written before the id maps carried one are not compared
+        want = maps["fingerprint_logits"]
+        got = np.asarray(score(maps["fingerprint_users"], maps["fingerprint_items"]))
+        tolerance = FINGERPRINT_TOLERANCE
+        if got.shape != want.shape or not np.allclose(got, want, rtol=tolerance, atol=tolerance):
+            raise UserError(f"--model {folder}: {manifest['model_file']} does not score as the model exported with "
+                            f"{ID_MAPS_FILE} did (a model file of another export?): export again")
     return score
 
 
@@ -338,7 +360,7 @@ def export_source(folder):
     num_items = len(maps["item_ids"])
     facts = {"model": os.path.abspath(folder), "format": manifest["format"], "dataset": manifest.get("dataset"),
              "checkpoint": manifest.get("checkpoint"), "precision": "fp32"}
-    return Source(maps, rows_of_pairs(export_scorer(folder, manifest), num_items),
+    return Source(maps, rows_of_pairs(export_scorer(folder, manifest, maps), num_items),
                   max(1, ONNX_PAIRS_PER_CALL // num_items), facts)
 
 

@@ -57,6 +57,7 @@ import statistics
 import sys
 import time
 import urllib.parse
+import uuid
 import warnings
 from dataclasses import dataclass
 
@@ -105,6 +106,8 @@ NOISE_SE = 2  # a confirmed win must exceed this many standard errors
 SCHEMA_TRIES = 8  # opening a database whose tables other workers are creating at the same moment
 SETTLE_S = 10  # how long a worker waits for the machine that is creating the study to record its settings
 MARKER = "tune.json"  # its content (created_by), not its name, makes OUTPUT a folder of tune.py's
+STUDY_FILE = "study.json"  # in STUDY_NAME/: which study (UID_ATTR) the folder's files are of
+UID_ATTR = "uid"
 DEFAULT_DB = "study.db"
 BEST = "best.json"
 PLOTS = ("optimization_history.png", "param_importances.png")
@@ -542,6 +545,7 @@ def start_study(study, heartbeat, space, fixed):
     workers that it is ready."""
     if heartbeat is not None:
         study.set_user_attr(HEARTBEAT_ATTR, heartbeat)
+    study.set_user_attr(UID_ATTR, uuid.uuid4().hex)
     if not any(t.user_attrs.get(DEFAULTS_ATTR) for t in study.get_trials(deepcopy=False)):
         enqueue_defaults(study, space, fixed)
 
@@ -587,6 +591,29 @@ def claim_output(folder):
         layout = f"{DEFAULT_DB} (the default --storage), and per study STUDY_NAME/{BEST}, STUDY_NAME/*.png, " \
                  "STUDY_NAME/trials/N/, STUDY_NAME/confirm/N/"
         f.write(json.dumps({CREATED_BY: "tune.py", "layout": layout}, indent=1).encode())
+
+
+def study_uid(study):
+    """What tells this study from another of its name in another storage (both may be study 1 there)."""
+    if UID_ATTR in study.user_attrs:
+        return study.user_attrs[UID_ATTR]
+    first = min((t.datetime_start for t in study.get_trials(deepcopy=False) if t.datetime_start), default=None)
+    return f"made before {UID_ATTR}: study {study._study_id}, first trial {first}"  # older studies: the same for all
+
+
+def claim_study_folder(study_dir, study, where):
+    """STUDY_NAME/ holds the files of one study: its STUDY_FILE names it; another study of that name (in
+    another storage) is refused before its best.json or trials mix with this one's."""
+    marker, uid = os.path.join(study_dir, STUDY_FILE), study_uid(study)
+    if os.path.isfile(marker) and proven(is_tune_json, marker):
+        with open(marker, encoding="utf-8") as f:
+            recorded = json.load(f).get("study_uid")
+        if recorded != uid:
+            raise UserError(f"{study_dir} holds the files of another study named {study.study_name} (another "
+                            f"--storage) than {where}: choose another --output or --study_name")
+        return
+    with owned_file(marker, "--output", is_tune_json, f"a {STUDY_FILE}") as f:
+        f.write(json.dumps({CREATED_BY: "tune.py", "study_uid": uid, "study": where}, indent=1).encode())
 
 
 def check_trial_folders(study_dir, kind, study, where):
@@ -1120,6 +1147,7 @@ def open_study(optuna, args, storage, settings, shown, space, fixed):
     check_settings(study, settings, where)
     use_study_heartbeat(rdb, study, args.heartbeat, where)
     claim_output(args.output)
+    claim_study_folder(os.path.join(args.output, args.study_name), study, where)
     check_trial_folders(os.path.join(args.output, args.study_name), "trials", study, where)
     open_confirmation(optuna, rdb, args, settings, shown, create=False)  # its runs, if any, are of this search
     with heartbeat_api(optuna):

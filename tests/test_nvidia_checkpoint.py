@@ -138,3 +138,20 @@ def test_an_edited_nvidia_model_pth_is_refused_in_one_line(tiny_cache, recipe_la
 def test_a_branch_alone_has_no_recipe_layout():
     with pytest.raises(UserError, match="NeuMF only"):
         checkpoint.to_nvidia({"config": {"model": "gmf", "mf_dim": 8, "mlp_layer_sizes": []}, "model": {}})
+
+
+def test_an_export_of_an_nvidia_model_pth_says_its_dataset_is_unchecked(tiny_cache, recipe_layout_model, tmp_path,
+                                                                        recwarn):
+    """It records no dataset, so the export's id maps are the given cache's on trust: the manifest says so and
+    every recommend warns (hostile pass E20: the manifest claimed the cache's identity as checked)."""
+    import json
+
+    path = tmp_path / "model.pth"
+    torch.save(recipe_layout_model.state_dict(), path)
+    inference.main(["export", "--checkpoint", str(path), "--data", str(tiny_cache), "--format", "torch-export",
+                    "--output", str(tmp_path / "export")])
+    assert json.loads((tmp_path / "export" / "manifest.json").read_text())["dataset_checked"] is False
+    recwarn.clear()
+    user = str(load_cache(str(tiny_cache)).user_ids[0].item())
+    inference.main(["recommend", "--model", str(tmp_path / "export"), "--users", user])
+    assert any("records no dataset" in str(w.message) for w in recwarn.list)

@@ -73,3 +73,28 @@ def test_failing_seed_is_a_user_error(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"seed 7: ncf.py exited with status 2 \(ncf.py: error: something is wrong"):
         stability.train_seed(7, args, threads=1)
     assert "something is wrong" in (tmp_path / "out" / "seed_7.out").read_text()
+
+
+def test_sigterm_stops_the_study_and_its_training_in_one_line(tmp_path):
+    """SIGTERM (a scheduler's notice) is Ctrl-C for the commands that do not handle it themselves: one line,
+    exit 130, and the ncf.py it started stops too (it went on training for 30 epochs, orphaned)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    cache = make_tiny_cache(tmp_path)
+    out = tmp_path / "study"
+    job = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "stability.py"), "--data", str(cache),
+                            "--seeds", "2", "--output", str(out), "--", "-e", "30", *TINY_MODEL],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "seed_1.out").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(2)  # the seed's ncf.py is importing or training
+    job.send_signal(signal.SIGTERM)
+    _, err = job.communicate(timeout=60)
+    assert job.returncode == 130 and err.strip().splitlines() == ["stability.py: interrupted"], err
+    time.sleep(1)
+    survivors = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
+    assert [pid for pid in survivors if int(pid) != os.getpid()] == []

@@ -285,6 +285,12 @@ BAD_INPUTS = [
                                          "id_maps.npz")), ["another dataset"]),
     ("recommend: model file cut short", "inference", lambda w: recommend(w, with_file_of(
         w, "cut-model", (w["export"] / "model.pt2").read_bytes()[:500], "model.pt2")), ["model.pt2", "export again"]),
+    ("recommend: model file of another dataset of the same shape", "inference",  # hostile pass M_swaponnx
+     lambda w: recommend(w, with_file_of(w, "other-model", (w["export_other"] / "model.pt2").read_bytes(),
+                                         "model.pt2")), ["model.pt2", "does not score as the model exported"]),
+    ("recommend: id maps with a fingerprint of float ids", "inference", lambda w: recommend(w, edited_export(
+        w, "fp-float", maps=lambda m: {**m, "fingerprint_users": m["fingerprint_users"].astype(np.float64)})),
+     ["fingerprint"]),
     ("recommend: model file of fewer users", "inference",
      lambda w: recommend(w, with_file_of(w, "small-model", smaller_program(w), "model.pt2")),
      ["model.pt2", "cannot score"]),

@@ -335,6 +335,19 @@ def test_a_study_from_before_the_recipes_accumulation_is_continued_only_with_its
     assert run_tune(capsys, *search(caches, out, space, trials=2))[0] == 0 and len(fake_ncf) == 2
 
 
+def test_a_study_folder_takes_no_other_study_of_its_name(caches, tmp_path, capsys, fake_ncf):
+    """Study ncf of B's database continued into A's folder: A/ncf holds the other study ncf's best.json and
+    trials, and would mix with this one's (hostile pass O12; both are study 1 of their database)."""
+    space = write_space(tmp_path, LR_SPACE)
+    assert run_tune(capsys, *search(caches, tmp_path / "A", space))[0] == 0
+    assert run_tune(capsys, *search(caches, tmp_path / "B", space, trials=2))[0] == 0
+    before = snapshot(tmp_path / "A" / "ncf")
+    status, _, err = run_tune(capsys, *search(caches, tmp_path / "A", space, "--storage",
+                                              f"sqlite:///{tmp_path / 'B' / 'study.db'}", trials=3))
+    assert status == 2 and "holds the files of another study named ncf" in err, err
+    assert snapshot(tmp_path / "A" / "ncf") == before
+
+
 def test_the_best_command_carries_the_flags_its_trial_ran_with(caches, tmp_path, capsys, fake_ncf):
     """The best trial ran with --valid_batch_size 1000; the command that continued the study gives 2000."""
     out, space = tmp_path / "out", write_space(tmp_path, LR_SPACE)
@@ -516,8 +529,11 @@ def test_trial_folders_of_another_study_of_that_name_are_refused(caches, tmp_pat
     assert run_tune(capsys, *search(caches, out, space))[0] == 0
     before = snapshot(out / "ncf")
     status, _, err = run_tune(capsys, *search(caches, out, space, "--storage", f"sqlite:///{tmp_path / 'new.db'}"))
-    assert status == 2 and "belongs to another study of that name" in err
+    assert status == 2 and "holds the files of another study named ncf" in err
     assert snapshot(out / "ncf") == before and len(fake_ncf) == 1
+    (out / "ncf" / "study.json").unlink()  # a folder of a tune.py older than study.json: its trial folders tell
+    status, _, err = run_tune(capsys, *search(caches, out, space, "--storage", f"sqlite:///{tmp_path / 'new.db'}"))
+    assert status == 2 and "belongs to another study of that name" in err
 
 
 @pytest.mark.slow
