@@ -178,6 +178,9 @@ def validate_args(args, world_size=1):
                         "checkpoint (train them with --model gmf and --model mlp)")
     starts = [flag for flag, given in (("--resume", args.resume), ("--load_checkpoint_path", args.load_checkpoint_path),
                                        ("--init_gmf", args.init_gmf)) if given]
+    if args.mode == "test" and (args.resume or args.init_gmf):
+        raise UserError(f"--mode test evaluates a checkpoint (--load_checkpoint_path, else CHECKPOINT_DIR/model.pth) "
+                        f"and takes no {'--resume' if args.resume else '--init_gmf/--init_mlp'}: leave it out")
     if args.mode == "train" and len(starts) > 1:
         raise UserError(f"{' and '.join(starts)}: a run starts from one of them (last.pth, a model checkpoint, or "
                         f"pretrained branches), not several: pass only one")
@@ -683,6 +686,9 @@ def load_resume_state(args, given, cache, world_size):
             type(resumed["state"].get("epoch")) is not int or resumed["state"]["epoch"] < 0:
         raise UserError(f"{broken}: resume from a last.pth that ncf.py wrote, or train without --resume")
     resolved = resolved_resume_args(args, resumed["args"], given)
+    if resolved.epochs <= resumed["state"]["epoch"]:
+        raise UserError(f"--resume: {last_path} is at epoch {resumed['state']['epoch']}, and --epochs "
+                        f"{resolved.epochs} leaves nothing to train: pass -e N with N > {resumed['state']['epoch']}")
     try:
         validate_args(resolved, world_size)
     except (UserError, TypeError, ValueError) as err:
@@ -922,6 +928,10 @@ def check_outputs(args):
     """Before any work: the checkpoint folder and log can be written, and the files there that a run
     replaces or appends to are ours (cli.check_may_write: a checkpoint's own fields, a log's records)."""
     if args.mode == "train" and args.checkpoint_dir:
+        data, folder = os.path.realpath(args.data), os.path.realpath(args.checkpoint_dir)
+        if os.path.commonpath((data, folder)) == data:
+            raise UserError(f"--checkpoint_dir {args.checkpoint_dir} is inside the --data cache {args.data}, which "
+                            f"convert.py would then refuse to rebuild: choose a folder outside it")
         check_output_path(args.checkpoint_dir, "--checkpoint_dir", folder=True)
         for name in (BEST_CHECKPOINT, LAST_CHECKPOINT):
             check_may_write(os.path.join(args.checkpoint_dir, name), "--checkpoint_dir", checkpoint.is_checkpoint_file,
@@ -944,9 +954,9 @@ def run(argv=None, on_epoch=None):
             check_outputs(args)
         cache = load_cache(args.data)
         candidates = cache.test_negatives.shape[1] + 1
-        if args.topk > candidates and not args.full_ranking:
-            raise UserError(f"--topk {args.topk} is larger than the {candidates} candidates per test user: "
-                            f"choose --topk <= {candidates}")
+        if args.topk >= candidates:  # every user's item would be in its top k: HR@k 1 whatever the model
+            raise UserError(f"--topk {args.topk} is not smaller than the {candidates} candidates per test user, so "
+                            f"every HR@k would be 1: choose --topk < {candidates}")
         if args.mode == "train":
             check_memory(args, cache, ctx.device)
         if ctx.is_main:

@@ -61,8 +61,8 @@ import uuid
 import warnings
 from dataclasses import dataclass
 
-from cli import (CREATED_BY, UserError, check_identity, check_may_write, check_output_path, json_marker, main_guard,
-                 open_owned_for_append, owned_file, proven, remove_owned)
+from cli import (CREATED_BY, EnvironmentFailure, UserError, check_identity, check_may_write, check_output_path,
+                 json_marker, main_guard, open_owned_for_append, owned_file, proven, remove_owned)
 from model_config import MODELS
 
 DEFAULT_SPACE = {
@@ -168,6 +168,11 @@ def parse_args(argv=None):
 
 
 def check_flags(args):
+    ranks = {name: os.environ[name] for name in ("WORLD_SIZE", "RANK") if os.environ.get(name, "0") not in ("0", "1")}
+    if ranks:
+        shown = " ".join(f"{name}={value}" for name, value in ranks.items())
+        raise UserError(f"{shown} is in the environment, but tune.py runs every trial in its own one process (start "
+                        f"it with python, not torchrun): unset {' and '.join(ranks)}")
     for flag, value in (("--trials", args.trials), ("--epochs", args.epochs)):
         if value <= 0:
             raise UserError(f"{flag} must be positive, got {value}")
@@ -214,13 +219,22 @@ def read_space(path):
         return DEFAULT_SPACE
     try:
         with open(path) as f:
-            space = json.load(f)
+            space = json.load(f, object_pairs_hook=unique_keys)
     except (OSError, ValueError, RecursionError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UserError(f"--space {path}: cannot read it as JSON ({reason})") from None
     if not isinstance(space, dict) or not space:
         raise UserError(f"--space {path} must be a JSON object with one entry per flag")
     return space
+
+
+def unique_keys(pairs):
+    """A JSON object, refusing a key given twice (json keeps the last silently: which entry did the user mean?)."""
+    names = [name for name, _ in pairs]
+    twice = next((name for name in names if names.count(name) > 1), None)
+    if twice is not None:
+        raise ValueError(f"the entry {twice!r:.40} is given twice")
+    return dict(pairs)
 
 
 def is_number(value, kind):
@@ -360,6 +374,8 @@ def check_storage(url, given):
     from sqlalchemy import exc
     from sqlalchemy.engine import make_url
 
+    if given and not url.strip():
+        raise UserError("--storage is empty: leave it out (OUTPUT/study.db), or give a database URL")
     try:
         parsed = make_url(url)
     except exc.ArgumentError:
@@ -421,8 +437,10 @@ def server_tables(parsed, shown):
             engine.dispose()
     except exc.SQLAlchemyError as err:
         reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise UserError(f"--storage {shown}: cannot read its tables ({reason}): check the URL, the server and "
-                        "the credentials") from None
+        # A server that does not answer is the environment's failure (exit 1), not a bad flag.
+        failure = EnvironmentFailure if isinstance(err, exc.OperationalError) else UserError
+        raise failure(f"--storage {shown}: cannot read its tables ({reason}): check the URL, the server and the "
+                      "credentials") from None
 
 
 @contextlib.contextmanager
@@ -443,26 +461,26 @@ def make_storage(optuna, url, heartbeat=None):
     """The study's database, with a heartbeat: a trial whose process was killed (kill -9, a lost machine)
     is marked failed once its heartbeat is a grace period old, instead of staying "running" for ever."""
     from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import IntegrityError, ProgrammingError, SQLAlchemyError
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError, SQLAlchemyError
 
     beat, grace = heartbeat_and_grace(heartbeat)
     for attempt in range(SCHEMA_TRIES):
         try:
             with heartbeat_api(optuna):
                 return optuna.storages.RDBStorage(url, heartbeat_interval=beat, grace_period=grace)
-        except (IntegrityError, ProgrammingError) as err:
+        except (SQLAlchemyError, RuntimeError) as err:  # RuntimeError: a schema of another Optuna version
+            failure = err
             # Workers started at once on an empty database all create Optuna's tables, and all but one
             # collide ("already exists", a duplicate key: Optuna issue 1092): once the tables are there,
             # opening again finds them. At random moments, so that the collided ones do not collide again.
-            if attempt + 1 < SCHEMA_TRIES:
-                time.sleep(random.uniform(0.2, 1.0))
-                continue
-            failure = err
-        except (SQLAlchemyError, RuntimeError) as err:  # RuntimeError: a schema of another Optuna version
-            failure = err
-        reason = str(failure).strip().splitlines()[0][:300] if str(failure).strip() else type(failure).__name__
-        raise UserError(f"--storage {make_url(url).render_as_string(hide_password=True)}: cannot open it "
-                        f"({reason})") from None
+            collided = isinstance(err, (IntegrityError, ProgrammingError)) or \
+                (isinstance(err, OperationalError) and "already exists" in str(err))  # SQLite's collision
+            if not collided or attempt + 1 == SCHEMA_TRIES:
+                break
+            time.sleep(random.uniform(0.2, 1.0))
+    reason = str(failure).strip().splitlines()[0][:300] if str(failure).strip() else type(failure).__name__
+    raise UserError(f"--storage {make_url(url).render_as_string(hide_password=True)}: cannot open it "
+                    f"({reason})") from None
 
 
 def make_sampler(optuna, seed, trials):
@@ -1178,7 +1196,8 @@ def main(argv=None):
 
     fixed = parse_ncf(ncf, args.ncf_args, "the ncf.py flags after --")
     space = load_space(args.space, ncf, args.ncf_args)
-    storage = args.storage or f"sqlite:///{os.path.abspath(os.path.join(args.output, DEFAULT_DB))}"
+    storage = args.storage if args.storage is not None else \
+        f"sqlite:///{os.path.abspath(os.path.join(args.output, DEFAULT_DB))}"
     shown = check_storage(storage, given=args.storage is not None)
     study_dir = check_output(args)
     metadata, users = check_data(args.data)

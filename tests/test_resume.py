@@ -235,3 +235,12 @@ def test_a_resume_on_other_held_out_items_is_refused_but_a_test_is_not(tiny_cach
     assert snapshot(ck) == before
     status, out, err = run_ncf(capsys, "--data", other, "--mode", "test", "--checkpoint_dir", ck, *TINY_MODEL)
     assert status == 0 and "HR@10" in out, err
+
+
+def test_a_resume_with_no_epoch_left_to_train_says_so(tiny_cache, trained_tiny, tmp_path, capsys):
+    """last.pth is at epoch 2: -e 1 (or 2) trains nothing, which was a silent exit 0 (hostile pass R06)."""
+    ck = copy_run(trained_tiny, tmp_path)
+    before = snapshot(ck)
+    status, _, err = run_ncf(capsys, "--data", tiny_cache, "-e", "1", "--checkpoint_dir", ck, "--resume")
+    one_line(err, status, 2, "at epoch 2", "-e N with N > 2")
+    assert snapshot(ck) == before

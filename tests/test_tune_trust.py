@@ -160,6 +160,7 @@ NOT_SEARCHABLE = ["topk", "seed", "threshold", "patience", "valid_batch_size", "
 # name: (what to add to a search into t/out given the tmp folder t and the caches c, words of the one line)
 BAD_INPUT = {
     "storage not a URL": (_flags("--storage", "foo"), ["not a database URL"]),
+    "storage empty": (_flags("--storage", ""), ["--storage is empty"]),
     "storage of an unknown scheme": (_flags("--storage", "foo://x"), ["'foo' is no database"]),
     "storage without its driver": (_flags("--storage", "postgresql://me:secret@localhost/db"),
                                    ["pip install 'psycopg[binary]'", "postgresql://me:***@localhost"]),
@@ -190,6 +191,9 @@ BAD_INPUT = {
     "space no choices": (_space({"dropout": {"choices": []}}), ['{"choices": [...]}']),
     "space nested too deeply": (_space("[" * 100000 + "]" * 100000), ["cannot read it as JSON"]),
     "space not an object": (_space([1, 2]), ["JSON object"]),
+    "space with an entry twice": (_space('{"dropout": {"low": 0.0, "high": 0.5}, "dropout": {"choices": [0.1]}}'),
+                                  ["'dropout' is given twice"]),
+    "stray WORLD_SIZE": (_flags(), ["WORLD_SIZE=2", "unset"]),  # set by the test: every trial would fail
     "confirm_top -1": (_flags("--confirm_top", "-1"), ["--confirm_top must be in [0, 100]"]),
     "confirm_top huge": (_flags("--confirm_top", str(2**70)), ["--confirm_top must be in [0, 100]"]),
     "confirm_top abc": (_flags("--confirm_top", "abc"), ["--confirm_top", "invalid int value"]),
@@ -237,6 +241,8 @@ BAD_INPUT = {
 def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, caches, tmp_path, capsys, fake_ncf, monkeypatch):
     if case == "storage without its driver":
         monkeypatch.setitem(sys.modules, "psycopg", None)  # requirements-tune.txt installs it: as if it did not
+    if case == "stray WORLD_SIZE":
+        monkeypatch.setenv("WORLD_SIZE", "2")
     add, words = BAD_INPUT[case]
     user = tmp_path / "user"
     user.mkdir()
