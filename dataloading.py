@@ -68,13 +68,13 @@ COUNT_FIELDS = ("num_users", "num_items", "num_train", "negatives")
 INTEGER_DTYPES = (torch.int32, torch.int64)
 
 
-def load_cache(path):
+def load_cache(path, flag="--data"):
     """Load and check a cache folder written by convert.py: its format version, each file's size and
     SHA-256 against metadata.json, shapes against its counts, and (cheap, vectorised) that ids are in
     range and training pairs sorted. A problem is a UserError naming the file and a fix that works."""
     if not os.path.isdir(path):
         raise UserError(f"no dataset cache at {path}: run ./prepare_dataset.sh NAME (or convert.py) to create it, "
-                        "or pass --data with the right folder")
+                        f"or pass {flag} with the right folder")
     fix = _rebuild_advice(path)
     meta_path = os.path.join(path, METADATA_FILE)
     if not os.path.isfile(meta_path):

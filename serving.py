@@ -464,6 +464,15 @@ def read_users_file(path):
     return unique
 
 
+def unique_users(ids):
+    """--users in order, each once: a repeated one is written once, and said (as --users_file does)."""
+    unique = list(dict.fromkeys(ids or []))
+    if ids and len(unique) < len(ids):
+        print(f"note: {len(ids) - len(unique):,} repeated user id(s) in --users: each user is written once",
+              file=sys.stderr)
+    return unique or ids
+
+
 def load_source(args):
     if args.model:
         return export_source(args.model)
@@ -486,7 +495,7 @@ def chunk_size(args, num_items, num_users):
 
 def run_recommend(args):
     check_flags(args)
-    wanted = read_users_file(args.users_file) if args.users_file else args.users
+    wanted = read_users_file(args.users_file) if args.users_file else unique_users(args.users)
     source = load_source(args)
     user_ids = source.maps["user_ids"]
     if args.all_users:
@@ -522,3 +531,7 @@ def print_recommendations(args, results):
 @main_guard
 def main(argv=None, prog=None):
     run_recommend(parse_args(argv, prog))
+
+
+if __name__ == "__main__":  # python serving.py ARGS: inference.py recommend without the training code
+    main()

@@ -66,6 +66,10 @@ def check_benchmark_flags(args):
     for flag, values in (("--batch_sizes", args.batch_sizes), ("--iterations", [args.iterations])):
         if min(values) <= 0:
             raise UserError(f"{flag} must be positive, got {min(values)}")
+    for flag, values in (("--batch_sizes", args.batch_sizes), ("--precision", args.precision),
+                         ("--backend", args.backend)):
+        if len(set(values)) < len(values):  # the same configuration twice: rows that differ by warm-up alone
+            raise UserError(f"{flag} names a value twice ({' '.join(map(str, values))}): give each once")
     if args.warmup < 0:
         raise UserError(f"--warmup must be 0 or more, got {args.warmup}")
     given = [flag for flag, name in SHAPE_FLAGS if getattr(args, name) is not None]

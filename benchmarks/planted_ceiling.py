@@ -79,7 +79,7 @@ def main(argv=None):
     args = parse_args(argv)
     import dataloading  # torch loads here, after the flags are checked
 
-    cache = dataloading.load_cache(args.cache)
+    cache = dataloading.load_cache(args.cache, flag="--cache")
     check_shape(args, cache)
     model = planted_model(args.users, args.items, args.factors, args.seed, args.strength,
                           args.popularity_exponent)

@@ -99,6 +99,10 @@ def read_runs(path):
     if not runs:
         raise UserError(f"{path} has no epoch records: pass the --log_path of an ncf.py training run "
                         f"(--mode test logs have none)")
+    drawn = {key for _, series in PANELS for key, _, _ in series}
+    if not any(drawn & set(record) for _, _, records in runs for record in records):
+        raise UserError(f"{path} has epoch records but no figure to draw in them (loss, HR, NDCG, throughput): "
+                        f"{fix}")
     return runs
 
 

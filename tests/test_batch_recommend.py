@@ -270,3 +270,12 @@ def test_a_batch_from_onnx_imports_no_torch(exported_tiny, user_ids, tmp_path, s
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stderr.strip().splitlines()[-1]) == []
     assert len(rows_of(Path(output))["user"]) == 10 * len(user_ids)
+
+
+def test_a_user_given_twice_in_users_is_written_once_and_said(exported_tiny, user_ids, tmp_path, capsys):
+    """As --users_file does (hostile pass U18: --users 1 2 1 wrote user 1 twice without a word)."""
+    first, second = user_ids[:2]
+    inference.main(["recommend", "--model", str(exported_tiny.exports["onnx"]), "--users", str(first), str(second),
+                    str(first), "--output", str(tmp_path / "u.csv"), "-k", "3"])
+    assert "1 repeated user id(s) in --users" in capsys.readouterr().err
+    assert rows_of(tmp_path / "u.csv")["user"] == [first] * 3 + [second] * 3

@@ -511,6 +511,12 @@ BAD_INPUTS = [
     ("plot: figures no axis can hold", "plot", lambda w: [huge_figures(w), "-o", w["root"] / "cases" / "p.png"],
      ["cannot draw"]),
     # ---- added by the hostile pass
+    ("plot: epochs without figures", "plot", lambda w: [figureless(w), "-o", w["root"] / "cases" / "p.png"],
+     ["no figure to draw"]),
+    ("benchmark: a batch size twice", "inference", lambda w: bench("--batch_sizes", "8", "8"),
+     ["--batch_sizes", "twice"]),
+    ("planted_ceiling: --cache missing", "planted_ceiling",
+     lambda w: ["--cache", w["root"] / "none", "--users", "300", "--items", "200"], ["pass --cache"]),
     ("benchmark: --json_path a link to the user's file", "inference",
      lambda w: bench("--json_path", link(w, "bench-link", w["root"] / "mine.json", "b.json")), ["not replaced"]),
     ("stability: another run holds the output", "stability", lambda w: stab(w, output=held_output(w)),
@@ -524,6 +530,12 @@ BAD_INPUTS = [
 def link(w, name, target, link_name):
     path = case_dir(w, name) / link_name
     path.symlink_to(target)
+    return path
+
+
+def figureless(w):
+    path = case_dir(w, "figureless") / "log.json"
+    path.write_text("".join(json.dumps({"event": "epoch", "epoch": e}) + "\n" for e in (1, 2)))
     return path
 
 
