@@ -1189,6 +1189,33 @@ def search_trials(study, search, sigterm):
 
 @main_guard
 def main(argv=None):
+    try:
+        run(argv)
+    except UserError:
+        raise
+    except Exception as err:  # only the database's failures become a line; anything else stays a traceback
+        cause = storage_failure(err)
+        if cause is None:
+            raise
+        raise EnvironmentFailure(f"the study's database failed ({cause}); a trial it was recording stays running "
+                                 f"until its heartbeat is old: run the same command again") from None
+
+
+def storage_failure(err):
+    """The database error behind `err`, as text, or None: Optuna wraps it (StorageInternalError), and may
+    fail again while handling it (a locked SQLite file under SIGTERM ended in its AssertionError)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, sqlite3.OperationalError) or type(err).__name__ in ("StorageInternalError",
+                                                                                "OperationalError"):
+            return str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def run(argv=None):
+    """What `python tune.py ARGS` does."""
     args = parse_args(argv)
     check_flags(args)
     optuna = import_optuna()
