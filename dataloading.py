@@ -51,6 +51,13 @@ def safe_load(path, what, fix):
     """torch.load restricted to tensors and plain data (weights_only), with one-line user errors."""
     if not os.path.isfile(path):
         raise UserError(f"{what} {path} does not exist: {fix}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip (PK), older torch a pickle (protocol byte 0x80): anything else, such as a text
+    # or CSV file, would reach the unpickler and fail with a message about pickles or an empty list.
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise UserError(f"cannot load {what} {path} (it is not a file torch.save wrote: it starts with {head!r}): "
+                        f"{fix}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's pickle-protocol chatter would add stderr lines

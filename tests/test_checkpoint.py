@@ -8,6 +8,7 @@ from helpers import OLD_CHECKPOINT, ROOT
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import cache_format
 import checkpoint
 import dataloading
 import ncf
@@ -52,7 +53,8 @@ def test_payload_round_trip(loaded_tiny_cache, tmp_path):
     assert ckpt["dataset"] == {"num_users": cache.num_users, "num_items": cache.num_items,
                                "source_sha256": cache.metadata["source_sha256"], "min_ratings": 20,
                                "validation": False,
-                               "train_sha256": cache.metadata["files"]["train_ratings.pt"]["sha256"]}
+                               "train_sha256": cache.metadata["files"]["train_ratings.pt"]["sha256"],
+                               "held_out_sha256": cache_format.evaluation_identity(cache.metadata)["held_out_sha256"]}
 
 
 def test_rng_states_round_trip():

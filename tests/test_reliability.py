@@ -101,6 +101,8 @@ BAD_INPUTS = [
      ["cannot load", "truncated.pth"]),
     ("not a checkpoint", lambda w: ncf_argv(w, "--mode", "test", "--load_checkpoint_path", not_a_checkpoint(w)),
      ["not a checkpoint written by ncf.py"]),
+    ("a text file as the checkpoint", lambda w: ncf_argv(w, "--mode", "test", "--load_checkpoint_path", w["file"]),
+     ["a_file", "not a file torch.save wrote"]),
     ("zero epochs", lambda w: ncf_argv(w, "-e", "0"), ["--epochs must be positive"]),
     ("negative batch", lambda w: ncf_argv(w, "-b", "-8"), ["--batch_size must be positive"]),
     ("zero factors", lambda w: ncf_argv(w, "-f", "0"), ["--factors must be positive"]),
