@@ -122,9 +122,8 @@ class NeuMF(nn.Module):
         return nn.functional.linear(user_mlp, weight_user, first.bias), nn.functional.linear(item_mlp, weight_item)
 
     def _forward_factored(self, user, item):
-        """forward when the batch outnumbers the table rows (CPU kernels): the first layer's terms per row,
-        gathered per pair. The same function up to float rounding, with the same dropout masks."""
-        # split, as in forward: each table's gradient is one concatenation of its two parts' gradients.
+        """forward when the batch outnumbers the table rows (CPU kernels): the first layer's terms per row, gathered
+        per pair; same function up to rounding, same dropout masks. Tables are split as in forward (one gradient)."""
         user_mf, user_mlp = self.user_embed.weight.split((self.mf_dim, self.mlp_half), 1)
         item_mf, item_mlp = self.item_embed.weight.split((self.mf_dim, self.mlp_half), 1)
         user_term, item_term = self._first_layer_terms(user_mlp, item_mlp)

@@ -296,7 +296,8 @@ def cache_being_written(cache_root, cache, pid):
     """(folder, its names) while process `pid` is writing a cache under cache_root (some tensor files,
     no metadata.json yet), wherever it writes (its temporary folder, or `cache` itself); else None."""
     try:
-        folders = [f for f in cache_root.iterdir() if f == cache or str(pid) in f.name]
+        # Folders only: the temporary's .partial proof beside it (a file) carries the pid too.
+        folders = [f for f in cache_root.iterdir() if (f == cache or str(pid) in f.name) and f.is_dir()]
         for folder in folders:
             names = os.listdir(folder)
             if any(name.endswith(".pt") for name in names) and "metadata.json" not in names:
