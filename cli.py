@@ -96,7 +96,9 @@ def main_guard(main):
             _report("interrupted")
             sys.exit(EXIT_INTERRUPTED)
         finally:
-            if handles_sigterm:
+            # Put the default back unless the command chose otherwise: a rank of a stopped ncf.py run ignores
+            # torchrun's SIGTERM while it leaves, and restoring the default here would let it end as -15.
+            if handles_sigterm and signal.getsignal(signal.SIGTERM) is signal.default_int_handler:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     return wrapper
