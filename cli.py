@@ -287,11 +287,13 @@ def staged_folder(output, may_replace, what):
     (a full disk) becomes an EnvironmentFailure naming the `what`."""
     output = os.path.abspath(output)
     tmp, old = f"{output}.tmp-{os.getpid()}", f"{output}.old-{os.getpid()}"
+    claimed = []  # only these are ever removed below: a path in the way that is not ours stays
     try:
         os.makedirs(os.path.dirname(output), exist_ok=True)
         remove_stale_temporaries(output)
-        claim_temporary(tmp)
-        claim_temporary(old)
+        for path in (tmp, old):
+            claim_temporary(path)
+            claimed.append(path)
         os.makedirs(tmp)
         yield tmp
         for name in os.listdir(tmp):
@@ -312,12 +314,14 @@ def staged_folder(output, may_replace, what):
         raise EnvironmentFailure(f"cannot write the {what} {output} ({err.strerror or err}); nothing was left "
                                  "behind: free some space or fix the folder, and rerun") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        release_temporary(tmp)
-        if os.path.isdir(output):  # the previous one is kept until the new one is in place
-            shutil.rmtree(old, ignore_errors=True)
-        if not os.path.lexists(old):
-            release_temporary(old)
+        if tmp in claimed:
+            shutil.rmtree(tmp, ignore_errors=True)
+            release_temporary(tmp)
+        if old in claimed:
+            if os.path.isdir(output):  # the previous one is kept until the new one is in place
+                shutil.rmtree(old, ignore_errors=True)
+            if not os.path.lexists(old):
+                release_temporary(old)
 
 
 

@@ -6,7 +6,7 @@ run is tested in test_divergence.py, a resumed one in test_resume.py.
 """
 import pytest
 import torch
-from helpers import TINY_MODEL, copy_run, one_line, run_ncf, snapshot
+from helpers import TINY_MODEL, copy_run, one_line, run_main, run_ncf, snapshot
 
 import checkpoint
 import cli
@@ -210,6 +210,22 @@ def test_files_named_like_temporaries_are_deleted_only_with_the_projects_proof(t
     assert not killed.exists() and not (ck / "model.pth.tmp-999999.partial").exists()
     assert (ck / "last.pth.tmp-1999" / "notes.txt").read_text() == "mine\n"
     assert (ck / "model.pth.old-2023").read_text() == "my backup\n"
+
+
+def test_a_users_folder_where_a_temporary_goes_is_refused_and_kept(tiny_cache, tmp_path, capsys):
+    """convert's temporary folder is OUTPUT.tmp-PID: a user's folder of that name (this process's pid) is in
+    the way. It is refused in one line and kept (the cleanup after the refusal deleted it)."""
+    import os
+
+    import convert
+
+    theirs = tmp_path / f"cache.tmp-{os.getpid()}"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine\n")
+    status, _, err = run_main(convert.main, capsys, "--path", tiny_cache.parent / "ratings.csv", "--output",
+                              tmp_path / "cache", "--no_progress")
+    one_line(err, status, 1, "in the way of a temporary", "move it away")
+    assert (theirs / "notes.txt").read_text() == "mine\n" and not (tmp_path / "cache").exists()
 
 
 def test_a_foreign_log_is_never_appended_to(tiny_cache, tmp_path, capsys):
