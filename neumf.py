@@ -26,6 +26,7 @@ from model_config import DROPOUT, FACTORS, LAYERS, ModelConfig
 
 PRETRAIN_ALPHA = 0.5  # the paper's weight of the GMF output layer when NeuMF starts from both branches
 SCORE_PIECE_SAMPLES = 4096  # CPU evaluation works on pieces of this many candidates (they stay in cache)
+BF16_PIECE_SCALE = 4  # and 4x as many in bf16, whose matmuls pay a fixed cost per call (benchmarks/README.md)
 
 
 class NeuMF(nn.Module):
@@ -146,7 +147,8 @@ class NeuMF(nn.Module):
         u_mf, u_mlp = self.user_embed(users).split((self.mf_dim, self.mlp_half), 1)
         user_term, item_term = self._first_layer_terms(u_mlp, self.item_embed.weight[:, self.mf_dim :])
         item_mf = self.item_embed.weight[:, : self.mf_dim]
-        step = max(1, SCORE_PIECE_SAMPLES // c) if self.cpu_kernels else n
+        piece = SCORE_PIECE_SAMPLES * (BF16_PIECE_SCALE if user_term.dtype == torch.bfloat16 else 1)
+        step = max(1, piece // c) if self.cpu_kernels else n
         if self.cpu_kernels:
             dtype = user_term.dtype  # bf16 under autocast: the hidden layers run in it
             layers = [(layer.weight.to(dtype), layer.bias.to(dtype)) for layer in self.mlp[1:]]
