@@ -424,8 +424,11 @@ def start_when_ready(module, step, argv, tmp_path):
     """Start `module`.main(argv) in a fresh interpreter; return once main has first reached `step`,
     where it waits (up to 60 s) for the signal the test sends: on a loaded machine the work itself
     could otherwise end before the signal arrives."""
+    # Python's Ctrl-C handler even where the tests run as a background job, whose children inherit an ignored
+    # SIGINT (a shell without job control does that): the test sends what a terminal's Ctrl-C sends.
     code = f"""
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.argv = [{str(ROOT / (module + '.py'))!r}]
 sys.path.insert(0, {str(ROOT)!r})
 import {module}
