@@ -41,9 +41,8 @@ class NeuMF(nn.Module):
         self.mlp_layer_sizes = tuple(mlp_layer_sizes)
         self.dropout = dropout
         self.mlp_half = mlp_layer_sizes[0] // 2 if mlp_layer_sizes else 0
-        # One table per side holding [GMF | MLP] columns: a single gather (and a single sparse
-        # gradient scatter) per side instead of two. Same initialisation and maths as the recipe's
-        # four separate tables, and the checkpoints' format.
+        # One table per side holding [GMF | MLP] columns: one gather and one gradient scatter per side, not
+        # two. The same initialisation, maths and checkpoint format as the recipe's four separate tables.
         self.user_embed = nn.Embedding(nb_users, mf_dim + self.mlp_half)
         self.item_embed = nn.Embedding(nb_items, mf_dim + self.mlp_half)
         self.mlp = nn.ModuleList(nn.Linear(n_in, n_out) for n_in, n_out in itertools.pairwise(mlp_layer_sizes))
@@ -160,8 +159,7 @@ class NeuMF(nn.Module):
         for lo in range(0, n, step):
             flat = candidates[lo : lo + step].reshape(-1)
             rows = flat.shape[0] // c
-            # embedding (index_select) gathers rows in parallel, faster than tensor[flat] indexing; the
-            # user terms are then added in place.
+            # embedding (index_select) gathers rows in parallel (faster than tensor[flat]); user terms added in place
             hidden = nn.functional.embedding(flat, item_term).view(rows, c, item_term.shape[1])
             hidden.add_(user_term[lo : lo + step, None, :])
             gmf = nn.functional.embedding(flat, item_mf).view(rows, c, item_mf.shape[1])  # 0 wide for MLP alone
