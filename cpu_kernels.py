@@ -89,7 +89,7 @@ class _GatherAddReluDropout(torch.autograd.Function):
         # casts the result back to the tables' dtype once). A bf16 gradient is converted to fp32 piece by
         # piece while the ReLU-dropout backward has it in cache, then each table's rows are summed in one
         # embedding backward: index_add_ of each piece into the fp32 tables, the way before, pays a
-        # dispatch per row (about 0.4 us) and made bf16 steps at 2^20 1.4x slower (benchmarks/README.md).
+        # dispatch per row (about 0.4 us): bf16 steps at 2^20 took 1.5x as long (medians; benchmarks/README.md).
         grad = _relu_dropout_grad_(grad, y, ctx.scale, torch.float32)
         scatter = torch.ops.aten.embedding_dense_backward  # embedding's backward: row r sums grad where index is r
         a_rows, b_rows = ctx.rows
