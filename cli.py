@@ -18,11 +18,14 @@ import threading
 import time
 import warnings
 
+import allocator
+
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Transparent huge pages for torch's large CPU tensors: a training step allocates and frees GBs of
 # activations, and with 4 KiB pages their page faults cost more system time than the matmuls (a 65,536
 # batch step: 10x fewer page faults, ~25% faster). torch reads this at its first tensor of >= 2 MiB.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+allocator.preload_jemalloc()  # may re-execute the command with jemalloc preloaded (allocator.py says why)
 
 
 def _one_line_warning(message, category, filename, lineno, line=None):

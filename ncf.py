@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+import allocator
 import checkpoint
 from checkpoint import BEST_CHECKPOINT, LAST_CHECKPOINT
 from cli import (EXIT_INTERRUPTED, LOCK_FILE, UserError, check_may_write, check_output_path, hold_lock, lock_note,
@@ -579,7 +580,7 @@ def print_setup(log, ctx, precision, optimizer_name, cache, args, steps, paramet
     per_rank = step_batch(args) // ctx.world_size
     log.info(
         f"device {ctx.device} | world size {ctx.world_size} | precision {precision.name} ({args.opt_level}) | "
-        f"fp32 matmuls {matmul_precision(ctx.device)} | optimizer {optimizer_name}\n"
+        f"fp32 matmuls {matmul_precision(ctx.device)} | optimizer {optimizer_name} | malloc {allocator.in_use()}\n"
         f"dataset {args.data}: {cache.num_users:,} users, {cache.num_items:,} items, "
         f"{cache.train.shape[0]:,} train positives, {cache.test.shape[0]:,} test users x "
         f"{1 + cache.test_negatives.shape[1]} candidates\n"
@@ -833,7 +834,7 @@ def log_start(log, training, ctx, cache, sampler, test_data):
         log.info(f"resumed from {os.path.join(args.checkpoint_dir, LAST_CHECKPOINT)} after epoch "
                  f"{training.state['epoch']}")
     log.write("config", args=vars(args), world_size=ctx.world_size, device=str(ctx.device),
-              precision=training.precision.name, optimizer=training.optimizer_name,
+              precision=training.precision.name, optimizer=training.optimizer_name, malloc=allocator.in_use(),
               **prefixed("popularity_", popularity))
 
 

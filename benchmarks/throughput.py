@@ -26,6 +26,7 @@ import cli  # noqa: I001  (sets the OpenMP wait policy before torch loads OpenMP
 
 import torch
 
+import allocator
 import ncf
 from cli import UserError, check_may_write, main_guard, open_owned_for_append
 from dataloading import EpochSampler, TestData
@@ -248,7 +249,8 @@ def measure_one(args, batch_size, precision_name):
         "step_s_median": step_s, "step_s_all": step_times, "shuffle_s": shuffle_s, "first_step_s": first_step_s,
         "compiled": args.compile, "eval_s": eval_s, "eval_s_all": eval_times,
         "eval_samples": eval_samples, "timed_steps": len(step_times), "loss": loss, "eval_hr": hr,
-        "optimizer": optimizer_name, "torch": torch.__version__, **({"profile": profile} if profile else {}),
+        "optimizer": optimizer_name, "malloc": allocator.in_use(), "torch": torch.__version__,
+        **({"profile": profile} if profile else {}),
     }
 
 

@@ -1,0 +1,113 @@
+"""allocator.py: the project's commands re-execute themselves once with jemalloc preloaded where it is installed,
+unless the user chose (an LD_PRELOAD set, even empty; their MALLOC_CONF kept), and never a program that only
+imports the project's modules."""
+import os
+import subprocess
+import sys
+
+import pytest
+from helpers import ROOT, event_of
+
+import allocator
+
+LIBRARY = "/opt/lib/libjemalloc.so.2"
+
+
+@pytest.mark.parametrize("main", ["ncf.py", "tune.py", "benchmarks/throughput.py"])
+def test_the_projects_commands_are_preloaded_with_the_guides_settings(main):
+    environ = allocator.preload_environment({"PATH": "/bin"}, str(ROOT / main), LIBRARY)
+    assert environ == {"PATH": "/bin", "LD_PRELOAD": LIBRARY, "MALLOC_CONF": allocator.JEMALLOC_CONF}
+    assert "dirty_decay_ms:-1" in allocator.JEMALLOC_CONF  # freed memory is kept: that is the whole point
+
+
+def test_the_users_malloc_conf_is_kept():
+    environ = allocator.preload_environment({"MALLOC_CONF": "narenas:1"}, str(ROOT / "ncf.py"), LIBRARY)
+    assert environ["MALLOC_CONF"] == "narenas:1" and environ["LD_PRELOAD"] == LIBRARY
+
+
+@pytest.mark.parametrize("preload", ["", "/usr/lib/libtcmalloc.so.4"])
+def test_an_ld_preload_the_user_set_is_their_choice(preload):
+    assert allocator.preload_environment({"LD_PRELOAD": preload}, str(ROOT / "ncf.py"), LIBRARY) is None
+
+
+def test_no_library_no_re_execution():
+    assert allocator.preload_environment({}, str(ROOT / "ncf.py"), None) is None
+
+
+@pytest.mark.parametrize("where", ["elsewhere", "tests", "python -c"])
+def test_programs_that_import_the_modules_are_left_alone(tmp_path, where):
+    main = {"elsewhere": str(tmp_path / "ncf.py"), "tests": str(ROOT / "tests" / "conftest.py"), "python -c": None}
+    assert allocator.preload_environment({}, main[where], LIBRARY) is None
+
+
+def test_a_link_to_a_command_is_the_command(tmp_path):
+    (tmp_path / "train.py").symlink_to(ROOT / "ncf.py")
+    assert allocator.preload_environment({}, str(tmp_path / "train.py"), LIBRARY)["LD_PRELOAD"] == LIBRARY
+
+
+def test_the_library_is_found_in_the_first_folder_that_holds_it(tmp_path):
+    folders = [tmp_path / name for name in "abcd"]
+    for folder in folders:
+        folder.mkdir()
+    assert allocator.find_jemalloc(folders) is None
+    (folders[0] / "libjemalloc.so").write_bytes(b"\x7fELF")  # the -dev package's link name: not the runtime library
+    (folders[1] / "libjemalloc.so.2").write_bytes(b"")  # damaged: the loader would print an error in every command
+    (folders[1] / "libjemalloc.so.2").chmod(0o644)
+    for folder in folders[2:]:
+        (folder / "libjemalloc.so.2").write_bytes(b"\x7fELF\x02\x01")
+    assert allocator.find_jemalloc(folders) == str(folders[2] / "libjemalloc.so.2")
+
+
+NCF = str(ROOT / "ncf.py")
+
+
+@pytest.mark.parametrize(("orig_argv", "main_file", "main_name", "started"), [
+    (["python", NCF, "-e", "1"], NCF, None, True),
+    (["python", "-u", "-X", "importtime", "-W", "ignore", NCF], NCF, None, True),
+    (["/usr/bin/python3", "-m", "ncf", "-e", "1"], NCF, "ncf", True),
+    (["python", "-m", "pdb", NCF], NCF, None, False),  # pdb's __main__ has no spec: left alone, never run twice
+    (["python", "user.py"], NCF, None, False),  # user.py ran ncf.py through runpy: re-executing would rerun user.py
+    (["python", "user.py", NCF], NCF, None, False),
+    (["python", "-c", "import runpy"], NCF, None, False),
+    (["python", "-"], "<stdin>", None, False),
+    (["python"], None, None, False),
+])
+def test_only_the_script_the_interpreter_was_started_with_is_re_executed(orig_argv, main_file, main_name, started):
+    assert allocator.started_script(main_file, main_name, orig_argv) == (main_file if started else None)
+
+
+def test_the_environments_lib_folders_are_searched_after_the_systems(monkeypatch):
+    monkeypatch.setenv("CONDA_PREFIX", "/conda")
+    monkeypatch.delenv("VIRTUAL_ENV", raising=False)
+    folders = allocator.library_folders()
+    assert folders[-1] == "/conda/lib" and folders.index("/usr/lib") < folders.index("/conda/lib")
+
+
+def test_this_pytest_process_was_not_re_executed():
+    assert allocator.in_use() == ("jemalloc" if "libjemalloc" in os.environ.get("LD_PRELOAD", "") else "glibc")
+
+
+@pytest.mark.slow
+def test_a_training_run_says_which_malloc_served_it(tiny_cache, tmp_path):
+    """ncf.py names its malloc in its setup lines and its log's config record: jemalloc where the library is
+    installed (CI installs it), glibc's with LD_PRELOAD set empty. The interpreter's own flags (-u here) and
+    the arguments survive the re-execution."""
+    installed = "jemalloc" if allocator.find_jemalloc(allocator.library_folders()) else "glibc"
+    unset = {name: value for name, value in os.environ.items() if name not in ("LD_PRELOAD", "MALLOC_CONF")}
+    for name, env, malloc in (("unset", unset, installed), ("empty", {**unset, "LD_PRELOAD": ""}, "glibc")):
+        log = tmp_path / f"{name}.json"
+        args = [sys.executable, "-u", ROOT / "ncf.py", "--data", tiny_cache, "-e", "1", "-b", "2048", "--factors", "4",
+                "--layers", "16", "8", "--opt_level", "O0", "--no_progress", "--log_path", log,
+                "--checkpoint_dir", tmp_path / name]
+        result = subprocess.run([str(a) for a in args], env=env, cwd=tmp_path, capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert f"| malloc {malloc}\n" in result.stdout, result.stdout
+        assert event_of(log, "config")["malloc"] == malloc
+
+
+def test_jemalloc_is_installed_where_ci_runs():
+    """.ci/run installs Debian's libjemalloc2, so that the suite's command lines run as users' do."""
+    if not os.environ.get("CI_EXPECTS_JEMALLOC"):
+        pytest.skip("only where .ci/run set CI_EXPECTS_JEMALLOC=1")
+    assert allocator.find_jemalloc(allocator.library_folders())
