@@ -31,7 +31,9 @@ ENTRY_FOLDERS = (_HERE, os.path.join(_HERE, "benchmarks"))  # where the project'
 
 def library_folders():
     """Where distributions and environments put shared libraries, the loader's default places first."""
-    folders = [f"/usr/lib/{sysconfig.get_config_var('MULTIARCH') or ''}", "/usr/lib64", "/usr/lib", "/usr/local/lib"]
+    multiarch = sysconfig.get_config_var("MULTIARCH")  # x86_64-linux-gnu on Debian and Ubuntu
+    folders = [f"/usr/lib/{multiarch}"] if multiarch else []
+    folders += ["/usr/lib64", "/usr/lib", "/usr/local/lib"]
     environments = (os.environ.get(name) for name in ("CONDA_PREFIX", "VIRTUAL_ENV"))
     return folders + [os.path.join(prefix, "lib") for prefix in environments if prefix]
 
@@ -57,15 +59,23 @@ def started_script(main_file, main_name, orig_argv):
     (runpy, with sys.argv patched) would, re-executed, run again from its own start."""
     args = iter(orig_argv[1:])
     for arg in args:
-        if arg in ("-W", "-X", "--check-hash-based-pycs"):  # options whose value is the next argument
-            next(args, None)
-        elif arg == "-m":
-            return main_file if main_name is not None and next(args, None) == main_name else None
-        elif arg == "-" or arg.startswith("-c"):
+        if arg == "-":  # the program comes from stdin, which a re-execution could not read again
             return None
-        elif not arg.startswith("-"):
+        if arg.startswith("--"):  # --check-hash-based-pycs takes a value; other long options none
+            if arg == "--check-hash-based-pycs":
+                next(args, None)
+            continue
+        if not arg.startswith("-"):
             same = main_file is not None and os.path.realpath(arg) == os.path.realpath(main_file)
             return main_file if same else None
+        for i, flag in enumerate(arg[1:], start=1):  # a cluster of short options, such as -uB or -mncf
+            if flag in "WXcm":  # these take a value: the rest of the cluster, or the next argument
+                value = arg[i + 1 :] or next(args, None)
+                if flag == "c":
+                    return None
+                if flag == "m":
+                    return main_file if main_name is not None and value == main_name else None
+                break
     return None
 
 
@@ -99,11 +109,11 @@ def preload_jemalloc():
         os.execve(sys.executable, argv, environ)
 
 
-def in_use():
+def in_use(maps_path="/proc/self/maps"):
     """The malloc serving this process: "jemalloc", "tcmalloc" (a user's LD_PRELOAD), "glibc", or "system"
     where there is no /proc to tell (not Linux)."""
     try:
-        with open("/proc/self/maps") as maps:
+        with open(maps_path) as maps:
             mapped = maps.read()
     except OSError:
         return "system"

@@ -63,24 +63,57 @@ NCF = str(ROOT / "ncf.py")
 
 @pytest.mark.parametrize(("orig_argv", "main_file", "main_name", "started"), [
     (["python", NCF, "-e", "1"], NCF, None, True),
-    (["python", "-u", "-X", "importtime", "-W", "ignore", NCF], NCF, None, True),
+    (["python", "-u", "-X", "importtime", "-W", "ignore", "-Wd", "-OO", NCF], NCF, None, True),
+    (["python", "--check-hash-based-pycs", "always", "-uB", NCF], NCF, None, True),
     (["/usr/bin/python3", "-m", "ncf", "-e", "1"], NCF, "ncf", True),
+    (["python", "-u", "-mncf"], NCF, "ncf", True),
+    (["python", "-um", "ncf"], NCF, "ncf", True),
+    (["python", "-m", "other", NCF], NCF, "ncf", False),
     (["python", "-m", "pdb", NCF], NCF, None, False),  # pdb's __main__ has no spec: left alone, never run twice
     (["python", "user.py"], NCF, None, False),  # user.py ran ncf.py through runpy: re-executing would rerun user.py
     (["python", "user.py", NCF], NCF, None, False),
-    (["python", "-c", "import runpy"], NCF, None, False),
-    (["python", "-"], "<stdin>", None, False),
+    (["python", "-c", NCF], NCF, None, False),  # -c's value is code, whatever it reads like
+    (["python", "-uc", NCF], NCF, None, False),
+    (["python", "-c", "import sys", NCF], NCF, None, False),  # NCF is sys.argv[1] of the code
+    (["python", "-", NCF], "<stdin>", None, False),
+    (["python", "-", NCF], NCF, None, False),
+    (["python", "-W"], NCF, None, False),
+    (["python", "--check-hash-based-pycs"], NCF, None, False),
+    (["python", "-m"], NCF, "ncf", False),
     (["python"], None, None, False),
 ])
 def test_only_the_script_the_interpreter_was_started_with_is_re_executed(orig_argv, main_file, main_name, started):
     assert allocator.started_script(main_file, main_name, orig_argv) == (main_file if started else None)
 
 
-def test_the_environments_lib_folders_are_searched_after_the_systems(monkeypatch):
+@pytest.mark.parametrize("multiarch", ["x86_64-linux-gnu", None])
+def test_the_library_folders_are_the_loaders_then_the_environments(monkeypatch, multiarch):
+    monkeypatch.setattr(allocator.sysconfig, "get_config_var", {"MULTIARCH": multiarch}.get)
     monkeypatch.setenv("CONDA_PREFIX", "/conda")
-    monkeypatch.delenv("VIRTUAL_ENV", raising=False)
-    folders = allocator.library_folders()
-    assert folders[-1] == "/conda/lib" and folders.index("/usr/lib") < folders.index("/conda/lib")
+    monkeypatch.setenv("VIRTUAL_ENV", "/venv")
+    loaders = [f"/usr/lib/{multiarch}"] * bool(multiarch) + ["/usr/lib64", "/usr/lib", "/usr/local/lib"]
+    assert allocator.library_folders() == [*loaders, "/conda/lib", "/venv/lib"]
+    monkeypatch.delenv("CONDA_PREFIX")
+    monkeypatch.setenv("VIRTUAL_ENV", "")
+    assert allocator.library_folders()[-1] == "/usr/local/lib"
+
+
+def test_a_library_path_that_cannot_be_read_is_no_library(tmp_path):
+    (tmp_path / "libjemalloc.so.2").mkdir()  # open() fails: not a library
+    assert allocator.find_jemalloc([tmp_path]) is None
+
+
+@pytest.mark.parametrize(("mapped", "malloc"), [
+    ("7f00-7f01 r-xp 0 08:01 1 /usr/lib/x86_64-linux-gnu/libjemalloc.so.2\n", "jemalloc"),
+    ("7f00-7f01 r-xp 0 08:01 1 /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4\n", "tcmalloc"),
+    ("7f00-7f01 r-xp 0 08:01 1 /usr/lib/x86_64-linux-gnu/libc.so.6\n", "glibc"),
+    (None, "system"),
+])
+def test_the_malloc_in_use_is_read_from_the_processs_mapped_libraries(tmp_path, mapped, malloc):
+    maps = tmp_path / "maps"
+    if mapped is not None:
+        maps.write_text(mapped)
+    assert allocator.in_use(str(maps)) == malloc
 
 
 def test_this_pytest_process_was_not_re_executed():
