@@ -12,12 +12,15 @@ A malloc replaces glibc's only from the process's start (LD_PRELOAD), so cli.py,
 imports first, calls preload_jemalloc(): the command re-executes itself once, the same interpreter with the
 same arguments, with jemalloc preloaded. The choice is the user's whenever they made one: an LD_PRELOAD
 already in the environment, even an empty one (`LD_PRELOAD= python ncf.py ...` keeps glibc's malloc), is
-left alone, and so is a MALLOC_CONF. Only the project's own scripts do this, never a program that imports
-its modules (pytest, a user's script). Child processes inherit the environment, so they start with it.
+left alone, and so is a MALLOC_CONF. Only the project's own commands (COMMANDS), started by the interpreter's
+command line, do this: never a program that imports or runs them from inside (pytest, pdb, a user's script,
+even one saved beside them), whose first lines would run twice. Child processes inherit the environment, so
+they start with it.
 """
 import contextlib
-import glob
+import ctypes
 import os
+import stat
 import sys
 import sysconfig
 
@@ -26,7 +29,13 @@ import sysconfig
 JEMALLOC_CONF = "oversize_threshold:1,background_thread:true,metadata_thp:auto,dirty_decay_ms:-1,muzzy_decay_ms:-1"
 LIBRARY = "libjemalloc.so.2"
 _HERE = os.path.dirname(os.path.realpath(__file__))
-ENTRY_FOLDERS = (_HERE, os.path.join(_HERE, "benchmarks"))  # where the project's commands live
+# The project's commands, by name: a user's own script saved beside them is not one (re-executed, it would run
+# its own first lines twice). tests/test_allocator.py checks this is every script with a __main__ block.
+COMMANDS = ("ncf.py", "tune.py", "convert.py", "synthetic.py", "inference.py", "serving.py",
+            *(f"benchmarks/{name}.py" for name in ("batch_recommend_benchmark", "convert_benchmark",
+                                                  "inference_benchmark", "planted_ceiling", "stability",
+                                                  "sync_check", "teardown_check", "throughput")))
+COMMAND_PATHS = frozenset(os.path.join(_HERE, name) for name in COMMANDS)
 
 
 def library_folders():
@@ -39,18 +48,29 @@ def library_folders():
 
 
 def find_jemalloc(folders):
-    """The path of the first libjemalloc.so.2 in `folders` that is a shared library (an ELF file), or None: a
-    damaged one would make the loader print an error at the start of every command and its children."""
-    return next((path for folder in folders for path in glob.glob(os.path.join(folder, LIBRARY)) if _is_elf(path)),
-                None)
+    """The path of the first libjemalloc.so.2 in `folders` that the loader can preload, or None (see
+    _preloadable): a wrong file would make the loader print an error at the start of every command and child."""
+    candidates = (os.path.join(folder, LIBRARY) for folder in folders)
+    return next((path for path in candidates if _preloadable(path)), None)
 
 
-def _is_elf(path):
+def _preloadable(path):
+    """A regular file (a FIFO would block the read) whose ELF header says: a shared object for this interpreter's
+    class, byte order and machine, at a path LD_PRELOAD can name (it splits on spaces and colons)."""
+    if " " in path or ":" in path:
+        return False
     try:
-        with open(path, "rb") as f:
-            return f.read(4) == b"\x7fELF"
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
+        with open(path, "rb") as library, open(sys.executable, "rb") as interpreter:
+            header, own = library.read(20), interpreter.read(20)
     except OSError:
         return False
+    # e_ident: magic (4 bytes), class, byte order, ...; then e_type (2 bytes, 3 = shared object), e_machine (2).
+    byteorder = "little" if header[5:6] == b"\x01" else "big"
+    shared_object = int.from_bytes(header[16:18], byteorder) == 3
+    return len(header) == 20 and header[:4] == b"\x7fELF" and header[4:6] == own[4:6] and \
+        header[18:20] == own[18:20] and shared_object
 
 
 def started_script(main_file, main_name, orig_argv):
@@ -86,7 +106,7 @@ def preload_environment(environ, main_file, library):
     prompt)."""
     if library is None or "LD_PRELOAD" in environ or not main_file:
         return None
-    if os.path.dirname(os.path.realpath(main_file)) not in ENTRY_FOLDERS:
+    if os.path.realpath(main_file) not in COMMAND_PATHS:
         return None
     return {**environ, "LD_PRELOAD": library, "MALLOC_CONF": environ.get("MALLOC_CONF", JEMALLOC_CONF)}
 
@@ -109,12 +129,26 @@ def preload_jemalloc():
         os.execve(sys.executable, argv, environ)
 
 
-def in_use(maps_path="/proc/self/maps"):
-    """The malloc serving this process: "jemalloc", "tcmalloc" (a user's LD_PRELOAD), "glibc", or "system"
-    where there is no /proc to tell (not Linux)."""
+def in_use():
+    """The malloc serving this process: the library that defines the `malloc` the program's calls resolve to
+    (the first of several preloaded ones wins), named by malloc_name; "system" where that cannot be asked
+    (not Linux, or no dladdr)."""
     try:
-        with open(maps_path) as maps:
-            mapped = maps.read()
-    except OSError:
+        process = ctypes.CDLL(None)
+        info = _DlInfo()
+        found = process.dladdr(ctypes.cast(process.malloc, ctypes.c_void_p), ctypes.byref(info))
+    except (OSError, AttributeError):
         return "system"
-    return next((name for name in ("jemalloc", "tcmalloc") if f"lib{name}" in mapped), "glibc")
+    return malloc_name(info.dli_fname.decode(errors="replace")) if found and info.dli_fname else "system"
+
+
+def malloc_name(library):
+    """"jemalloc", "tcmalloc", "glibc" (libc itself), else the library's file name."""
+    name = os.path.basename(library)
+    known = {"libjemalloc": "jemalloc", "libtcmalloc": "tcmalloc", "libc.so": "glibc", "libc-": "glibc"}
+    return next((malloc for prefix, malloc in known.items() if name.startswith(prefix)), name)
+
+
+class _DlInfo(ctypes.Structure):  # dladdr's answer (<dlfcn.h>)
+    _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p), ("dli_sname", ctypes.c_char_p),
+                ("dli_saddr", ctypes.c_void_p)]

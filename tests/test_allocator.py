@@ -20,6 +20,18 @@ def test_the_projects_commands_are_preloaded_with_the_guides_settings(main):
     assert "dirty_decay_ms:-1" in allocator.JEMALLOC_CONF  # freed memory is kept: that is the whole point
 
 
+def test_the_commands_are_every_script_with_a_main_block():
+    scripts = [*ROOT.glob("*.py"), *(ROOT / "benchmarks").glob("*.py")]
+    with_main = {str(p.relative_to(ROOT)) for p in scripts if 'if __name__ == "__main__":' in p.read_text()}
+    assert set(allocator.COMMANDS) == with_main
+
+
+def test_a_users_own_script_beside_the_commands_is_not_one(tmp_path):
+    """Saved in the repository's folder, re-executed it would run its first lines twice."""
+    for mine in ("my_experiment.py", "benchmarks/my_benchmark.py", "tests/conftest.py"):
+        assert allocator.preload_environment({}, str(ROOT / mine), LIBRARY) is None
+
+
 def test_the_users_malloc_conf_is_kept():
     environ = allocator.preload_environment({"MALLOC_CONF": "narenas:1"}, str(ROOT / "ncf.py"), LIBRARY)
     assert environ["MALLOC_CONF"] == "narenas:1" and environ["LD_PRELOAD"] == LIBRARY
@@ -34,9 +46,9 @@ def test_no_library_no_re_execution():
     assert allocator.preload_environment({}, str(ROOT / "ncf.py"), None) is None
 
 
-@pytest.mark.parametrize("where", ["elsewhere", "tests", "python -c"])
+@pytest.mark.parametrize("where", ["elsewhere", "python -c"])
 def test_programs_that_import_the_modules_are_left_alone(tmp_path, where):
-    main = {"elsewhere": str(tmp_path / "ncf.py"), "tests": str(ROOT / "tests" / "conftest.py"), "python -c": None}
+    main = {"elsewhere": str(tmp_path / "ncf.py"), "python -c": None}
     assert allocator.preload_environment({}, main[where], LIBRARY) is None
 
 
@@ -45,17 +57,42 @@ def test_a_link_to_a_command_is_the_command(tmp_path):
     assert allocator.preload_environment({}, str(tmp_path / "train.py"), LIBRARY)["LD_PRELOAD"] == LIBRARY
 
 
+def _elf(bits=64, kind=3, machine=None):
+    """An ELF header like this interpreter's, with another class (32 bits), type (2: an executable) or machine."""
+    own = bytearray(open(sys.executable, "rb").read(20))
+    own[4] = 1 if bits == 32 else own[4]
+    own[16:18] = kind.to_bytes(2, "little" if own[5] == 1 else "big")
+    own[18:20] = machine or own[18:20]
+    return bytes(own) + bytes(44)
+
+
 def test_the_library_is_found_in_the_first_folder_that_holds_it(tmp_path):
     folders = [tmp_path / name for name in "abcd"]
     for folder in folders:
         folder.mkdir()
     assert allocator.find_jemalloc(folders) is None
-    (folders[0] / "libjemalloc.so").write_bytes(b"\x7fELF")  # the -dev package's link name: not the runtime library
+    (folders[0] / "libjemalloc.so").write_bytes(_elf())  # the -dev package's link name: not the runtime library
     (folders[1] / "libjemalloc.so.2").write_bytes(b"")  # damaged: the loader would print an error in every command
-    (folders[1] / "libjemalloc.so.2").chmod(0o644)
     for folder in folders[2:]:
-        (folder / "libjemalloc.so.2").write_bytes(b"\x7fELF\x02\x01")
+        (folder / "libjemalloc.so.2").write_bytes(_elf())
     assert allocator.find_jemalloc(folders) == str(folders[2] / "libjemalloc.so.2")
+
+
+@pytest.mark.parametrize("what", ["folder", "fifo", "32 bits", "executable", "other machine", "not ELF", "truncated",
+                                  "space in path", "colon in path"])
+def test_a_file_the_loader_cannot_preload_is_no_library(tmp_path, what):
+    folder = tmp_path / {"space in path": "my envs", "colon in path": "a:b"}.get(what, "lib")
+    folder.mkdir()
+    path = folder / "libjemalloc.so.2"
+    content = {"32 bits": _elf(bits=32), "executable": _elf(kind=2), "other machine": _elf(machine=b"\xb7\x00"),
+               "not ELF": b"#!/bin/sh\n" * 10, "truncated": _elf()[:12]}.get(what, _elf())
+    if what == "folder":
+        path.mkdir()
+    elif what == "fifo":
+        os.mkfifo(path)  # reading it would block forever
+    else:
+        path.write_bytes(content)
+    assert allocator.find_jemalloc([folder]) is None
 
 
 NCF = str(ROOT / "ncf.py")
@@ -98,26 +135,34 @@ def test_the_library_folders_are_the_loaders_then_the_environments(monkeypatch, 
     assert allocator.library_folders()[-1] == "/usr/local/lib"
 
 
-def test_a_library_path_that_cannot_be_read_is_no_library(tmp_path):
-    (tmp_path / "libjemalloc.so.2").mkdir()  # open() fails: not a library
-    assert allocator.find_jemalloc([tmp_path]) is None
-
-
-@pytest.mark.parametrize(("mapped", "malloc"), [
-    ("7f00-7f01 r-xp 0 08:01 1 /usr/lib/x86_64-linux-gnu/libjemalloc.so.2\n", "jemalloc"),
-    ("7f00-7f01 r-xp 0 08:01 1 /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4\n", "tcmalloc"),
-    ("7f00-7f01 r-xp 0 08:01 1 /usr/lib/x86_64-linux-gnu/libc.so.6\n", "glibc"),
-    (None, "system"),
+@pytest.mark.parametrize(("library", "malloc"), [
+    ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "jemalloc"),
+    ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "tcmalloc"),
+    ("/lib/x86_64-linux-gnu/libc.so.6", "glibc"),
+    ("/lib64/libc-2.17.so", "glibc"),
+    ("/opt/lib/libmimalloc.so.2", "libmimalloc.so.2"),
 ])
-def test_the_malloc_in_use_is_read_from_the_processs_mapped_libraries(tmp_path, mapped, malloc):
-    maps = tmp_path / "maps"
-    if mapped is not None:
-        maps.write_text(mapped)
-    assert allocator.in_use(str(maps)) == malloc
+def test_the_malloc_is_named_by_the_library_that_defines_it(library, malloc):
+    assert allocator.malloc_name(library) == malloc
 
 
 def test_this_pytest_process_was_not_re_executed():
     assert allocator.in_use() == ("jemalloc" if "libjemalloc" in os.environ.get("LD_PRELOAD", "") else "glibc")
+
+
+def test_the_first_of_two_preloaded_mallocs_is_the_one_named(tmp_path):
+    """Two libraries in LD_PRELOAD: the first defines malloc. Real libraries are needed: libc stands in for a
+    second malloc (preloading it changes nothing), so the answer must be the first one's."""
+    jemalloc = allocator.find_jemalloc(allocator.library_folders())
+    if jemalloc is None:
+        pytest.skip("jemalloc is not installed (.ci/run installs it)")
+    libc = next(path for path in ("/lib/x86_64-linux-gnu/libc.so.6", "/usr/lib64/libc.so.6", "/lib64/libc.so.6")
+                if os.path.exists(path))
+    code = "import allocator; print(allocator.in_use())"
+    for preload, malloc in ((f"{jemalloc} {libc}", "jemalloc"), (f"{libc} {jemalloc}", "glibc")):
+        result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "LD_PRELOAD": preload}, cwd=ROOT,
+                                capture_output=True, text=True, timeout=60)
+        assert result.stdout.strip() == malloc, (preload, result.stdout, result.stderr)
 
 
 @pytest.mark.slow
