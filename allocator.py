@@ -3,10 +3,10 @@
 A CPU training step allocates and frees GBs of activations (a [2^20, 64] fp32 tensor is 256 MiB), and glibc's
 malloc hands every block that large back to the kernel when it is freed, so the next step's tensors are
 fresh pages: page faults and zeroing, up to 10x the cost of writing into reused memory on a VM
-(benchmarks/README.md). jemalloc configured as Intel's PyTorch CPU guide and torch's own launcher
-(`torch.backends.xeon.run_cpu --enable-jemalloc`) configure it keeps freed memory for the next step:
-samples/s at 2^20 went from 139k to 174k in fp32 and from 182k to 274k in bf16 (medians of 3 alternated
-runs), for a peak RSS higher by 17% (bf16) to 40% (fp32).
+(benchmarks/README.md). jemalloc configured as Intel's PyTorch CPU guide configures it keeps freed memory
+for the next step: samples/s at 2^20 went from 139k to 174k in fp32 and from 182k to 274k in bf16 (medians
+of 3 alternated runs), for a peak RSS higher by 17% (bf16) to 39% (fp32). (torch's own launcher,
+`torch.backends.xeon.run_cpu --enable-jemalloc`, gives the memory back after 10 s, and gained nothing.)
 
 A malloc replaces glibc's only from the process's start (LD_PRELOAD), so cli.py, which every entrypoint
 imports first, calls preload_jemalloc(): the command re-executes itself once, the same interpreter with the
