@@ -104,11 +104,22 @@ def preload_environment(environ, main_file, library):
     LD_PRELOAD already set (the user's choice, even empty), or a main program that is not one of the
     project's commands (`main_file`, from started_script, None for `python -c`, stdin and the interpreter's
     prompt)."""
-    if library is None or "LD_PRELOAD" in environ or not main_file:
-        return None
-    if os.path.realpath(main_file) not in COMMAND_PATHS:
+    if library is None or "LD_PRELOAD" in environ or not is_command(main_file):
         return None
     return {**environ, "LD_PRELOAD": library, "MALLOC_CONF": environ.get("MALLOC_CONF", JEMALLOC_CONF)}
+
+
+def is_command(main_file):
+    """Whether `main_file` is one of the project's COMMANDS (a link to one is the command)."""
+    return bool(main_file) and os.path.realpath(main_file) in COMMAND_PATHS
+
+
+def started_command():
+    """Whether this process runs one of the project's COMMANDS, started by the interpreter's own command line
+    (started_script): what re-executes itself here, and holds Ctrl-C until its main runs (cli.py)."""
+    main = sys.modules.get("__main__")
+    main_name = getattr(getattr(main, "__spec__", None), "name", None)
+    return is_command(started_script(getattr(main, "__file__", None), main_name, sys.orig_argv))
 
 
 def preload_jemalloc():
@@ -117,9 +128,7 @@ def preload_jemalloc():
     started: it replaces the process."""
     if sys.platform != "linux" or not sys.executable:
         return
-    main = sys.modules.get("__main__")
-    main_name = getattr(getattr(main, "__spec__", None), "name", None)
-    main_file = started_script(getattr(main, "__file__", None), main_name, sys.orig_argv)
+    main_file = sys.modules["__main__"].__file__ if started_command() else None
     environ = preload_environment(os.environ, main_file, find_jemalloc(library_folders()))
     if environ is None:
         return

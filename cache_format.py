@@ -46,7 +46,7 @@ def file_record(path):
 
 def read_metadata(folder):
     """metadata.json of `folder` as a dict; raises ValueError (with the reason) or OSError."""
-    with open(os.path.join(folder, METADATA_FILE)) as f:
+    with open(os.path.join(folder, METADATA_FILE), encoding="utf-8") as f:
         try:
             metadata = json.load(f)
         except RecursionError:

@@ -10,6 +10,7 @@ import fcntl
 import functools
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -19,6 +20,16 @@ import time
 import warnings
 
 import allocator
+
+# Ctrl-C and SIGTERM wait (blocked) from here until main_guard runs the command. Raised while torch was being
+# imported, Ctrl-C was seen swallowed there (the run went on and ended with status 0), turned into another
+# error (a RecursionError reported as a bad --layers), or into an abort in C++; SIGTERM ended the process
+# with no word. A signal that came during the seconds of start-up is now reported as any other: one line,
+# status 130. The mask survives the re-execution below, so its start-up is covered too. Only a project
+# command started as such holds them: a program that imports these modules (pytest, a user's) keeps its own.
+HELD_AT_START = (signal.SIGINT, signal.SIGTERM)
+if allocator.started_command() and threading.current_thread() is threading.main_thread():
+    signal.pthread_sigmask(signal.SIG_BLOCK, HELD_AT_START)
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Transparent huge pages for torch's large CPU tensors: a training step allocates and frees GBs of
@@ -39,6 +50,7 @@ warnings.formatwarning = _one_line_warning
 EXIT_USER_ERROR = 2
 EXIT_ENVIRONMENT_FAILURE = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a command ended by Ctrl-C
+EXIT_OUTPUT_CLOSED = 141  # 128 + SIGPIPE, what shells report for a writer whose reader ended (`yes | head`)
 LOCK_FILE = ".lock"  # in an output folder, held (hold_lock) by the run writing there
 
 
@@ -91,6 +103,8 @@ def main_guard(main):
         if handles_sigterm:
             signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
+            if threading.current_thread() is threading.main_thread():
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_AT_START)  # one that came meanwhile: raised here
             return main(*args, **kwargs)
         except UserError as err:
             _report(f"error: {err}")
@@ -98,6 +112,11 @@ def main_guard(main):
         except KeyboardInterrupt:
             _report("interrupted")
             sys.exit(EXIT_INTERRUPTED)
+        except BrokenPipeError:
+            if not silence_closed_outputs():
+                raise  # a pipe of the command's own, not its output: a failure to see whole
+            _report("stopped: its output was closed (the command reading it ended)")
+            sys.exit(EXIT_OUTPUT_CLOSED)
         finally:
             # Put the default back unless the command chose otherwise: a rank of a stopped ncf.py run ignores
             # torchrun's SIGTERM while it leaves, and restoring the default here would let it end as -15.
@@ -105,6 +124,21 @@ def main_guard(main):
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     return wrapper
+
+
+def silence_closed_outputs():
+    """Point stdout and stderr, where their reader has ended (`ncf.py | head -1`), at /dev/null, so that
+    nothing more fails on them (Python's last flush included); whether either was."""
+    closed = []
+    for fd in (1, 2):
+        poll = select.poll()
+        poll.register(fd, select.POLLOUT)
+        if any(events & select.POLLERR for _, events in poll.poll(0)):  # a pipe without a reader
+            closed.append(fd)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, fd)
+            os.close(devnull)
+    return bool(closed)
 
 
 def _report(message):
@@ -341,7 +375,7 @@ def json_marker(created_by):
     """A proof: the path is a JSON object whose "created_by" is `created_by` (a marker, a report)."""
 
     def proof(path):
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             content = json.load(f)
         return isinstance(content, dict) and content.get(CREATED_BY) == created_by
 
@@ -394,7 +428,7 @@ def open_owned_for_append(path, flag, proof, what):
     """A text file opened for appending (line-buffered), after check_may_write: logs that runs add to."""
     check_may_write(path, flag, proof, what)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    return open(path, "a", buffering=1)
+    return open(path, "a", buffering=1, encoding="utf-8")
 
 
 def remove_owned(path, proof):
@@ -422,7 +456,7 @@ def remove_owned_folder(folder, names, proof):
 
 def lock_note(path):
     """A proof for lock files: empty, or the one line hold_lock writes."""
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         text = f.read(4096)
     return text == "" or (text.startswith("pid ") and text.count("\n") == 1 and " started " in text)
 
@@ -438,7 +472,7 @@ def hold_lock(path, what, proof=lock_note, holder_note=True):
     if not may_write(path, proof):
         raise UserError(f"{what}: {path} exists and is not a file this project wrote, so it is not taken as "
                         f"a lock: move it away, or choose another {what.split()[0]}")
-    handle = open(path, "a+")
+    handle = open(path, "a+", encoding="utf-8")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

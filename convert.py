@@ -163,7 +163,7 @@ def detect_format(path):
         return "ml-1m"
     if name == "u.data":
         return "ml-100k"
-    with open(path, errors="replace") as f:
+    with open(path, errors="replace", encoding="utf-8") as f:
         first = f.readline().strip()
     columns = set(first.split(","))
     if columns.issuperset(ML20M_COLUMNS):
@@ -420,7 +420,7 @@ def write_cache(output, tensors, metadata):
                         raise err.__context__ from None
                     raise
             files[name] = file_record(path)
-        with open(os.path.join(tmp, METADATA_FILE), "w") as f:
+        with open(os.path.join(tmp, METADATA_FILE), "w", encoding="utf-8") as f:
             json.dump({**metadata, "files": files}, f, indent=2)
 
 

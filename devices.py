@@ -32,7 +32,7 @@ def memory_bytes(device, free=True):
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0] if free else torch.cuda.get_device_properties(device).total_memory
     if free:
-        with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/meminfo") as f:
+        with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/meminfo", encoding="utf-8") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024

@@ -57,7 +57,7 @@ def csv_manifest(path):
 def is_our_csv(path):
     """A proof: the manifest beside the CSV is ours and records the CSV's size and SHA-256 (or the previous
     CSV's, which it replaces: an interruption between the two renames leaves that one in place)."""
-    with open(csv_manifest(path)) as f:
+    with open(csv_manifest(path), encoding="utf-8") as f:
         manifest = json.load(f)
     return manifest.get("created_by") == CREATED_BY and file_record(path) in (manifest["file"],
                                                                               manifest.get("replaces"))

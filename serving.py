@@ -173,7 +173,7 @@ def rows_of_pairs(score, num_items):
 
 def read_manifest(folder):
     """manifest.json of `folder` as a dict; raises ValueError (with the reason) or OSError."""
-    with open(os.path.join(folder, MANIFEST_FILE)) as f:
+    with open(os.path.join(folder, MANIFEST_FILE), encoding="utf-8") as f:
         manifest = json.load(f)
     if not isinstance(manifest, dict):
         raise ValueError(f"it holds a JSON {type(manifest).__name__}, not an object")

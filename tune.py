@@ -131,7 +131,7 @@ def is_tune_plot(path):
 
 def is_trial_log(path):
     """A proof for a trial's train.log: its first line is the one tune.py writes."""
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         return f.readline().startswith(TRIAL_LOG_HEAD)
 
 
@@ -218,7 +218,7 @@ def read_space(path):
     if path is None:
         return DEFAULT_SPACE
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             space = json.load(f, object_pairs_hook=unique_keys)
     except (OSError, ValueError, RecursionError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__

@@ -123,7 +123,7 @@ def build_model(config, device):
 def memory_status(field):
     """Bytes of VmRSS (now) or VmHWM (the peak) of this process. Not getrusage's ru_maxrss: Linux carries it
     across exec, so a child would report its parent's peak (torch and the ONNX export) when larger."""
-    with open("/proc/self/status") as f:
+    with open("/proc/self/status", encoding="utf-8") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
 
@@ -169,7 +169,7 @@ def measure_one(args, source, precision):
 
 def run_child(argv, source, precision):
     cmd = [sys.executable, os.path.abspath(__file__), *argv, "--child", source, precision]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    proc = subprocess.run(cmd, capture_output=True, check=False, encoding="utf-8")
     if proc.returncode:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         killed = " (killed: out of memory?)" if proc.returncode < 0 else ""

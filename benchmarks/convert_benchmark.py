@@ -58,7 +58,7 @@ def is_our_ratings(ratings, preset):
     marker = marker_of(ratings)
     if not proven(json_marker(CREATED_BY), marker):
         return False
-    with open(marker) as f:
+    with open(marker, encoding="utf-8") as f:
         record = json.load(f)
     return record.get("preset") == preset and record.get("file") == file_record(ratings)
 
@@ -87,7 +87,7 @@ def ensure_ratings(path, preset):
     start = time.perf_counter()
     # Generation also runs as a child, so it must not count towards convert's peak RSS.
     child = subprocess.run([sys.executable, os.path.join(ROOT, "synthetic.py"), "--preset", preset, "--output", path],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False, encoding="utf-8")
     if child.returncode:
         last = (child.stderr.strip().splitlines() or ["no output"])[-1]
         raise EnvironmentFailure(f"generating {path} failed with exit status {child.returncode}: {last}")

@@ -151,13 +151,13 @@ def check_output(output, data):
 
 def is_seed_output(path):
     """A proof (cli.may_write): the file starts with the line train_seed writes first."""
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         return f.readline().startswith(OUT_HEADER)
 
 
 def is_own_output(folder):
     try:
-        with open(os.path.join(folder, REPORT)) as f:
+        with open(os.path.join(folder, REPORT), encoding="utf-8") as f:
             ours = json.load(f).get("created_by") == CREATED_BY
     except (OSError, ValueError, AttributeError):
         return False
@@ -194,7 +194,7 @@ def train_seed(seed, args, threads):
         out.flush()
         status = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env, check=False).returncode
     if status:
-        with open(out_path) as f:
+        with open(out_path, encoding="utf-8") as f:
             last = (f.read().strip().splitlines()[1:] or ["(no output)"])[-1]
         raise UserError(f"seed {seed}: ncf.py exited with status {status} ({last}); its output is in {out_path}")
     try:

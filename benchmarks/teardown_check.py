@@ -48,7 +48,7 @@ import time
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, HERE)
-from cli import NEW_FILES_ONLY, ArgumentParser, open_owned_for_append, owned_file  # noqa: E402
+from cli import NEW_FILES_ONLY, ArgumentParser, main_guard, open_owned_for_append, owned_file  # noqa: E402
 
 # Each run writes into a folder of its own that it has just made: a file already there is not replaced.
 LAUNCH_WAYS = ("torchrun", "launch", "two_nodes")
@@ -111,7 +111,7 @@ def build_cache(args, folder):
                  "--items", "400", "--interactions_per_user_mean", "30", "--seed", "0"],
                 [args.python, os.path.join(args.root, "convert.py"), "--path", csv, "--output", cache,
                  "--negatives", "100", "--no_progress"]):
-        subprocess.run(cmd, check=True, env=child_env(), capture_output=True, text=True)
+        subprocess.run(cmd, check=True, env=child_env(), capture_output=True, encoding="utf-8")
     return cache
 
 
@@ -166,7 +166,7 @@ def children_of():
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                with open(f"/proc/{entry}/stat") as f:
+                with open(f"/proc/{entry}/stat", encoding="utf-8") as f:
                     ppid = int(f.read().rsplit(")", 1)[1].split()[1])
             except (OSError, IndexError, ValueError):
                 continue
@@ -211,7 +211,7 @@ class Renicer(threading.Thread):
                     if (pid, tid) in self.done:
                         continue
                     try:
-                        with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                        with open(f"/proc/{pid}/task/{tid}/comm", encoding="utf-8") as f:
                             if f.read().strip() != "pt_gloo_runloop":
                                 continue
                         os.setpriority(os.PRIO_PROCESS, int(tid), 19)
@@ -268,7 +268,7 @@ def wait_for_line(path, text, proc, timeout):
     end = time.monotonic() + timeout
     while time.monotonic() < end and proc.poll() is None:
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 if any(line.startswith(text) for line in f):
                     return True
         except OSError:
@@ -352,13 +352,14 @@ def read_outputs(out, way, name):
     text = ""
     for folder in folders:
         try:
-            with open(os.path.join(folder, name), errors="replace") as f:
+            with open(os.path.join(folder, name), errors="replace", encoding="utf-8") as f:
                 text += f.read()
         except OSError:
             pass
     return text
 
 
+@main_guard
 def main(argv=None):
     args = parse_args(argv)
     args.root = os.path.abspath(args.root)

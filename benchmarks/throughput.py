@@ -140,7 +140,7 @@ def check_memory(args):
 
 def is_throughput_log(path):
     """A proof (cli.may_write): every line of the file is a JSON record this script wrote."""
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         return all(json.loads(line).get("created_by") == CREATED_BY for line in f if line.strip())
 
 
@@ -390,7 +390,7 @@ def print_table(results, cost, floor):
 def run_child(argv, args, floor, batch_size, precision):
     """One configuration in its own process (its peak memory is its own); its JSON record."""
     cmd = [sys.executable, os.path.abspath(__file__), *argv, "--child", str(batch_size), precision]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    proc = subprocess.run(cmd, capture_output=True, check=False, encoding="utf-8")
     if proc.returncode:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         killed = " (killed: out of memory?)" if proc.returncode < 0 else ""

@@ -104,13 +104,13 @@ class RunLogger:
 
 def is_run_log(path):
     """A proof (cli.may_write) that `path` is a log RunLogger wrote: every line one of its records."""
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         return all(record_problem(json.loads(line)) is None for line in f if line.strip())
 
 
 def read_log(path):
     """All JSON records of a log file, in order."""
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
 

@@ -3,6 +3,7 @@ before the work; a full disk or Ctrl-C leaves no partial output.
 
 The fast tests call each script's main(argv) in-process and catch its SystemExit; the slow ones run
 the real command lines (a real SIGINT, a real write failure)."""
+import ast
 import errno
 import json
 import os
@@ -11,10 +12,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from helpers import ROOT, make_tiny_cache
 
+import allocator
 import cli
 import convert
 import synthetic
@@ -416,6 +419,128 @@ def test_main_guard_one_line_and_exit_status(capsys, raised, status, text):
 
     line = fails(capsys, main, [], status=status)
     assert line.endswith(f": {text}")
+
+
+HELD_IN_A_COMMAND = """
+import signal, sys
+sys.path.insert(0, {root!r})
+import cli
+signal.pthread_sigmask(signal.SIG_BLOCK, cli.HELD_AT_START)  # as a command's start-up holds them
+signal.raise_signal(signal.{name})  # comes during the start-up: pending, not lost
+
+@cli.main_guard
+def main():
+    print("main ran", flush=True)
+
+main()
+"""
+
+
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+def test_a_signal_that_came_during_start_up_is_reported_once_main_is_guarded(name):
+    """What held Ctrl-C or SIGTERM during a command's start-up is raised when main_guard starts: one line,
+    status 130, the command's main never run. (A subprocess: a SIGTERM not handled would end pytest.)"""
+    code = HELD_IN_A_COMMAND.format(root=str(ROOT), name=name)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert (result.returncode, result.stdout, result.stderr) == (130, "", "-c: interrupted\n")
+
+
+def test_a_program_that_imports_the_modules_keeps_its_signals():
+    """Only a project command started as such holds Ctrl-C during its start-up: pytest imported cli, and its
+    Ctrl-C still works at once."""
+    assert not set(cli.HELD_AT_START) & signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+
+def test_every_command_runs_its_main_guarded():
+    """main_guard lets the signals held during start-up through: a command whose main were not guarded would
+    hold Ctrl-C and SIGTERM for its whole run."""
+    for command in allocator.COMMANDS:
+        tree = ast.parse((ROOT / command).read_text(encoding="utf-8"))
+        guarded = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)
+                   and any(getattr(d, "id", None) == "main_guard" for d in node.decorator_list)}
+        block = next(node for node in tree.body if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test))
+        called = {node.func.id for node in ast.walk(block) if isinstance(node, ast.Call)
+                  and isinstance(node.func, ast.Name)}
+        assert called & guarded, command
+
+
+GUARDED_WRITER = """
+import sys
+sys.path.insert(0, {root!r})
+import cli
+
+@cli.main_guard
+def main():
+    {body}
+
+main()
+"""
+
+
+def run_guarded(body, read_one_line):
+    code = GUARDED_WRITER.format(root=str(ROOT), body=body)
+    job = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if read_one_line:
+        job.stdout.readline()
+        job.stdout.close()  # as `| head -1` does
+    job.wait(timeout=60)
+    return job.returncode, job.stderr.read()
+
+
+def test_a_closed_output_stops_the_command_with_one_line_and_status_141():
+    """`ncf.py ... | head -1`: the reader has gone, so the command stops as `yes | head` does (status 141,
+    128 + SIGPIPE), with one line on stderr, not a BrokenPipeError traceback (Python's last flush included)."""
+    status, err = run_guarded("while True: print('a line of output', flush=True)", read_one_line=True)
+    assert (status, err) == (141, "-c: stopped: its output was closed (the command reading it ended)\n")
+
+
+def test_a_broken_pipe_that_is_not_the_output_is_not_called_a_closed_output():
+    status, err = run_guarded("raise BrokenPipeError(32, 'a pipe of its own')", read_one_line=False)
+    assert status == 1 and "Traceback" in err and "output was closed" not in err
+
+
+@pytest.mark.slow
+def test_a_training_run_whose_output_is_closed_stops_and_leaves_nothing(tmp_path):
+    cache = make_tiny_cache(tmp_path / "cache")
+    argv = [sys.executable, ROOT / "ncf.py", "--data", cache, "-e", "3", "--no_progress", "--log_path",
+            tmp_path / "run.jsonl", "--checkpoint_dir", tmp_path / "ck"]
+    job = subprocess.Popen([str(a) for a in argv], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    job.stdout.readline()
+    job.stdout.close()  # `ncf.py ... | head -1`
+    assert job.wait(timeout=300) == 141
+    assert job.stderr.read().splitlines()[-1] == "ncf.py: stopped: its output was closed (the command reading it ended)"
+    assert not (tmp_path / "run.jsonl").exists() and not (tmp_path / "ck").exists()
+
+
+def blocked_signals(pid):
+    """The signals blocked by `pid`'s main thread, from /proc (the SigBlk mask)."""
+    with open(f"/proc/{pid}/status", encoding="utf-8") as f:
+        mask = int(next(line for line in f if line.startswith("SigBlk:")).split()[1], 16)
+    return {number for number in range(1, 65) if mask >> (number - 1) & 1}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_sigterm_during_start_up_is_one_line_exit_130(tmp_path, name):
+    """A signal that comes while ncf.py is still starting (torch's import takes seconds; the re-execution with
+    jemalloc is part of it) ends it as one later would: one line, status 130, nothing written. Raised inside
+    torch's import, Ctrl-C had been swallowed there (the run went on and ended 0), or turned into another error;
+    SIGTERM had ended it with no word. The signal is sent as soon as start-up holds it: deterministic."""
+    cache = make_tiny_cache(tmp_path / "cache")
+    argv = [sys.executable, ROOT / "ncf.py", "--data", cache, "-e", "1", "--no_progress", "--log_path",
+            tmp_path / "run.jsonl", "--checkpoint_dir", tmp_path / "ck"]
+    # Python's Ctrl-C handler even under a shell without job control, whose background jobs ignore SIGINT.
+    job = subprocess.Popen([str(a) for a in argv], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    signal_number = getattr(signal, name)
+    while job.poll() is None and signal_number not in blocked_signals(job.pid):
+        time.sleep(0.001)
+    job.send_signal(signal_number)
+    out, err = job.communicate(timeout=300)
+    assert (job.returncode, err) == (130, "ncf.py: interrupted\n"), out
+    assert not (tmp_path / "run.jsonl").exists() and not (tmp_path / "ck").exists()
 
 
 # ---- the real command lines --------------------------------------------------------------------
