@@ -2,17 +2,17 @@
 
 The figures were first measured before the restructuring of issue 11 (commit 3460a33) on an AVX2 CPU,
 and re-pinned once, for the one change that moved them: NeuMF's biases left at PyTorch's default as the
-recipe leaves them (issue 23.7; they were zeroed), measured on an AMD EPYC with AVX-512 (capability
-"AVX512"). On a CPU of the same capability they must hold to 1e-6; float kernels differ between AVX2
-and AVX-512, so elsewhere the loss holds to rel 1e-4 and HR@10 / NDCG@10 to two users' worth.
+recipe leaves them (issue 23.7; they were zeroed), measured on an AMD EPYC with AVX-512. Float kernels differ
+between CPUs, not only between AVX2 and AVX-512: an Intel Xeon with the same capability ("AVX512", plus AMX)
+moved the per-sample run's third loss by 1.9e-5 relative (the BLAS picks its kernels by vendor too). So the
+loss holds to rel 1e-4 and HR@10 / NDCG@10 to two users' worth on every CPU; exact comparisons are kept for
+two paths run on the same machine (tests/test_cpu_kernels.py, tests/test_model.py).
 """
 import pytest
-import torch
 from helpers import epochs_of
 
 import ncf
 
-PINNED_ON = "AVX512"
 # (mean loss, HR@10, NDCG@10) of epochs 1-3: 300 users x 200 items, factors 8, layers 32 16 8, fp32.
 PINNED = {
     # Batch 4096 outnumbers the 500 table rows: the factored first layer and CPU dropout kernels.
@@ -40,14 +40,8 @@ def test_tiny_run_reproduces_the_pinned_figures(tiny_cache, tmp_path, name):
     ncf.main(["--data", str(tiny_cache), "-e", "3", "--checkpoint_dir", str(tmp_path / "ck"), "--log_path",
               str(log), "--factors", "8", "--layers", "32", "16", "8", "--opt_level", "O0", "--no_progress", *flags])
     got = [(r["loss"], r["hr"], r["ndcg"]) for r in epochs_of(log)]
-    same_cpu = torch.backends.cpu.get_cpu_capability() == PINNED_ON
     users = 300
     for (loss, hr, ndcg), (want_loss, want_hr, want_ndcg) in zip(got, expected, strict=True):
-        if same_cpu:
-            assert loss == pytest.approx(want_loss, abs=1e-6)
-            assert hr == pytest.approx(want_hr, abs=1e-6)
-            assert ndcg == pytest.approx(want_ndcg, abs=1e-6)
-        else:
-            assert loss == pytest.approx(want_loss, rel=1e-4)
-            assert hr == pytest.approx(want_hr, abs=2 / users)
-            assert ndcg == pytest.approx(want_ndcg, abs=2 / users)
+        assert loss == pytest.approx(want_loss, rel=1e-4)
+        assert hr == pytest.approx(want_hr, abs=2 / users)
+        assert ndcg == pytest.approx(want_ndcg, abs=2 / users)
