@@ -4,20 +4,9 @@ Import this module before torch in every entrypoint. On small shared CPUs, OpenM
 while waiting were measured to slow a 2-thread training step up to 30x; a passive wait policy cures
 it, and it only takes effect if set before the OpenMP runtime starts (i.e. before `import torch`).
 """
-import argparse
-import contextlib
-import fcntl
-import functools
-import json
-import os
-import select
-import shutil
+# isort: off  (the signals are held first, before the imports below take their ~20 ms)
 import signal
-import socket
-import sys
 import threading
-import time
-import warnings
 
 import allocator
 
@@ -27,9 +16,51 @@ import allocator
 # with no word. A signal that came during the seconds of start-up is now reported as any other: one line,
 # status 130. The mask survives the re-execution below, so its start-up is covered too. Only a project
 # command started as such holds them: a program that imports these modules (pytest, a user's) keeps its own.
+# (The interpreter's own start-up and the command's first import, about 15 ms, stay uncovered.)
 HELD_AT_START = (signal.SIGINT, signal.SIGTERM)
 if allocator.started_command() and threading.current_thread() is threading.main_thread():
     signal.pthread_sigmask(signal.SIG_BLOCK, HELD_AT_START)
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import errno  # noqa: E402
+import fcntl  # noqa: E402
+import functools  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import select  # noqa: E402
+import shutil  # noqa: E402
+import socket  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+
+# isort: on
+
+
+def _open_closed_standard_streams():
+    """Give a standard stream that was closed when the command started (`2>&-`) /dev/null, file descriptor and
+    Python stream both. Python leaves sys.stderr None there: the first progress-bar check (`sys.stderr.isatty()`)
+    ended the command with status 1 and no word, and the first file it opened took descriptor 2, so that a native
+    warning would have been written into that file (seen: the checkpoint folder's lock file)."""
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        if getattr(sys, name) is not None:
+            continue
+        try:
+            os.fstat(fd)  # taken since (rare): the process's own file, left alone
+        except OSError:
+            devnull = os.open(os.devnull, os.O_RDWR)  # the lowest free descriptor: this one
+            if devnull != fd:
+                os.dup2(devnull, fd)
+                os.close(devnull)
+        setattr(sys, name, open(os.devnull, mode, encoding="utf-8"))  # the process keeps it to its end
+
+
+if allocator.started_command():
+    _open_closed_standard_streams()
+    # A path the terminal's encoding cannot spell (PYTHONIOENCODING=ascii, a folder named données) is printed
+    # escaped: its strict default ended convert.py with a traceback after its output was written.
+    sys.stdout.reconfigure(errors="backslashreplace")
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Transparent huge pages for torch's large CPU tensors: a training step allocates and frees GBs of
@@ -51,6 +82,9 @@ EXIT_USER_ERROR = 2
 EXIT_ENVIRONMENT_FAILURE = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a command ended by Ctrl-C
 EXIT_OUTPUT_CLOSED = 141  # 128 + SIGPIPE, what shells report for a writer whose reader ended (`yes | head`)
+# A write to a stream that the device refused (`> /dev/full`, a full disk under a redirected log): the project's
+# own files say so themselves (EnvironmentFailure), a stream has no file name to say it with.
+WRITE_FAILURES = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
 LOCK_FILE = ".lock"  # in an output folder, held (hold_lock) by the run writing there
 
 
@@ -90,38 +124,95 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message} (see --help)")
 
 
+_interrupts = {"seen": False, "depth": 0}
+
+
+def _interrupt(signum, frame):
+    """The handler of Ctrl-C (and of SIGTERM where main_guard takes it): KeyboardInterrupt, remembered. Raised
+    inside a finaliser or a weakref callback, a KeyboardInterrupt is only printed ("Exception ignored in") and
+    the code goes on: tune.py was seen running its whole search after such a Ctrl-C and ending 0, the warning
+    hidden in a trial's captured stderr. Remembered, it still ends the command (raise_if_interrupted)."""
+    _interrupts["seen"] = True
+    raise KeyboardInterrupt
+
+
+def raise_if_interrupted():
+    """KeyboardInterrupt if Ctrl-C (or SIGTERM, where it is Ctrl-C) came during main_guard's command, even one
+    that was swallowed (see _interrupt): long loops call this at each step."""
+    if _interrupts["seen"]:
+        raise KeyboardInterrupt
+
+
+def _take_signal(signum):
+    """Install _interrupt for `signum` unless the command (or its parent: `nohup`, `trap '' INT`) chose
+    another handler: Python's own Ctrl-C handler, or the default action. Returns the previous handler, or None
+    when left alone."""
+    previous = signal.getsignal(signum)
+    if previous not in (signal.default_int_handler, signal.SIG_DFL):
+        return None
+    signal.signal(signum, _interrupt)
+    return previous
+
+
+def _ignore_signals_to_exit():
+    """Ignore Ctrl-C and SIGTERM from here to the process's end, in a project command: its work is over or being
+    reported, so a late one (a second press) changes nothing, where raised it printed a traceback from the
+    report, an atexit callback or the threads' shutdown, or ended a finished run as killed with no word. Ignored,
+    not blocked: blocking holds them for the calling thread only, and the process's signals then go to a thread
+    started since (OpenMP's, torch's). A process that then hangs in its shutdown is ended by SIGKILL (or Ctrl-\\)."""
+    if allocator.started_command() and threading.current_thread() is threading.main_thread():
+        for signum in HELD_AT_START:
+            signal.signal(signum, signal.SIG_IGN)
+
+
 def main_guard(main):
     """Wrap an entrypoint so a UserError becomes one stderr line and exit status 2 (1 for an
     EnvironmentFailure), and Ctrl-C or SIGTERM one line `PROG: interrupted` and exit status 130, no traceback:
     SIGTERM is Ctrl-C here (its temporaries removed, a child process stopped) unless the command handles it
-    itself (ncf.py's training, tune.py)."""
+    itself (ncf.py's training, tune.py). A signal the parent ignores stays ignored."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
-        handles_sigterm = threading.current_thread() is threading.main_thread() and \
-            signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-        if handles_sigterm:
-            signal.signal(signal.SIGTERM, signal.default_int_handler)
+        main_thread = threading.current_thread() is threading.main_thread()
+        taken = {signum: _take_signal(signum) for signum in HELD_AT_START} if main_thread else {}
+        _interrupts["depth"] += 1
         try:
-            if threading.current_thread() is threading.main_thread():
+            if main_thread:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_AT_START)  # one that came meanwhile: raised here
-            return main(*args, **kwargs)
+            result = main(*args, **kwargs)
+            raise_if_interrupted()  # one swallowed on the way: the command did not do what it was asked
+            return result
         except UserError as err:
+            _ignore_signals_to_exit()
             _report(f"error: {err}")
             sys.exit(err.exit_status)
         except KeyboardInterrupt:
+            _ignore_signals_to_exit()
             _report("interrupted")
             sys.exit(EXIT_INTERRUPTED)
         except BrokenPipeError:
+            _ignore_signals_to_exit()
             if not silence_closed_outputs():
                 raise  # a pipe of the command's own, not its output: a failure to see whole
             _report("stopped: its output was closed (the command reading it ended)")
             sys.exit(EXIT_OUTPUT_CLOSED)
+        except OSError as err:
+            if err.errno not in WRITE_FAILURES or err.filename is not None:
+                raise
+            _ignore_signals_to_exit()
+            _silence_stdout()  # what is still buffered would fail again at exit
+            _report(f"stopped: writing its output failed ({err.strerror}): free some space, or send it elsewhere")
+            sys.exit(EXIT_ENVIRONMENT_FAILURE)
         finally:
-            # Put the default back unless the command chose otherwise: a rank of a stopped ncf.py run ignores
-            # torchrun's SIGTERM while it leaves, and restoring the default here would let it end as -15.
-            if handles_sigterm and signal.getsignal(signal.SIGTERM) is signal.default_int_handler:
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            _ignore_signals_to_exit()
+            _interrupts["depth"] -= 1
+            if not _interrupts["depth"]:
+                _interrupts["seen"] = False  # a program calling several commands (the tests) starts each afresh
+            # Put back what was there unless the command chose otherwise meanwhile: a rank of a stopped ncf.py run
+            # ignores torchrun's SIGTERM while it leaves, and restoring the default would let it end as -15.
+            for signum, previous in taken.items():
+                if previous is not None and signal.getsignal(signum) is _interrupt:
+                    signal.signal(signum, previous)
 
     return wrapper
 
@@ -141,12 +232,20 @@ def silence_closed_outputs():
     return bool(closed)
 
 
+def _silence_stdout():
+    sys.stdout = open(os.devnull, "w", encoding="utf-8")  # the process keeps it to its end
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+
+
 def _report(message):
     # Under torchrun every rank meets the same bad input: only global rank 0 says so. A RANK left in
     # the environment outside a launch (WORLD_SIZE unset or 1) must not silence the one process.
     if not _secondary_rank():
         prog = os.path.basename(sys.argv[0]) or "ncf"
-        print(f"{prog}: {message}", file=sys.stderr)
+        with contextlib.suppress(OSError):  # a stderr that fails too (`2>/dev/full`): the status still says it
+            print(f"{prog}: {message}", file=sys.stderr, flush=True)
 
 
 def _secondary_rank():

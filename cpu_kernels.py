@@ -86,14 +86,47 @@ class _GatherAddReluDropout(torch.autograd.Function):
         y, a_index, b_index = ctx.saved_tensors
         # The tables' gradients are summed in fp32 even under bf16 autocast: a row shared by thousands of
         # samples would otherwise accumulate in bf16, whose running sum of ones stops at 256 (autograd
-        # casts the result back to the tables' dtype once). A bf16 gradient is converted to fp32 piece by
-        # piece while the ReLU-dropout backward has it in cache, then each table's rows are summed in one
-        # embedding backward: index_add_ of each piece into the fp32 tables, the way before, pays a
-        # dispatch per row (about 0.4 us): bf16 steps at 2^20 took 1.5x as long (medians; benchmarks/README.md).
-        grad = _relu_dropout_grad_(grad, y, ctx.scale, torch.float32)
-        scatter = torch.ops.aten.embedding_dense_backward  # embedding's backward: row r sums grad where index is r
+        # casts the result back to the tables' dtype once). A bf16 gradient is converted to fp32 by the
+        # ReLU's backward as it writes it, then each table's rows are summed at once (sum_rows): index_add_
+        # of each piece into the fp32 tables, the way before, pays a dispatch per row (about 0.4 us): bf16
+        # steps at 2^20 took 1.5x as long (medians; benchmarks/README.md). The dropout scale multiplies the
+        # summed rows, 6x fewer than the samples at ml-20m's shape, not every sample's gradient.
+        grad = _relu_dropout_grad_(grad, y, 1.0, torch.float32)
         a_rows, b_rows = ctx.rows
-        return scatter(grad, a_index, a_rows, -1, False), scatter(grad, b_index, b_rows, -1, False), None, None, None
+        a_grad, b_grad = sum_rows(grad, a_index, a_rows), sum_rows(grad, b_index, b_rows)
+        return a_grad.mul_(ctx.scale), b_grad.mul_(ctx.scale), None, None, None
+
+
+def gather_rows(table, index):
+    """table[index] for a row table [R, D], as nn.functional.embedding(index, table), with the backward of
+    sum_rows."""
+    return _GatherRows.apply(table, index)
+
+
+class _GatherRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, table, index):
+        ctx.save_for_backward(index)
+        ctx.rows = table.shape[0]
+        return torch.index_select(table, 0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        return sum_rows(grad.contiguous(), index, ctx.rows), None
+
+
+def sum_rows(grad, index, rows):
+    """The gradient [rows, D] of a row gather: row r sums the rows of grad [N, D] whose index is r.
+
+    scatter_add_ of an index expanded along the rows is torch's sorting kernel for this (the one graph
+    libraries use): it sorts the indices once and sums each row's run in parallel, where embedding's own
+    backward (embedding_dense_backward) adds row by row, each through a TensorIterator, each thread
+    scanning all N indices. Both sum in the order of the samples (the same figures); at 2^20 samples
+    into ml-20m's 138,493 users this was measured 1.5x to 2.5x as fast (benchmarks/README.md).
+    """
+    index = index.long()  # the kernel's index type
+    return grad.new_zeros(rows, grad.shape[1]).scatter_add_(0, index[:, None].expand(-1, grad.shape[1]), grad)
 
 
 def _row_pieces(x):
@@ -130,13 +163,14 @@ def _relu_dropout_grad_(grad, y, scale, dtype=None):
     boolean mask), and the scaling happens while each piece is in cache. The result is written over y,
     which nothing needs any more: every node that saved y consumed it, so has run its backward before
     this one (and autograd's version check would stop a retained graph from reading it again). With a
-    `dtype` other than y's, it is returned in a new tensor of that dtype, each piece converted in cache.
+    `dtype` other than y's, it is returned in a new tensor of that dtype, written by threshold_backward
+    itself (one pass, where computing in y's dtype and copying took three).
     """
     out = y if dtype in (None, y.dtype) else torch.empty(y.shape, dtype=dtype)
     for rows in _row_pieces(y)[1]:
-        piece = torch.ops.aten.threshold_backward(grad[rows], y[rows], 0.0, grad_input=y[rows]).mul_(scale)
-        if out is not y:
-            out[rows].copy_(piece)
+        piece = torch.ops.aten.threshold_backward(grad[rows], y[rows], 0.0, grad_input=out[rows])
+        if scale != 1.0:
+            piece.mul_(scale)
     return out
 
 

@@ -399,6 +399,7 @@ def train_epoch(model, optimizer, scaler, precision, sampler, epoch, batch_size,
     total = sampler.steps_per_epoch(batch_size, ctx.world_size * grads_accumulated)
     for micro_batches, global_size in tqdm(batches, total=total, desc=f"epoch {epoch}", disable=not progress,
                                            leave=False, unit="step"):
+        cli.raise_if_interrupted()  # a Ctrl-C that a finaliser swallowed
         loss_sum += train_step(model, optimizer, scaler, precision, micro_batches, global_size, ctx)
         if scheduler is not None:
             scheduler.step()
@@ -558,7 +559,9 @@ class StopRequest:
         self.stopped = False  # set once the ranks agreed to stop
 
     def __enter__(self):
-        self.previous = signal.signal(signal.SIGTERM, self._handle)
+        self.previous = signal.getsignal(signal.SIGTERM)
+        if self.previous is not signal.SIG_IGN:  # a SIGTERM the parent ignores (`trap '' TERM`) stays ignored
+            signal.signal(signal.SIGTERM, self._handle)
         return self
 
     def __exit__(self, *exc_info):

@@ -129,7 +129,7 @@ class NeuMF(nn.Module):
         user_term, item_term = self._first_layer_terms(user_mlp, item_mlp)
         p = self.dropout if self.training else 0.0
         hidden = cpu_kernels.gather_add_relu_dropout(user_term, item_term, user, item, p)
-        gmf = nn.functional.embedding(user, user_mf) * nn.functional.embedding(item, item_mf)
+        gmf = cpu_kernels.gather_rows(user_mf, user) * cpu_kernels.gather_rows(item_mf, item)
         return self._output(gmf, self._mlp(hidden, start=1))
 
     @torch.no_grad()

@@ -716,6 +716,7 @@ def run_trial(ncf, trial, argv, folder, on_epoch, sigterm):
             remove_owned(os.path.join(folder, checkpoint.LAST_CHECKPOINT), checkpoint.is_checkpoint_file)  # large
             if sigterm.arrived():
                 raise KeyboardInterrupt  # it wins over the pruning or the failure
+            cli.raise_if_interrupted()  # a Ctrl-C that a finaliser swallowed during the trial: so does it
 
 
 class Surplus(Exception):
@@ -1229,8 +1230,6 @@ def run(argv=None):
     study_dir = check_output(args)
     metadata, users = check_data(args.data)
     settings = study_settings(args.epochs, space, fixed, metadata)
-    # SIGTERM ends the search as Ctrl-C does (a trial then running stops after its epoch, and is failed).
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     study, rdb = open_study(optuna, args, storage, settings, shown, space, fixed)
     search = Search(args, space, fixed, study_dir, users, shown,
                     None if args.timeout is None else time.monotonic() + args.timeout,

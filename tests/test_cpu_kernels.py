@@ -6,6 +6,7 @@ forward's logits and gradients; the in-place evaluation scorer must rank like th
 """
 import pytest
 import torch
+from torch import nn
 
 import cpu_kernels
 import neumf
@@ -57,6 +58,31 @@ def test_the_gather_kernels_bf16_backward_sums_rows_in_fp32_over_every_piece():
     for total, index, rows in zip(grads, (a_index, b_index), (7, 300), strict=True):
         expected = torch.ops.aten.embedding_dense_backward(expected_grad, index, rows, -1, False)
         torch.testing.assert_close(total.float(), expected.bfloat16().float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_gather_rows_is_embedding_forward_and_backward(dtype, index_dtype):
+    """Rows gathered as embedding gathers them, and the table gradient embedding's own backward gives in fp32:
+    rows taken many times sum all their gradients, rows never taken get zeros. A bf16 gradient is summed in
+    fp32 and rounded once (embedding's own bf16 backward rounds at every addition: 10x the error here)."""
+    torch.manual_seed(0)
+    table = torch.randn(50, 24, dtype=dtype)
+    index = torch.randint(0, 40, (3000,), dtype=index_dtype)  # rows 40..49 never taken
+    grad = torch.randn(3000, 24, dtype=dtype)
+    ours = table.clone().requires_grad_()
+    rows = cpu_kernels.gather_rows(ours, index)
+    assert torch.equal(rows, nn.functional.embedding(index, table))
+    rows.backward(grad)
+    expected = torch.ops.aten.embedding_dense_backward(grad.float(), index, 50, -1, False).to(dtype)
+    torch.testing.assert_close(ours.grad, expected, rtol=0, atol=0)
+    assert torch.count_nonzero(ours.grad[40:]) == 0
+
+
+def test_sum_rows_adds_every_sample_of_a_row():
+    grad = torch.tensor([[1.0, 2.0], [10.0, 20.0], [100.0, 200.0]])
+    summed = cpu_kernels.sum_rows(grad, torch.tensor([2, 0, 2], dtype=torch.int32), 4)
+    assert summed.tolist() == [[10.0, 20.0], [0.0, 0.0], [101.0, 202.0], [0.0, 0.0]]
 
 
 def test_mask_table_reads_each_bit_field_of_a_byte():

@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import resource
+import shlex
 import shutil
 import signal
 import subprocess
@@ -498,6 +499,101 @@ def test_a_closed_output_stops_the_command_with_one_line_and_status_141():
 def test_a_broken_pipe_that_is_not_the_output_is_not_called_a_closed_output():
     status, err = run_guarded("raise BrokenPipeError(32, 'a pipe of its own')", read_one_line=False)
     assert status == 1 and "Traceback" in err and "output was closed" not in err
+
+
+GUARDED_PROCESS = """
+import atexit, os, signal, sys, time, weakref
+sys.path.insert(0, {root!r})
+import allocator, cli
+allocator.started_command = lambda: {started}  # what a project command started from its command line is
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a terminal's Ctrl-C, even under a background job
+
+def ctrl_c():
+    os.kill(os.getpid(), signal.SIGINT)
+    for _ in range(100_000):  # Python runs the handler here, inside the caller
+        pass
+
+{prelude}
+
+@cli.main_guard
+def main():
+    {body}
+    print("went on")
+
+main()
+"""
+
+
+def run_process(body, prelude="", started=False):
+    """(status, stdout, stderr) of main_guard(main) with main's `body` in a fresh interpreter."""
+    code = GUARDED_PROCESS.format(root=str(ROOT), body=body, prelude=prelude, started=started)
+    job = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    return job.returncode, job.stdout, job.stderr
+
+
+def test_a_ctrl_c_that_a_finaliser_swallowed_still_ends_the_command_as_interrupted():
+    """Python only prints a KeyboardInterrupt raised inside a finaliser ("Exception ignored in") and goes on:
+    tune.py ran a whole search after one, ending 0. main_guard still reports it, status 130."""
+    status, out, err = run_process("thing = type('Thing', (), {})(); weakref.finalize(thing, ctrl_c); del thing")
+    assert "Exception ignored" in err and status == 130, (status, err)
+    assert err.splitlines()[-1] == "-c: interrupted" and out == "went on\n"
+
+
+def test_a_training_step_after_a_swallowed_ctrl_c_stops_the_run(tiny_cache, tmp_path, monkeypatch):
+    import ncf
+
+    monkeypatch.setitem(cli._interrupts, "seen", True)  # as _interrupt leaves it, its exception swallowed
+    with pytest.raises(SystemExit) as stop:
+        ncf.main(["--data", str(tiny_cache), "-e", "1", "--checkpoint_dir", str(tmp_path / "ck"), "--no_progress"])
+    assert stop.value.code == 130 and not (tmp_path / "ck").exists()
+    assert cli._interrupts == {"seen": False, "depth": 0}  # the next command starts afresh
+
+
+@pytest.mark.parametrize("when", ["after the work", "while reporting an error"])
+def test_ctrl_c_once_the_work_is_over_changes_nothing(when):
+    """A late Ctrl-C (a second press; one during the interpreter's exit) printed a traceback from an atexit
+    callback or the threads' shutdown, or ended a finished run as killed: a project command ignores it."""
+    body = "pass" if when == "after the work" else "raise cli.UserError('bad flag')"
+    status, _, err = run_process(body, prelude="atexit.register(ctrl_c)", started=True)
+    expected = (0, "") if when == "after the work" else (2, "-c: error: bad flag\n")
+    assert (status, err) == expected
+
+
+def test_a_sigterm_the_parent_ignores_stays_ignored_while_training():
+    import ncf
+
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        with ncf.StopRequest():
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["stderr closed", "stdout on a full device", "a terminal that cannot spell the path"])
+def test_convert_with_odd_standard_streams(tmp_path, case):
+    """`2>&-`: the work done, status 0 (it was status 1 with no word, the first file opened taking descriptor 2);
+    `> /dev/full`: one line, status 1, no traceback; PYTHONIOENCODING=ascii and a path named données: printed
+    escaped, status 0 (its last line was a UnicodeEncodeError)."""
+    folder = tmp_path / "données"
+    synthetic.write_ratings_csv(folder / "ratings.csv", users=100, items=200, interactions_per_user_mean=20, seed=0)
+    command = shlex.join([sys.executable, str(ROOT / "convert.py"), "--path", str(folder / "ratings.csv"),
+                          "--output", str(folder / "cache"), "--negatives", "20"])  # its progress bar asks stderr
+    redirect = {"stderr closed": "2>&-", "stdout on a full device": "> /dev/full"}.get(case, "")
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"} if case.startswith("a terminal") else None
+    job = subprocess.run(["bash", "-c", f"{command} {redirect}"], capture_output=True, text=True, env=env,
+                         timeout=300, check=False)
+    assert "Traceback" not in job.stderr
+    assert (folder / "cache" / "metadata.json").exists()  # the last line is printed once the cache is written
+    if case == "stdout on a full device":
+        assert job.returncode == 1 and job.stderr == "convert.py: stopped: writing its output failed (No space " \
+            "left on device): free some space, or send it elsewhere\n"
+    else:
+        assert job.returncode == 0, job.stderr
+    if case.startswith("a terminal"):
+        assert "donn\\xe9es" in job.stdout
 
 
 @pytest.mark.slow
