@@ -85,6 +85,17 @@ def test_sum_rows_adds_every_sample_of_a_row():
     assert summed.tolist() == [[10.0, 20.0], [0.0, 0.0], [101.0, 202.0], [0.0, 0.0]]
 
 
+@pytest.mark.parametrize("width", [4, 256])  # torch's scatter_add_ takes its sorting kernel from 16 columns on
+def test_sum_rows_of_a_bf16_gradient_adds_in_fp32(width):
+    """Each row sums ~700 ones: a bf16 running sum would stop at 256; an fp32 one rounded once is the count."""
+    torch.manual_seed(0)
+    index = torch.randint(0, 7, (5000,))
+    summed = cpu_kernels.sum_rows(torch.ones(5000, width, dtype=torch.bfloat16), index, 7)
+    counts = torch.bincount(index, minlength=7).float()
+    assert summed.dtype == torch.bfloat16
+    assert torch.equal(summed.float(), counts[:, None].expand(7, width).bfloat16().float())
+
+
 def test_mask_table_reads_each_bit_field_of_a_byte():
     # 2 bits per element, p = 0.25 (kept iff the field is >= 1), scale 4/3; byte 0b11_10_01_00.
     table = cpu_kernels._mask_table(2, 1, 4 / 3)
