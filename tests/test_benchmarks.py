@@ -24,11 +24,13 @@ def test_throughput_profile_names_the_operators_of_most_self_time():
     matmuls are among them, and the shares, of the steps' whole self time, add up to at most 1."""
     result = run(["benchmarks/throughput.py", "--device", "cpu", "--batch_size", "1024", "--precision", "fp32",
                   "--users", "300", "--items", "100", "--positives", "5000", "--eval_users", "100", "--factors", "8",
-                  "--layers", "16", "8", "--warmup", "1", "--steps", "2", "--no_floor", "--profile", "4"], timeout=600)
+                  "--layers", "16", "8", "--warmup", "1", "--steps", "2", "--no_floor", "--profile", "12"], timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     (record,) = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{\"device\"")]
     profile = record["profile"]
-    assert len(profile) == 4 and any(op["name"] in ("aten::mm", "aten::addmm") for op in profile)
+    # 12 of the 80-odd operators: at this tiny size each takes well under a millisecond, and a top 4 was seen
+    # without a matmul on a loaded machine.
+    assert len(profile) == 12 and any(op["name"] in ("aten::mm", "aten::addmm") for op in profile)
     assert 0 < sum(op["share"] for op in profile) <= 1 and all(op["calls"] > 0 for op in profile)
     assert [op["share"] for op in profile] == sorted((op["share"] for op in profile), reverse=True)
     assert "profile, batch 1,024 fp32" in result.stdout
