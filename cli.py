@@ -26,6 +26,7 @@ import contextlib  # noqa: E402
 import errno  # noqa: E402
 import fcntl  # noqa: E402
 import functools  # noqa: E402
+import io  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import select  # noqa: E402
@@ -38,11 +39,24 @@ import warnings  # noqa: E402
 # isort: on
 
 
+class ClosedOutput(io.TextIOBase):
+    """sys.stdout where the command was started with it closed (`>&-`): writing is an error, as for coreutils'
+    `echo hi >&-`, so that a command whose product is its output (`inference.py recommend`) never ends 0 with
+    the product gone (main_guard: one line, status 1)."""
+
+    def writable(self):
+        return True
+
+    def write(self, text):
+        raise OSError(errno.EBADF, "its standard output is closed")
+
+
 def _open_closed_standard_streams():
-    """Give a standard stream that was closed when the command started (`2>&-`) /dev/null, file descriptor and
-    Python stream both. Python leaves sys.stderr None there: the first progress-bar check (`sys.stderr.isatty()`)
-    ended the command with status 1 and no word, and the first file it opened took descriptor 2, so that a native
-    warning would have been written into that file (seen: the checkpoint folder's lock file)."""
+    """Give a standard stream that was closed when the command started (`2>&-`) /dev/null as its file descriptor,
+    and a Python stream: /dev/null for stdin and stderr, ClosedOutput for stdout. Python leaves sys.stderr None
+    there: the first progress-bar check (`sys.stderr.isatty()`) ended the command with status 1 and no word, and
+    the first file it opened took descriptor 2, so that a native warning would have been written into that file
+    (seen: the checkpoint folder's lock file)."""
     for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
         if getattr(sys, name) is not None:
             continue
@@ -53,14 +67,16 @@ def _open_closed_standard_streams():
             if devnull != fd:
                 os.dup2(devnull, fd)
                 os.close(devnull)
-        setattr(sys, name, open(os.devnull, mode, encoding="utf-8"))  # the process keeps it to its end
+        stream = ClosedOutput() if name == "stdout" else open(os.devnull, mode, encoding="utf-8")  # kept to the end
+        setattr(sys, name, stream)
 
 
 if allocator.started_command():
     _open_closed_standard_streams()
     # A path the terminal's encoding cannot spell (PYTHONIOENCODING=ascii, a folder named données) is printed
     # escaped: its strict default ended convert.py with a traceback after its output was written.
-    sys.stdout.reconfigure(errors="backslashreplace")
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Transparent huge pages for torch's large CPU tensors: a training step allocates and frees GBs of
@@ -136,6 +152,15 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def _quiet_remembered_interrupts(unraisable, report=sys.unraisablehook):
+    """sys.unraisablehook in a guarded command: a KeyboardInterrupt raised where Python cannot raise it (a
+    finaliser) is remembered (_interrupt) and ends the command with one line; Python's own "Exception ignored"
+    traceback of it is left out. Anything else is reported as Python reports it."""
+    if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
+        return
+    report(unraisable)
+
+
 def raise_if_interrupted():
     """KeyboardInterrupt if Ctrl-C (or SIGTERM, where it is Ctrl-C) came during main_guard's command, even one
     that was swallowed (see _interrupt): long loops call this at each step."""
@@ -175,6 +200,9 @@ def main_guard(main):
     def wrapper(*args, **kwargs):
         main_thread = threading.current_thread() is threading.main_thread()
         taken = {signum: _take_signal(signum) for signum in HELD_AT_START} if main_thread else {}
+        hook = sys.unraisablehook
+        if taken.get(signal.SIGINT) is not None:  # Ctrl-C is _interrupt's, which remembers it
+            sys.unraisablehook = _quiet_remembered_interrupts
         _interrupts["depth"] += 1
         try:
             if main_thread:
@@ -197,14 +225,18 @@ def main_guard(main):
             _report("stopped: its output was closed (the command reading it ended)")
             sys.exit(EXIT_OUTPUT_CLOSED)
         except OSError as err:
-            if err.errno not in WRITE_FAILURES or err.filename is not None:
+            closed = err.errno == errno.EBADF and isinstance(sys.stdout, ClosedOutput)
+            if not closed and (err.errno not in WRITE_FAILURES or err.filename is not None):
                 raise
             _ignore_signals_to_exit()
             _silence_stdout()  # what is still buffered would fail again at exit
-            _report(f"stopped: writing its output failed ({err.strerror}): free some space, or send it elsewhere")
+            _report("stopped: its standard output is closed (>&-): give it one (> FILE, or > /dev/null to drop it)"
+                    if closed else
+                    f"stopped: writing its output failed ({err.strerror}): free some space, or send it elsewhere")
             sys.exit(EXIT_ENVIRONMENT_FAILURE)
         finally:
             _ignore_signals_to_exit()
+            sys.unraisablehook = hook
             _interrupts["depth"] -= 1
             if not _interrupts["depth"]:
                 _interrupts["seen"] = False  # a program calling several commands (the tests) starts each afresh

@@ -850,12 +850,13 @@ def stop_reason(training, record, epoch, reached, stop, ctx):
     if args.patience and epoch - state["best_epoch"] >= args.patience:
         return (f"{chosen_by}@{args.topk} has not improved for {args.patience} epochs (--patience; best "
                 f"{state['best_selection']:.4f} at epoch {state['best_epoch']}): stopping")
-    if stop.agreed(ctx) and not args.checkpoint_dir:
+    if not stop.agreed(ctx) or epoch == args.epochs:  # (agreed: a collective, every epoch on every rank)
+        stop.stopped = False  # a SIGTERM during the last epoch stops nothing: the run is complete, status 0
+        return None
+    if not args.checkpoint_dir:
         return f"stopped by SIGTERM after epoch {epoch}; nothing saved (--checkpoint_dir '')"
-    if stop.stopped:
-        return (f"stopped by SIGTERM after epoch {epoch}; {os.path.join(args.checkpoint_dir, LAST_CHECKPOINT)} is "
-                f"saved: continue with --resume")
-    return None
+    return (f"stopped by SIGTERM after epoch {epoch}; {os.path.join(args.checkpoint_dir, LAST_CHECKPOINT)} is "
+            f"saved: continue with --resume")
 
 
 def train_mode(args, given, ctx, cache, log, on_epoch=None):

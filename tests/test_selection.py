@@ -291,6 +291,29 @@ def test_stop_request_restores_the_previous_sigterm_handler():
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_a_sigterm_during_the_last_epoch_stops_nothing(tiny_cache, tmp_path, monkeypatch, capsys, epochs):
+    """SIGTERM in epoch 1: of 2 epochs the run stops there (130, continue with --resume); of 1 the run is
+    complete, status 0 (it said "continue with --resume", which then refused: nothing was left to train)."""
+    real_update = ncf.update_progress
+
+    def sigterm_in_epoch_1(state, record, epoch, *args):
+        if epoch == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_update(state, record, epoch, *args)
+
+    monkeypatch.setattr(ncf, "update_progress", sigterm_in_epoch_1)
+    argv = ["--data", str(tiny_cache), "-e", str(epochs), "--checkpoint_dir", str(tmp_path / "ck"), "--no_progress",
+            "--factors", "8", "--layers", "32", "16", "8"]
+    if epochs == 1:
+        ncf.main(argv)
+        assert "SIGTERM" not in capsys.readouterr().out
+    else:
+        with pytest.raises(SystemExit) as stop:
+            ncf.main(argv)
+        assert stop.value.code == 130 and "continue with --resume" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_sigterm_during_a_trial_fails_it_and_ends_the_search(tiny_validation_cache, tmp_path, monkeypatch, capsys,
                                                              sigterm_handler_kept):
