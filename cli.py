@@ -210,10 +210,6 @@ def main_guard(main):
             result = main(*args, **kwargs)
             raise_if_interrupted()  # one swallowed on the way: the command did not do what it was asked
             return result
-        except UserError as err:
-            _ignore_signals_to_exit()
-            _report(f"error: {err}")
-            sys.exit(err.exit_status)
         except KeyboardInterrupt:
             _ignore_signals_to_exit()
             _report("interrupted")
@@ -225,15 +221,22 @@ def main_guard(main):
             _report("stopped: its output was closed (the command reading it ended)")
             sys.exit(EXIT_OUTPUT_CLOSED)
         except OSError as err:
-            closed = err.errno == errno.EBADF and isinstance(sys.stdout, ClosedOutput)
-            if not closed and (err.errno not in WRITE_FAILURES or err.filename is not None):
+            if (line := _output_failure(err)) is None:
                 raise
             _ignore_signals_to_exit()
             _silence_stdout()  # what is still buffered would fail again at exit
-            _report("stopped: its standard output is closed (>&-): give it one (> FILE, or > /dev/null to drop it)"
-                    if closed else
-                    f"stopped: writing its output failed ({err.strerror}): free some space, or send it elsewhere")
+            _report(line)
             sys.exit(EXIT_ENVIRONMENT_FAILURE)
+        except Exception as err:
+            # A Ctrl-C wins over what it caused: torch.save's writer turns one into a RuntimeError (a "full disk").
+            _ignore_signals_to_exit()
+            if _interrupts["seen"]:
+                _report("interrupted")
+                sys.exit(EXIT_INTERRUPTED)
+            if not isinstance(err, UserError):
+                raise
+            _report(f"error: {err}")
+            sys.exit(err.exit_status)
         finally:
             _ignore_signals_to_exit()
             sys.unraisablehook = hook
@@ -262,6 +265,15 @@ def silence_closed_outputs():
             os.dup2(devnull, fd)
             os.close(devnull)
     return bool(closed)
+
+
+def _output_failure(err):
+    """The line that reports an OSError of the command's standard output, or None for any other."""
+    if err.errno == errno.EBADF and isinstance(sys.stdout, ClosedOutput):
+        return "stopped: its standard output is closed (>&-): give it one (> FILE, or > /dev/null to drop it)"
+    if err.errno in WRITE_FAILURES and err.filename is None:
+        return f"stopped: writing its output failed ({err.strerror}): free some space, or send it elsewhere"
+    return None
 
 
 def _silence_stdout():

@@ -538,6 +538,15 @@ def test_a_ctrl_c_that_a_finaliser_swallowed_still_ends_the_command_as_interrupt
     assert (status, err, out) == (130, "-c: interrupted\n", "went on\n")  # no "Exception ignored" traceback
 
 
+@pytest.mark.parametrize("error", ['RuntimeError("unexpected pos 704 vs 598")', 'cli.EnvironmentFailure("disk full")'])
+def test_a_ctrl_c_turned_into_another_error_is_reported_as_interrupted(error):
+    """torch.save's zip writer turns a Ctrl-C into a RuntimeError: ncf.py reported it as a full disk (status 1),
+    convert.py as a traceback. The Ctrl-C is remembered, so it wins: one line, status 130."""
+    body = f"exec('try:\\n    ctrl_c()\\nexcept KeyboardInterrupt:\\n    raise {error}')"
+    status, _, err = run_process(body)
+    assert (status, err) == (130, "-c: interrupted\n")
+
+
 def test_a_training_step_after_a_swallowed_ctrl_c_stops_the_run(tiny_cache, tmp_path, monkeypatch):
     import ncf
 
