@@ -23,21 +23,32 @@ import torch
 PIECE_ELEMENTS = 1 << 21
 
 
-def relu_dropout(x, p):
-    """dropout(relu(x), p), leaving x as it is. Its backward overwrites the output."""
-    return relu_dropout_(x.clone(), p)
+def dropout_scale(p):
+    """What the dropout here leaves to the layer after it: its kept activations are not scaled by 1 / (1 - p),
+    the next layer's weights are (W (s y) = (s W) y). Scaling a few thousand weights costs nothing, where
+    scaling the activations took a pass over them, and the ReLU and the mask become integer operations on the
+    floats' bits (relu_dropout_unscaled_). In bf16, whose float element-wise kernels convert every element, the
+    forward (ReLU and mask) was measured 2.3x as fast and the backward 1.8x; in fp32 the forward the same and
+    the backward 1.4x (benchmarks/README.md)."""
+    return 1.0 / (1.0 - p)
 
 
-def relu_dropout_(x, p):
-    """dropout(relu(x), p) computed in place in x, which must be an intermediate result (not a leaf).
-    The backward then writes the input gradient over the output (see _ReluDropout)."""
+def relu_dropout_unscaled(x, p):
+    """relu_dropout_unscaled_(x.clone(), p), leaving x as it is. Its backward overwrites the output."""
+    return relu_dropout_unscaled_(x.clone(), p)
+
+
+def relu_dropout_unscaled_(x, p):
+    """relu(x) with each element kept with probability 1 - p, else 0: dropout(relu(x), p) / dropout_scale(p),
+    computed in place in x, which must be an intermediate result (not a leaf). The backward then writes the
+    input gradient over the output (see _ReluDropout)."""
     if p == 0.0:
         return x.relu_()
     return _ReluDropout.apply(x, p)
 
 
 class _ReluDropout(torch.autograd.Function):
-    """relu then dropout in place, saving only the output for backward.
+    """relu then the dropout mask in place, saving only the output for backward.
 
     torch's pair keeps relu's output and a float mask of the same size for backward; the backward here
     rebuilds the mask from the output: an element gets gradient iff relu let it through and dropout
@@ -49,21 +60,20 @@ class _ReluDropout(torch.autograd.Function):
         ctx.mark_dirty(x)
         y = _apply_relu_dropout_(x, p)
         ctx.save_for_backward(y)
-        ctx.scale = 1.0 / (1.0 - p)
         return y
 
     @staticmethod
     def backward(ctx, grad):
         (y,) = ctx.saved_tensors
-        return _relu_dropout_grad_(grad, y, ctx.scale), None
+        return _relu_dropout_grad_(grad, y), None
 
 
-def gather_add_relu_dropout(a, b, a_index, b_index, p):
-    """dropout(relu(a[a_index] + b[b_index]), p) for row tables a [A, D] and b [B, D].
+def gather_add_relu_dropout_unscaled(a, b, a_index, b_index, p):
+    """relu_dropout_unscaled(a[a_index] + b[b_index], p) for row tables a [A, D] and b [B, D].
 
     Each piece of rows is gathered, added, rectified and masked while it is in cache, and written
     once, where the plain ops write two gathered tensors, their sum and a mask to memory and read them
-    back. The masks are those relu_dropout draws for the same shape. The backward scatters the
+    back. The masks are those relu_dropout_unscaled draws for the same shape. The backward scatters the
     per-row gradients into gradients of a and b.
     """
     return _GatherAddReluDropout.apply(a, b, a_index, b_index, p)
@@ -81,7 +91,6 @@ class _GatherAddReluDropout(torch.autograd.Function):
 
         y = _apply_relu_dropout_(y, p, fill)
         ctx.save_for_backward(y, a_index, b_index)
-        ctx.scale = 1.0 / (1.0 - p)
         ctx.rows = (a.shape[0], b.shape[0])
         return y
 
@@ -93,12 +102,10 @@ class _GatherAddReluDropout(torch.autograd.Function):
         # casts the result back to the tables' dtype once). A bf16 gradient is converted to fp32 by the
         # ReLU's backward as it writes it, then each table's rows are summed at once (sum_rows): index_add_
         # of each piece into the fp32 tables, the way before, pays a dispatch per row (about 0.4 us): bf16
-        # steps at 2^20 took 1.5x as long (medians; benchmarks/README.md). The dropout scale multiplies the
-        # summed rows, 6x fewer than the samples at ml-20m's shape, not every sample's gradient.
-        grad = _relu_dropout_grad_(grad, y, 1.0, torch.float32)
+        # steps at 2^20 took 1.5x as long (medians; benchmarks/README.md).
+        grad = _relu_dropout_grad_(grad, y, torch.float32)
         a_rows, b_rows = ctx.rows
-        a_grad, b_grad = sum_rows(grad, a_index, a_rows), sum_rows(grad, b_index, b_rows)
-        return a_grad.mul_(ctx.scale), b_grad.mul_(ctx.scale), None, None, None
+        return sum_rows(grad, a_index, a_rows), sum_rows(grad, b_index, b_rows), None, None, None
 
 
 def gather_rows(table, index):
@@ -143,8 +150,14 @@ def _row_pieces(x):
 
 
 def _apply_relu_dropout_(x, p, fill=None):
-    """x = dropout(relu(x), p) in place, piece by piece: each piece's mask is drawn and applied while the
-    piece is in cache. fill(rows, piece), when given, first writes each piece's values (x's rows)."""
+    """x = relu_dropout_unscaled(x, p) in place, piece by piece: each piece's mask is drawn and applied while
+    the piece is in cache. fill(rows, piece), when given, first writes each piece's values (x's rows).
+
+    Both on the floats' bits, as integers of the same width: a float with its sign bit set is a negative
+    integer, so clamping the integer at 0 is the ReLU (-0.0 and -inf become 0.0, as a NaN with its sign bit set
+    does: a diverged run is still stopped, by its weights, each epoch), and the mask of 0 or all ones keeps or
+    zeroes an element with one AND.
+    """
     piece_elements, pieces = _row_pieces(x)
     drawer = _MaskDrawer(piece_elements, p, x.dtype) if p and _mask_bits(p) else None
     for rows in pieces:
@@ -152,20 +165,21 @@ def _apply_relu_dropout_(x, p, fill=None):
         if fill:
             fill(rows, piece)
         if drawer:
-            piece.clamp_min_(0.0).mul_(drawer.draw(piece.shape))
+            piece.view(drawer.mask.dtype).clamp_min_(0).bitwise_and_(drawer.draw(piece.shape))
     if drawer:
         return x
     if p == 0.0:
         return x.relu_()
-    # p is not a multiple of 1/256: torch's own mask, as its dropout draws it.
-    return x.clamp_min_(0.0).mul_(torch.empty_like(x).bernoulli_(1.0 - p).div_(1.0 - p))
+    # p is not a multiple of 1/256: torch's own mask, as its dropout draws it (unscaled).
+    return x.clamp_min_(0.0).mul_(torch.empty_like(x).bernoulli_(1.0 - p))
 
 
-def _relu_dropout_grad_(grad, y, scale, dtype=None):
-    """The input gradient of y = dropout(relu(x)): grad where y > 0, else 0, times the dropout scale.
+def _relu_dropout_grad_(grad, y, dtype=None):
+    """The input gradient of y = relu_dropout_unscaled(x): grad where y > 0, else 0 (the dropout scale is in
+    grad already, through the next layer's scaled weights).
 
     threshold_backward is ReLU's own vectorised backward kernel (much faster than torch.where with a
-    boolean mask), and the scaling happens while each piece is in cache. The result is written over y,
+    boolean mask). The result is written over y,
     which nothing needs any more: every node that saved y consumed it, so has run its backward before
     this one (and autograd's version check would stop a retained graph from reading it again). With a
     `dtype` other than y's, it is returned in a new tensor of that dtype, written by threshold_backward
@@ -173,9 +187,7 @@ def _relu_dropout_grad_(grad, y, scale, dtype=None):
     """
     out = y if dtype in (None, y.dtype) else torch.empty(y.shape, dtype=dtype)
     for rows in _row_pieces(y)[1]:
-        piece = torch.ops.aten.threshold_backward(grad[rows], y[rows], 0.0, grad_input=out[rows])
-        if scale != 1.0:
-            piece.mul_(scale)
+        torch.ops.aten.threshold_backward(grad[rows], y[rows], 0.0, grad_input=out[rows])
     return out
 
 
@@ -206,8 +218,8 @@ def eager_under_compile(fn):
 # draws are what the compiled model must reproduce anyway (throughput.py --compile, fallback_random).
 @eager_under_compile
 def dropout_mask(shape, p):
-    """A float dropout mask of `shape`: 1 / (1 - p) with probability 1 - p, else 0; None unless 256 p is
-    an integer.
+    """The keep mask relu_dropout_unscaled_ draws for `shape`, as floats: 1 with probability 1 - p, else 0; None
+    unless 256 p is an integer.
 
     Each element takes the fewest random bits that express p exactly: one bit for the default p = 0.5,
     two for 0.25 or 0.75, four or eight for other multiples of 1/256; an element is kept iff its bits,
@@ -217,24 +229,22 @@ def dropout_mask(shape, p):
     """
     if _mask_bits(p) is None:
         return None
-    return _MaskDrawer(math.prod(shape), p).draw(shape)
+    return _MaskDrawer(math.prod(shape), p).draw(shape).float().abs_()
 
 
 class _MaskDrawer:
     """Draws dropout masks (see dropout_mask) of up to `elements` elements into buffers it keeps, so
     that masks drawn piece by piece allocate (and page-fault) nothing per piece.
 
-    The mask takes the activations' dtype when that holds the scale 1 / (1 - p) exactly (2 for the
-    default p = 0.5, so bf16 does): a bf16 activation times an fp32 mask in place was 10x slower than
-    times a bf16 one (benchmarks/README.md). Otherwise it stays fp32, so that no dtype rounds the scale.
+    A mask is integers of the width of the activations' dtype (int16 for bf16, int32 for fp32): 0 drops an
+    element, -1 (all bits set) keeps it, applied to the floats' bits by a bitwise AND.
     """
 
     def __init__(self, elements, p, dtype=torch.float32):
         self.bits = _mask_bits(p)
         self.per_byte = 8 // self.bits
-        scale = 1.0 / (1.0 - p)
-        dtype = dtype if torch.tensor(scale, dtype=dtype).item() == scale else torch.float32
-        self.table = _mask_table(self.bits, int(p * (1 << self.bits)), scale).to(dtype)
+        dtype = _SAME_WIDTH_INTEGER[dtype.itemsize]
+        self.table = _mask_table(self.bits, int(p * (1 << self.bits))).to(dtype)
         codes = (elements + self.per_byte - 1) // self.per_byte
         self.words = torch.empty((codes + 3) // 4, dtype=torch.int32)
         self.codes = torch.empty(codes, dtype=torch.int32)
@@ -254,12 +264,16 @@ def _mask_bits(p):
     return next((bits for bits in (1, 2, 4, 8) if (p * (1 << bits)).is_integer()), None)
 
 
+_SAME_WIDTH_INTEGER = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 @functools.lru_cache(maxsize=16)
-def _mask_table(bits, threshold, scale):
-    """[256, 8 // bits] float: for each byte value, the masks of its bit fields, lowest bits first."""
+def _mask_table(bits, threshold):
+    """[256, 8 // bits] int64: for each byte value, the masks of its bit fields, lowest bits first: -1 (all
+    bits set: kept) where the field is >= threshold, else 0."""
     fields = torch.arange(0, 8, bits)
     values = (torch.arange(256)[:, None] >> fields) & ((1 << bits) - 1)
-    return torch.where(values >= threshold, scale, 0.0).float()
+    return torch.where(values >= threshold, -1, 0)
 
 
 def random_bytes(count, words=None):

@@ -35,11 +35,8 @@ class NeuMF(nn.Module):
         config = ModelConfig(nb_users, nb_items, mf_dim, mlp_layer_sizes, dropout, model)  # checked, branch widths
         mf_dim, mlp_layer_sizes = config.mf_dim, config.mlp_layer_sizes
         self.model = model
-        self.nb_users = nb_users
-        self.nb_items = nb_items
-        self.mf_dim = mf_dim
+        self.nb_users, self.nb_items, self.mf_dim, self.dropout = nb_users, nb_items, mf_dim, dropout
         self.mlp_layer_sizes = tuple(mlp_layer_sizes)
-        self.dropout = dropout
         self.mlp_half = mlp_layer_sizes[0] // 2 if mlp_layer_sizes else 0
         # One table per side holding [GMF | MLP] columns: one gather and one gradient scatter per side, not
         # two. The same initialisation, maths and checkpoint format as the recipe's four separate tables.
@@ -76,24 +73,29 @@ class NeuMF(nn.Module):
         if not len(self.mlp):  # an MLP branch of embeddings only (--layers of one size), or none (GMF)
             return self._output(u_mf * i_mf, torch.cat((u_mlp, i_mlp), dim=1))
         hidden = self._relu_dropout(self._first_layer(u_mlp, i_mlp))
-        return self._output(u_mf * i_mf, self._mlp(hidden, start=1))
+        return self._output(u_mf * i_mf, self._mlp(hidden), self._dropout_scale())
 
     def _factor_first_layer(self, batch):
         # Per-row work beats per-pair work when the batch outnumbers the table rows; measured on CPUs
         # only (benchmarks/README.md), so GPUs keep the recipe's per-pair layout.
         return self.cpu_kernels and len(self.mlp) > 0 and batch >= self.nb_users + self.nb_items
 
-    def _mlp(self, x, start=0):
-        """The MLP branch from layer `start` on; x is that layer's input."""
-        for layer in self.mlp[start:]:
-            x = self._relu_dropout(layer(x))
+    def _mlp(self, x):
+        """The MLP branch after its first layer; x is that layer's output after ReLU and dropout."""
+        scale = self._dropout_scale()  # 1 but in CPU training, where the layers run with scaled weights
+        for layer in self.mlp[1:]:
+            x = layer(x) if scale == 1 else nn.functional.linear(x, layer.weight * scale, layer.bias)
+            x = self._relu_dropout(x)
         return x
 
     def _relu_dropout(self, x):
         p = self.dropout if self.training else 0.0
-        if self.cpu_kernels:
-            return cpu_kernels.relu_dropout_(x, p)  # in place: x is the layer's fresh output
+        if self.cpu_kernels:  # in place (x is the layer's fresh output), and unscaled: see _dropout_scale
+            return cpu_kernels.relu_dropout_unscaled_(x, p)
         return nn.functional.dropout(nn.functional.relu(x), p, training=self.training)
+
+    def _dropout_scale(self):  # the dropout's 1 / (1 - p), which the CPU kernels leave to the next layer's weights
+        return cpu_kernels.dropout_scale(self.dropout) if self.cpu_kernels and self.training else 1.0
 
     def _first_layer(self, user_mlp, item_mlp):
         """The first MLP layer on [user | item] as W_u u + b + W_i i: no concatenated copy of the pair's
@@ -102,13 +104,13 @@ class NeuMF(nn.Module):
         weight_user, weight_item = first.weight.split(self.mlp_half, 1)
         return torch.addmm(nn.functional.linear(user_mlp, weight_user, first.bias), item_mlp, weight_item.t())
 
-    def _output(self, gmf, mlp):
+    def _output(self, gmf, mlp, mlp_scale=1.0):
         """The output layer on [gmf | mlp], as one product per part: no concatenated copy of both."""
         weight_gmf, weight_mlp = self.final.weight.split((self.mf_dim, mlp.shape[1]), 1)
         # The 1-wide output layer runs in fp32 even under autocast: it costs nothing, and low-precision
         # logits would create ties between candidates that the HR@k rank counts against the model.
         with torch.autocast(device_type=mlp.device.type, enabled=False):
-            logits = nn.functional.linear(mlp.float(), weight_mlp, self.final.bias)
+            logits = nn.functional.linear(mlp.float(), weight_mlp * mlp_scale, self.final.bias)
             return logits.addmm_(gmf.float(), weight_gmf.t()).squeeze(1)
 
     def _first_layer_terms(self, user_mlp, item_mlp):
@@ -128,9 +130,9 @@ class NeuMF(nn.Module):
         item_mf, item_mlp = self.item_embed.weight.split((self.mf_dim, self.mlp_half), 1)
         user_term, item_term = self._first_layer_terms(user_mlp, item_mlp)
         p = self.dropout if self.training else 0.0
-        hidden = cpu_kernels.gather_add_relu_dropout(user_term, item_term, user, item, p)
+        hidden = cpu_kernels.gather_add_relu_dropout_unscaled(user_term, item_term, user, item, p)
         gmf = cpu_kernels.gather_rows(user_mf, user) * cpu_kernels.gather_rows(item_mf, item)
-        return self._output(gmf, self._mlp(hidden, start=1))
+        return self._output(gmf, self._mlp(hidden), self._dropout_scale())
 
     @torch.no_grad()
     def score_candidates(self, users, candidates):
@@ -165,8 +167,7 @@ class NeuMF(nn.Module):
             gmf = nn.functional.embedding(flat, item_mf).view(rows, c, item_mf.shape[1])  # 0 wide for MLP alone
             gmf.mul_(u_mf[lo : lo + step, None, :])
             hidden = self._relu_dropout(hidden.view(rows * c, item_term.shape[1]))
-            gmf = gmf.view(rows * c, item_mf.shape[1])
-            scores.append(self._output(gmf, self._mlp(hidden, start=1)).view(rows, c))
+            scores.append(self._output(gmf.view(rows * c, item_mf.shape[1]), self._mlp(hidden)).view(rows, c))
         return torch.cat(scores)
 
 

@@ -1,7 +1,8 @@
 """The CPU kernels (cpu_kernels.py) compute what the plain torch ops compute.
 
 The fused ReLU+dropout must draw Bernoulli masks from the seeded generator (torch's own mask where p is
-not a multiple of 1/256) with the right gradient; the factored first layer must give the per-pair
+not a multiple of 1/256) with the right gradient, leaving the kept activations unscaled (the model scales
+the next layer's weights by dropout_scale instead); the factored first layer must give the per-pair
 forward's logits and gradients; the in-place evaluation scorer must rank like the plain forward.
 """
 import pytest
@@ -10,7 +11,7 @@ from torch import nn
 
 import cpu_kernels
 import neumf
-from cpu_kernels import relu_dropout
+from cpu_kernels import relu_dropout_unscaled
 from neumf import NeuMF, build_model
 
 
@@ -18,30 +19,35 @@ from neumf import NeuMF, build_model
 def test_fused_relu_dropout_keeps_one_minus_p_with_the_right_gradient(p):
     x = torch.randn(512, 256, requires_grad=True)
     torch.manual_seed(3)
-    y = relu_dropout(x, p)
+    y = relu_dropout_unscaled(x, p)
     torch.manual_seed(3)
-    assert torch.equal(relu_dropout(x, p), y)  # the seed decides the mask
+    assert torch.equal(relu_dropout_unscaled(x, p), y)  # the seed decides the mask
     positive = x.detach() > 0
     kept = (y != 0) & positive
     assert kept.sum().item() / positive.sum().item() == pytest.approx(1 - p, abs=0.01)
-    torch.testing.assert_close(y[kept], x.detach()[kept] / (1 - p), rtol=1e-6, atol=0)
+    assert torch.equal(y[kept], x.detach()[kept])  # unscaled: the next layer's weights take 1 / (1 - p)
     assert (y[~kept] == 0).all()
     grad = torch.randn_like(y)
     y.backward(grad)
-    torch.testing.assert_close(x.grad, torch.where(kept, grad / (1 - p), 0.0), rtol=1e-6, atol=0)
+    assert torch.equal(x.grad, torch.where(kept, grad, 0.0))
+    assert cpu_kernels.dropout_scale(p) == 1 / (1 - p)
 
 
-@pytest.mark.parametrize("p, mask_dtype", [(0.5, torch.bfloat16), (0.75, torch.bfloat16), (0.25, torch.float32)])
-def test_bf16_activations_take_a_bf16_mask_only_where_it_holds_the_scale(p, mask_dtype):
-    """A bf16 mask multiplies a bf16 activation without a conversion; 4/3 has no bf16 form, so p = 0.25
-    keeps the fp32 mask. Either way the result is the fp32 mask's, bit for bit."""
-    assert cpu_kernels._MaskDrawer(64, p, torch.bfloat16).mask.dtype == mask_dtype
-    x = torch.randn(512, 256).bfloat16()
+@pytest.mark.parametrize("dtype, mask_dtype", [(torch.bfloat16, torch.int16), (torch.float32, torch.int32)])
+@pytest.mark.parametrize("p", [0.5, 0.75, 0.25])
+def test_the_relu_and_mask_work_on_the_floats_bits(dtype, mask_dtype, p):
+    """Masks of 0 or all ones, as integers of the activation's width, ANDed with its bits; the ReLU an integer
+    clamp: the same figures as the float ReLU where the mask keeps, else 0, bit for bit, -0.0 and +-inf too."""
+    assert cpu_kernels._MaskDrawer(64, p, dtype).mask.dtype == mask_dtype
+    x = torch.randn(512, 256).to(dtype)
+    x[0, :4] = torch.tensor([-0.0, float("-inf"), float("inf"), 0.0])
     torch.manual_seed(3)
-    y = cpu_kernels.relu_dropout_(x.clone(), p)
+    y = cpu_kernels.relu_dropout_unscaled_(x.clone(), p)
     torch.manual_seed(3)
     mask = cpu_kernels.dropout_mask(x.shape, p)
-    assert y.dtype == torch.bfloat16 and torch.equal(y, x.clamp_min(0).mul_(mask))
+    assert set(mask.unique().tolist()) == {0.0, 1.0}
+    # (a dropped +inf is 0: the float product would make it NaN)
+    assert y.dtype == dtype and torch.equal(y, torch.where(mask > 0, x.clamp_min(0), 0.0).to(dtype))
 
 
 def test_the_gather_kernels_bf16_backward_sums_rows_in_fp32_over_every_piece():
@@ -51,7 +57,7 @@ def test_the_gather_kernels_bf16_backward_sums_rows_in_fp32_over_every_piece():
     a, b = torch.randn(7, 256).bfloat16(), torch.randn(300, 256).bfloat16()
     a_index, b_index = torch.randint(0, 7, (5000,), dtype=torch.int32), torch.randint(0, 300, (5000,))
     a.requires_grad_(), b.requires_grad_()
-    y = cpu_kernels.gather_add_relu_dropout(a, b, a_index, b_index, 0.0)
+    y = cpu_kernels.gather_add_relu_dropout_unscaled(a, b, a_index, b_index, 0.0)
     grad = torch.randn(5000, 256).bfloat16()
     expected_grad = torch.where(y > 0, grad, 0).float()  # before the backward, which writes over y
     grads = torch.autograd.grad(y, (a, b), grad)
@@ -97,18 +103,18 @@ def test_sum_rows_of_a_bf16_gradient_adds_in_fp32(width):
 
 
 def test_mask_table_reads_each_bit_field_of_a_byte():
-    # 2 bits per element, p = 0.25 (kept iff the field is >= 1), scale 4/3; byte 0b11_10_01_00.
-    table = cpu_kernels._mask_table(2, 1, 4 / 3)
+    # 2 bits per element, p = 0.25 (kept iff the field is >= 1: -1, all bits set); byte 0b11_10_01_00.
+    table = cpu_kernels._mask_table(2, 1)
     assert table.shape == (256, 4)
-    assert table[0b11100100].tolist() == pytest.approx([0.0, 4 / 3, 4 / 3, 4 / 3])
-    assert table[0].tolist() == [0.0] * 4
+    assert table[0b11100100].tolist() == [0, -1, -1, -1]
+    assert table[0].tolist() == [0] * 4
 
 
 def test_dropout_mask_keeps_every_position_of_a_byte_alike():
     # Each of a byte's 8 bits becomes one element: every position must keep half, independently.
     torch.manual_seed(0)
     mask = cpu_kernels.dropout_mask((1 << 16, 8), 0.5)
-    assert set(mask.unique().tolist()) == {0.0, 2.0}
+    assert set(mask.unique().tolist()) == {0.0, 1.0}
     kept = (mask > 0).double()
     torch.testing.assert_close(kept.mean(0), torch.full((8,), 0.5, dtype=torch.float64), atol=0.01, rtol=0)
     corr = torch.corrcoef(kept.T) - torch.eye(8, dtype=torch.float64)
@@ -140,12 +146,12 @@ def test_fused_relu_dropout_draws_torchs_mask_for_other_p(p):
     x = torch.randn(257, 33, requires_grad=True)
     grad = torch.randn(257, 33)
     torch.manual_seed(7)
-    expected = torch.nn.functional.dropout(torch.relu(x), p, training=True)
+    expected = torch.nn.functional.dropout(torch.relu(x), p, training=True) * (1 - p)  # unscaled
     next_expected = torch.rand(1)
     expected.backward(grad)
     expected_grad, x.grad = x.grad, None
     torch.manual_seed(7)
-    out = relu_dropout(x, p)
+    out = relu_dropout_unscaled(x, p)
     got = out.clone()  # the backward writes the input gradient over the output
     next_got = torch.rand(1)
     out.backward(grad)
@@ -202,7 +208,7 @@ def test_factored_first_layer_matches_the_per_sample_forward_and_gradients(monke
 
 def test_fused_relu_dropout_takes_an_empty_batch():
     x = torch.empty(0, 8, requires_grad=True)
-    relu_dropout(x, 0.5).sum().backward()
+    relu_dropout_unscaled(x, 0.5).sum().backward()
     assert x.grad.shape == (0, 8)
 
 

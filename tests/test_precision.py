@@ -99,19 +99,17 @@ def test_the_recipe_flags_on_cuda_enable_the_grad_scaler(scalers_made):
 
 
 def record_output_types(model):
-    """The dtypes of the MLP layers' outputs, in call order: forward hooks on every Linear after the first,
-    and the first layer as the per-pair path computes it (two products, not through the module)."""
+    """The dtypes of the MLP layers' outputs, in call order, as each reaches its ReLU and dropout (the first
+    layer's too on the per-pair path; the CPU kernels' training runs the layers as products with scaled
+    weights, not through the modules, so forward hooks would miss them)."""
     seen = []
-    for layer in model.mlp[1:]:
-        layer.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
-    first_layer = model._first_layer
+    relu_dropout = model._relu_dropout
 
-    def spy(user_mlp, item_mlp):
-        output = first_layer(user_mlp, item_mlp)
-        seen.append(output.dtype)
-        return output
+    def spy(x):
+        seen.append(x.dtype)
+        return relu_dropout(x)
 
-    model._first_layer = spy
+    model._relu_dropout = spy
     return seen
 
 
@@ -205,10 +203,15 @@ def test_opt_level_o2_on_a_native_bf16_cpu_trains_in_bf16(tmp_path, monkeypatch,
     seen = []
     real_build_model = ncf.build_model
 
-    def build_and_watch(config, device):
+    def build_and_watch(config, device):  # each MLP layer's output as it reaches its ReLU (see record_output_types)
         model = real_build_model(config, device)
-        for layer in model.mlp:
-            layer.register_forward_hook(lambda module, inputs, output: seen.append((module.training, output.dtype)))
+        relu_dropout = model._relu_dropout
+
+        def watch(x):
+            seen.append((model.training, x.dtype))
+            return relu_dropout(x)
+
+        model._relu_dropout = watch
         return model
 
     scorer = cpu_kernels.mlp_scores_in_place
