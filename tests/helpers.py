@@ -190,3 +190,19 @@ def copy_run(checkpoint_dir, tmp_path):
     ck = tmp_path / "ck"
     shutil.copytree(checkpoint_dir, ck)
     return ck
+
+
+def sigterm_in_epoch_1(monkeypatch):
+    """SIGTERM to this process while ncf.py's training ends its first epoch (as a scheduler sends it)."""
+    import signal
+
+    import ncf
+
+    real_update = ncf.update_progress
+
+    def update(state, record, epoch, *args):
+        if epoch == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_update(state, record, epoch, *args)
+
+    monkeypatch.setattr(ncf, "update_progress", update)

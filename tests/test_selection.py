@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_MODEL, make_tiny_cache
+from helpers import TINY_MODEL, make_tiny_cache, sigterm_in_epoch_1
 
 import cache_format
 import convert
@@ -295,14 +295,7 @@ def test_stop_request_restores_the_previous_sigterm_handler():
 def test_a_sigterm_during_the_last_epoch_stops_nothing(tiny_cache, tmp_path, monkeypatch, capsys, epochs):
     """SIGTERM in epoch 1: of 2 epochs the run stops there (130, continue with --resume); of 1 the run is
     complete, status 0 (it said "continue with --resume", which then refused: nothing was left to train)."""
-    real_update = ncf.update_progress
-
-    def sigterm_in_epoch_1(state, record, epoch, *args):
-        if epoch == 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_update(state, record, epoch, *args)
-
-    monkeypatch.setattr(ncf, "update_progress", sigterm_in_epoch_1)
+    sigterm_in_epoch_1(monkeypatch)
     argv = ["--data", str(tiny_cache), "-e", str(epochs), "--checkpoint_dir", str(tmp_path / "ck"), "--no_progress",
             "--factors", "8", "--layers", "32", "16", "8"]
     if epochs == 1:
@@ -323,14 +316,7 @@ def test_sigterm_during_a_trial_fails_it_and_ends_the_search(tiny_validation_cac
 
     import tune
 
-    real_update = ncf.update_progress
-
-    def sigterm_in_epoch_1(state, record, epoch, *args):
-        if epoch == 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_update(state, record, epoch, *args)
-
-    monkeypatch.setattr(ncf, "update_progress", sigterm_in_epoch_1)
+    sigterm_in_epoch_1(monkeypatch)
     out = tmp_path / "tune"
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as stopped:

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 import torch
-from helpers import make_tiny_cache, run_main
+from helpers import make_tiny_cache, run_main, sigterm_in_epoch_1
 
 import ncf
 import tune
@@ -494,14 +494,7 @@ def test_sigterm_in_a_pruned_epoch_of_a_real_trial_exits_130(caches, tmp_path, m
         def prune(self, study, trial):
             return True
 
-    real_update = ncf.update_progress
-
-    def sigterm_in_epoch_1(state, record, epoch, *args):
-        if epoch == 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_update(state, record, epoch, *args)
-
-    monkeypatch.setattr(ncf, "update_progress", sigterm_in_epoch_1)
+    sigterm_in_epoch_1(monkeypatch)
     monkeypatch.setattr(tune, "make_pruner", lambda optuna, epochs: AlwaysPrune())
     out = tmp_path / "out"
     status, _, err = run_tune(capsys, *search(caches, out, write_space(tmp_path, LR_SPACE), trials=3))
