@@ -21,6 +21,10 @@ import torch
 # stays small. On a 2-core Xeon with 2 MiB of L2 a core, 2^21 (8 MiB of fp32) made whole training steps at
 # 2^20 14-17% faster than 2^19, in bf16 and fp32 (2^22 the same, 2^23 slower; benchmarks/README.md).
 PIECE_ELEMENTS = 1 << 21
+# The gathers' gradients are summed into the tables in pieces of this many elements: each scatter_add_ call pays
+# 1.5-2.7 ms however small its piece, so 2^22 was no faster than one call, 2^23 and 2^25 between (bf16 steps
+# at 2^20 on the Xeon above; benchmarks/README.md).
+SUM_PIECE_ELEMENTS = 1 << 24
 
 
 def dropout_scale(p):
@@ -97,15 +101,8 @@ class _GatherAddReluDropout(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         y, a_index, b_index = ctx.saved_tensors
-        # The tables' gradients are summed in fp32 even under bf16 autocast: a row shared by thousands of
-        # samples would otherwise accumulate in bf16, whose running sum of ones stops at 256 (autograd
-        # casts the result back to the tables' dtype once). A bf16 gradient is converted to fp32 by the
-        # ReLU's backward as it writes it, then each table's rows are summed at once (sum_rows): index_add_
-        # of each piece into the fp32 tables, the way before, pays a dispatch per row (about 0.4 us): bf16
-        # steps at 2^20 took 1.5x as long (medians; benchmarks/README.md).
-        grad = _relu_dropout_grad_(grad, y, torch.float32)
         a_rows, b_rows = ctx.rows
-        return sum_rows(grad, a_index, a_rows), sum_rows(grad, b_index, b_rows), None, None, None
+        return (*_relu_dropout_row_sums(grad, y, (a_index, a_rows), (b_index, b_rows)), None, None, None)
 
 
 def gather_rows(table, index):
@@ -141,6 +138,31 @@ def sum_rows(grad, index, rows):
     return grad.new_zeros(rows, grad.shape[1]).scatter_add_(0, index[:, None].expand(-1, grad.shape[1]), grad)
 
 
+def _relu_dropout_row_sums(grad, y, *gathers):
+    """The tables' gradients of y = relu_dropout_unscaled(a[a_index] + b[b_index]): for each (index, rows) in
+    gathers, sum_rows of the input gradient (_relu_dropout_grad_), in fp32 whatever y's dtype.
+
+    fp32 even under bf16 autocast: a row shared by thousands of samples would otherwise accumulate in bf16, whose
+    running sum of ones stops at 256 (autograd casts the result back to the tables' dtype once). The gradient is
+    rectified and summed in pieces of SUM_PIECE_ELEMENTS through one reused fp32 buffer, where the whole one
+    was written to fresh memory and read back once per table: bf16 steps at 2^20 7% faster (benchmarks/README.md).
+    The sums are the same to the last bit: scatter_add_ adds each sample's row into its table row in the order
+    of the samples, so piece after piece as in one call.
+    """
+    width = y.shape[1]
+    sums = [torch.zeros(rows, width) for _, rows in gathers]
+    rows_per_piece = max(1, min(y.shape[0], SUM_PIECE_ELEMENTS // max(1, width)))
+    buffer = torch.empty(rows_per_piece, width)
+    for lo in range(0, y.shape[0], rows_per_piece):
+        rows = slice(lo, lo + rows_per_piece)
+        piece = buffer[: y[rows].shape[0]]
+        # threshold_backward casts a bf16 gradient to fp32 as it writes it: one pass
+        torch.ops.aten.threshold_backward(grad[rows], y[rows], 0.0, grad_input=piece)
+        for total, (index, _) in zip(sums, gathers, strict=True):
+            total.scatter_add_(0, index[rows].long()[:, None].expand(-1, width), piece)
+    return sums
+
+
 def _row_pieces(x):
     """(elements of the largest piece, slices of x's rows) for pieces of PIECE_ELEMENTS elements or so,
     in whole rows, a multiple of 32 of them (the elements of one random word at one bit each, so that
@@ -174,21 +196,18 @@ def _apply_relu_dropout_(x, p, fill=None):
     return x.clamp_min_(0.0).mul_(torch.empty_like(x).bernoulli_(1.0 - p))
 
 
-def _relu_dropout_grad_(grad, y, dtype=None):
+def _relu_dropout_grad_(grad, y):
     """The input gradient of y = relu_dropout_unscaled(x): grad where y > 0, else 0 (the dropout scale is in
     grad already, through the next layer's scaled weights).
 
     threshold_backward is ReLU's own vectorised backward kernel (much faster than torch.where with a
-    boolean mask). The result is written over y,
-    which nothing needs any more: every node that saved y consumed it, so has run its backward before
-    this one (and autograd's version check would stop a retained graph from reading it again). With a
-    `dtype` other than y's, it is returned in a new tensor of that dtype, written by threshold_backward
-    itself (one pass, where computing in y's dtype and copying took three).
+    boolean mask). The result is written over y, which nothing needs any more: every node that saved y
+    consumed it, so has run its backward before this one (and autograd's version check would stop a
+    retained graph from reading it again).
     """
-    out = y if dtype in (None, y.dtype) else torch.empty(y.shape, dtype=dtype)
     for rows in _row_pieces(y)[1]:
-        torch.ops.aten.threshold_backward(grad[rows], y[rows], 0.0, grad_input=out[rows])
-    return out
+        torch.ops.aten.threshold_backward(grad[rows], y[rows], 0.0, grad_input=y[rows])
+    return y
 
 
 def eager_under_compile(fn):
