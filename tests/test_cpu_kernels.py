@@ -74,6 +74,32 @@ def test_the_gather_kernels_backward_sums_rows_in_fp32_over_every_piece(monkeypa
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gather_add_sums_each_pair_of_rows_rounded_once(dtype):
+    """fp32: a[i] + b[j] to the last bit. bf16: the exact sum rounded once to a nearest bf16 (a tie may go either
+    way: embedding_bag rounds it away from zero, add_ to even), whether the joined table is given or not."""
+    torch.manual_seed(0)
+    a, b = torch.randn(70, 256).to(dtype), torch.randn(30, 256).to(dtype)
+    a_index, b_index = torch.randint(0, 70, (5000,), dtype=torch.int32), torch.randint(0, 30, (5000,))
+    got = cpu_kernels.gather_add(a, b, a_index, b_index)
+    assert got.dtype == dtype and got.shape == (5000, 256)
+    assert torch.equal(cpu_kernels.gather_add(a, b, a_index, b_index, torch.cat((a, b))), got)
+    exact = a.double()[a_index.long()] + b.double()[b_index]
+    if dtype == torch.float32:
+        assert torch.equal(got, a[a_index.long()] + b[b_index])
+    else:
+        assert torch.all((got.double() - exact).abs() <= (exact.to(dtype).double() - exact).abs())
+    assert cpu_kernels.gather_add(a, b, a_index[:0], b_index[:0]).shape == (0, 256)
+
+
+@pytest.mark.parametrize(("a_index", "b_index"), [(3, 0), (-1, 0), (0, 2), (0, -1)])
+def test_gather_add_refuses_a_row_outside_its_table(a_index, b_index):
+    """Both tables are read as one: a's row 3 would be b's row 0, and b's row -1 a's last, silently."""
+    a, b = torch.randn(3, 4), torch.randn(2, 4)
+    with pytest.raises(IndexError, match=r"out of range for a table of [32] rows"):
+        cpu_kernels.gather_add(a, b, torch.tensor([0, a_index]), torch.tensor([1, b_index]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 def test_gather_rows_is_embedding_forward_and_backward(dtype, index_dtype):
     """Rows gathered as embedding gathers them, and the table gradient embedding's own backward gives in fp32:

@@ -42,6 +42,7 @@ def test_evaluation_touches_the_host_once_however_many_batches(loaded_tiny_cache
     torch.manual_seed(0)
     model = build_model({"nb_users": cache.num_users, "nb_items": cache.num_items, "mf_dim": 4,
                          "mlp_layer_sizes": [8, 4], "dropout": 0.0}, CPU)
+    model.cpu_kernels = False  # as build_model makes it for CUDA (the CPU kernels check their indices on the host)
     ctx = ncf.DistContext(rank=0, local_rank=0, world_size=1, device=CPU)
     precision = choose_precision("O0", "auto", CPU)
     if kind == "sampled":
