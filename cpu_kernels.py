@@ -21,10 +21,8 @@ import torch
 # stays small. On a 2-core Xeon with 2 MiB of L2 a core, 2^21 (8 MiB of fp32) made whole training steps at
 # 2^20 14-17% faster than 2^19, in bf16 and fp32 (2^22 the same, 2^23 slower; benchmarks/README.md).
 PIECE_ELEMENTS = 1 << 21
-# The gathers' gradients are summed into the tables in pieces of this many elements: each scatter_add_ call pays
-# 1.5-2.7 ms however small its piece, so 2^22 was no faster than one call, 2^23 and 2^25 between (bf16 steps
-# at 2^20 on the Xeon above; benchmarks/README.md).
-SUM_PIECE_ELEMENTS = 1 << 24
+# gather_dot gathers and multiplies pieces of this many elements (xx).
+GATHER_DOT_PIECE_ELEMENTS = 1 << 22
 
 
 def dropout_scale(p):
@@ -73,11 +71,12 @@ class _ReluDropout(torch.autograd.Function):
 
 
 def gather_add_relu_dropout_unscaled(a, b, a_index, b_index, p):
-    """relu_dropout_unscaled(a[a_index] + b[b_index], p) for row tables a [A, D] and b [B, D].
+    """relu_dropout_unscaled(a[a_index] + b[b_index], p) for row tables a [A, D] and b [B, D], indexed by the
+    TableIndex a_index and b_index.
 
     The sum is one gather of row pairs (gather_add), then rectified and masked in place piece by piece; the masks
-    are those relu_dropout_unscaled draws for the same shape. The backward scatters the per-row gradients into
-    gradients of a and b.
+    are those relu_dropout_unscaled draws for the same shape. The backward rectifies the gradient in place and sums
+    it into gradients of a and b (TableIndex.sums).
     """
     return _GatherAddReluDropout.apply(a, b, a_index, b_index, p)
 
@@ -85,16 +84,17 @@ def gather_add_relu_dropout_unscaled(a, b, a_index, b_index, p):
 class _GatherAddReluDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, a_index, b_index, p):
-        y = _apply_relu_dropout_(gather_add(a, b, a_index, b_index), p)
-        ctx.save_for_backward(y, a_index, b_index)
-        ctx.rows = (a.shape[0], b.shape[0])
+        y = _apply_relu_dropout_(gather_add(a, b, a_index.index, b_index.index), p)
+        ctx.save_for_backward(y, a_index.index, b_index.index)  # unpacked in backward: autograd's version check
+        ctx.indices = a_index, b_index
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        y, a_index, b_index = ctx.saved_tensors
-        a_rows, b_rows = ctx.rows
-        return (*_relu_dropout_row_sums(grad, y, (a_index, a_rows), (b_index, b_rows)), None, None, None)
+        y, _, _ = ctx.saved_tensors
+        a_index, b_index = ctx.indices
+        grad = _relu_dropout_grad_(grad, y)
+        return a_index.sums(grad), b_index.sums(grad), None, None, None
 
 
 def gather_add(a, b, a_index, b_index, both=None):
@@ -118,62 +118,94 @@ def gather_add(a, b, a_index, b_index, both=None):
     return torch.nn.functional.embedding_bag(pairs, torch.cat((a, b)) if both is None else both, mode="sum")
 
 
-def gather_rows(table, index):
-    """table[index] for a row table [R, D], as nn.functional.embedding(index, table), with the backward of
-    sum_rows."""
-    return _GatherRows.apply(table, index)
+def gather_dot(a, b, a_index, b_index, weight):
+    """(a[a_index] * b[b_index]) @ weight: for each pair of rows of tables a [A, D] and b [B, D] (indexed by the
+    TableIndex a_index and b_index), the sum of their element-wise product weighted by weight [D]. In the tables'
+    dtype, autocast or not. GMF's share of NeuMF's logit, without its [N, D] intermediates:
+
+    the forward gathers, multiplies and sums piece by piece in cache, where torch wrote both gathers, the product
+    and its gradient at full size and read them back; the backward needs no per-pair rows at all. a's gradient is
+    weight * sum over a row's pairs of grad * b[b_index] (one embedding_bag with per-sample weights, b's likewise),
+    and weight's is sum over a's rows of a * that sum. At 2^20 pairs of ml-20m's 64-wide tables, forward and
+    backward xx ms against yy ms (benchmarks/README.md).
+    """
+    return _GatherDot.apply(a, b, a_index, b_index, weight)
 
 
-class _GatherRows(torch.autograd.Function):
+class _GatherDot(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, table, index):
-        ctx.save_for_backward(index)
-        ctx.rows = table.shape[0]
-        return torch.index_select(table, 0, index)
+    def forward(ctx, a, b, a_index, b_index, weight):
+        ctx.save_for_backward(a, b, weight, a_index.index, b_index.index)
+        ctx.indices = a_index, b_index
+        return _gather_dot(a, b, a_index.index, b_index.index, weight)
 
     @staticmethod
     def backward(ctx, grad):
-        (index,) = ctx.saved_tensors
-        return sum_rows(grad.contiguous(), index, ctx.rows), None
+        a, b, weight, _, _ = ctx.saved_tensors
+        a_index, b_index = ctx.indices
+        a_sums = a_index.weighted_sums(b, b_index.index, grad)
+        b_sums = b_index.weighted_sums(a, a_index.index, grad)
+        return a_sums * weight, b_sums * weight, None, None, (a * a_sums).sum(0)
 
 
-def sum_rows(grad, index, rows):
-    """The gradient [rows, D] of a row gather: row r sums the rows of grad [N, D] whose index is r, in fp32
-    whatever grad's dtype (a bf16 sum is rounded once, at the end).
+@torch.autocast("cpu", enabled=False)  # torch.mv in the tables' dtype
+def _gather_dot(a, b, a_index, b_index, weight):
+    out = a.new_empty(a_index.shape[0])
+    rows = min(a_index.shape[0], max(1, GATHER_DOT_PIECE_ELEMENTS // max(1, a.shape[1])))
+    a_rows, b_rows = a.new_empty(rows, a.shape[1]), b.new_empty(rows, b.shape[1])
+    for lo in range(0, a_index.shape[0], rows):
+        piece = slice(lo, lo + rows)
+        count = out[piece].shape[0]
+        products = torch.index_select(a, 0, a_index[piece], out=a_rows[:count])
+        products.mul_(torch.index_select(b, 0, b_index[piece], out=b_rows[:count]))
+        torch.mv(products, weight, out=out[piece])
+    return out
 
-    scatter_add_ of an index expanded along the rows is torch's sorting kernel for this (the one graph
-    libraries use): it sorts the indices once and sums each row's run in parallel, where embedding's own
-    backward (embedding_dense_backward) adds row by row, each through a TensorIterator, each thread
-    scanning all N indices. Both sum in the order of the samples (the same figures); at 2^20 samples
-    into ml-20m's 138,493 users this was measured 1.5x to 2.5x as fast (benchmarks/README.md).
+
+class TableIndex:
+    """An index [N] into a table of `rows` rows, with what summing per-sample gradients into the table's rows
+    takes: the samples sorted by row (stably: each row's in their order) and where each row's run starts.
+    Computed on first use, once however many gathers share the index (the factored first layer and GMF gather
+    the same users and items).
+
+    Each row's sum is then one bag of an embedding_bag, which reads the row's samples, adds them in fp32
+    whatever their dtype and writes the row once, rounded once. torch's sorting scatter_add_ sorted the index
+    again in every call and, for a bf16 gradient, needed an fp32 copy of it to sum in fp32 (a bf16 running sum
+    of ones stops at 256); embedding's own backward adds row by row, each thread scanning all N indices. At
+    2^20 samples into ml-20m's tables: xx (benchmarks/README.md).
     """
-    index = index.long()  # the kernel's index type
-    return grad.new_zeros(rows, grad.shape[1]).scatter_add_(0, index[:, None].expand(-1, grad.shape[1]), grad)
 
+    def __init__(self, index, rows):
+        self.index, self.rows = index, rows
+        self._runs = None
 
-def _relu_dropout_row_sums(grad, y, *gathers):
-    """The tables' gradients of y = relu_dropout_unscaled(a[a_index] + b[b_index]): for each (index, rows) in
-    gathers, sum_rows of the input gradient (_relu_dropout_grad_), in fp32 whatever y's dtype.
+    def runs(self):
+        """(order, starts): the samples in row order, and the position in order of each row's first sample."""
+        if self._runs is None:
+            ordered, order = torch.sort(self.index, stable=True)
+            if ordered.numel() and not 0 <= ordered[0] <= ordered[-1] < self.rows:  # else summed into wrong rows
+                bad = int(ordered[0] if ordered[0] < 0 else ordered[-1])
+                raise IndexError(f"index {bad} is out of range for a table of {self.rows} rows")
+            starts = torch.zeros(self.rows, dtype=torch.int64)
+            torch.cumsum(torch.bincount(self.index, minlength=self.rows)[: self.rows - 1], 0, out=starts[1:])
+            self._runs = order, starts
+        return self._runs
 
-    fp32 even under bf16 autocast: a row shared by thousands of samples would otherwise accumulate in bf16, whose
-    running sum of ones stops at 256 (autograd casts the result back to the tables' dtype once). The gradient is
-    rectified and summed in pieces of SUM_PIECE_ELEMENTS through one reused fp32 buffer, where the whole one
-    was written to fresh memory and read back once per table: bf16 steps at 2^20 7% faster (benchmarks/README.md).
-    The sums are the same to the last bit: scatter_add_ adds each sample's row into its table row in the order
-    of the samples, so piece after piece as in one call.
-    """
-    width = y.shape[1]
-    sums = [torch.zeros(rows, width) for _, rows in gathers]
-    rows_per_piece = max(1, min(y.shape[0], SUM_PIECE_ELEMENTS // max(1, width)))
-    buffer = torch.empty(rows_per_piece, width)
-    for lo in range(0, y.shape[0], rows_per_piece):
-        rows = slice(lo, lo + rows_per_piece)
-        piece = buffer[: y[rows].shape[0]]
-        # threshold_backward casts a bf16 gradient to fp32 as it writes it: one pass
-        torch.ops.aten.threshold_backward(grad[rows], y[rows], 0.0, grad_input=piece)
-        for total, (index, _) in zip(sums, gathers, strict=True):
-            total.scatter_add_(0, index[rows].long()[:, None].expand(-1, width), piece)
-    return sums
+    def sums(self, values):
+        """[rows, D] in values' dtype: row r sums the rows of values [N, D] whose index is r (0 if none)."""
+        if not values.shape[1]:  # embedding_bag refuses a 0-wide table
+            return values.new_zeros(self.rows, 0)
+        order, starts = self.runs()
+        return torch.nn.functional.embedding_bag(order, values, starts, mode="sum")
+
+    def weighted_sums(self, table, table_index, weights):
+        """[rows, D] in table's dtype: row r sums weights[n] * table[table_index[n]] over the samples n whose
+        index is r (0 if none)."""
+        if not table.shape[1]:
+            return table.new_zeros(self.rows, 0)
+        order, starts = self.runs()
+        return torch.nn.functional.embedding_bag(table_index[order], table, starts, mode="sum",
+                                                 per_sample_weights=weights[order])
 
 
 def _row_pieces(x):
@@ -208,16 +240,20 @@ def _apply_relu_dropout_(x, p):
 
 def _relu_dropout_grad_(grad, y):
     """The input gradient of y = relu_dropout_unscaled(x): grad where y > 0, else 0 (the dropout scale is in
-    grad already, through the next layer's scaled weights).
+    grad already, through the next layer's scaled weights), in one call over the whole tensor (pieces were
+    slower here: nothing reads a piece again while it is in cache).
 
-    threshold_backward is ReLU's own vectorised backward kernel (much faster than torch.where with a
-    boolean mask). The result is written over y, which nothing needs any more: every node that saved y
-    consumed it, so has run its backward before this one (and autograd's version check would stop a
-    retained graph from reading it again).
+    The result is written over y, which nothing needs any more: every node that saved y consumed it, so has run
+    its backward before this one (and autograd's version check would stop a retained graph from reading it
+    again). In bf16 on the floats' bits, as _apply_relu_dropout_ does: clamping y's bits, read as int16, to
+    [0, 1] gives 1 where y > 0 (or is a NaN without its sign bit, which then passes its gradient on) and 0
+    elsewhere, -0.0 included, and an integer product with grad's bits keeps or zeroes them: 1.7x-2.2x as fast
+    as threshold_backward, which converts every bf16 element to fp32 and back (benchmarks/README.md). In fp32,
+    threshold_backward (ReLU's own vectorised backward) was the faster.
     """
-    for rows in _row_pieces(y)[1]:
-        torch.ops.aten.threshold_backward(grad[rows], y[rows], 0.0, grad_input=y[rows])
-    return y
+    if y.dtype == grad.dtype == torch.bfloat16:
+        return y.view(torch.int16).clamp_(0, 1).mul_(grad.view(torch.int16)).view(y.dtype)
+    return torch.ops.aten.threshold_backward(grad, y, 0.0, grad_input=y)
 
 
 def eager_under_compile(fn):

@@ -66,8 +66,7 @@ class NeuMF(nn.Module):
         """Logits of shape [B] for index tensors `user`, `item` of shape [B] (int32 or int64)."""
         if self._factor_first_layer(user.shape[0]):
             return self._forward_factored(user, item)
-        # split, not slicing: its backward writes the table gradient rows in one pass, where each
-        # slice's backward would zero-fill a [B, mf_dim + mlp_half] tensor and then add into it.
+        # split, not slicing: its backward writes the table gradient rows in one pass (each slice's would zero-fill)
         u_mf, u_mlp = self.user_embed(user).split((self.mf_dim, self.mlp_half), 1)
         i_mf, i_mlp = self.item_embed(item).split((self.mf_dim, self.mlp_half), 1)
         if not len(self.mlp):  # an MLP branch of embeddings only (--layers of one size), or none (GMF)
@@ -105,13 +104,13 @@ class NeuMF(nn.Module):
         return torch.addmm(nn.functional.linear(user_mlp, weight_user, first.bias), item_mlp, weight_item.t())
 
     def _output(self, gmf, mlp, mlp_scale=1.0):
-        """The output layer on [gmf | mlp], as one product per part: no concatenated copy of both."""
+        """The output layer on [gmf | mlp], one product per part (no concatenated copy); or gmf is its share ([B])."""
         weight_gmf, weight_mlp = self.final.weight.split((self.mf_dim, mlp.shape[1]), 1)
         # The 1-wide output layer runs in fp32 even under autocast: it costs nothing, and low-precision
         # logits would create ties between candidates that the HR@k rank counts against the model.
         with torch.autocast(device_type=mlp.device.type, enabled=False):
             logits = nn.functional.linear(mlp.float(), weight_mlp * mlp_scale, self.final.bias)
-            return logits.addmm_(gmf.float(), weight_gmf.t()).squeeze(1)
+            return logits.squeeze(1) + gmf if gmf.dim() == 1 else logits.addmm_(gmf.float(), weight_gmf.t()).squeeze(1)
 
     def _first_layer_terms(self, user_mlp, item_mlp):
         """The first MLP layer is linear in the concatenation [user | item]: W [u; i] + b = (W_u u + b) + W_i i.
@@ -125,13 +124,14 @@ class NeuMF(nn.Module):
 
     def _forward_factored(self, user, item):
         """forward when the batch outnumbers the table rows (CPU kernels): the first layer's terms per row, gathered
-        per pair; same function up to rounding, same dropout masks. Tables are split as in forward (one gradient)."""
+        per pair, and GMF's logits without per-pair vectors; same function up to rounding, same dropout masks."""
         user_mf, user_mlp = self.user_embed.weight.split((self.mf_dim, self.mlp_half), 1)
         item_mf, item_mlp = self.item_embed.weight.split((self.mf_dim, self.mlp_half), 1)
+        users, items = cpu_kernels.TableIndex(user, self.nb_users), cpu_kernels.TableIndex(item, self.nb_items)
         user_term, item_term = self._first_layer_terms(user_mlp, item_mlp)
         p = self.dropout if self.training else 0.0
-        hidden = cpu_kernels.gather_add_relu_dropout_unscaled(user_term, item_term, user, item, p)
-        gmf = cpu_kernels.gather_rows(user_mf, user) * cpu_kernels.gather_rows(item_mf, item)
+        hidden = cpu_kernels.gather_add_relu_dropout_unscaled(user_term, item_term, users, items, p)
+        gmf = cpu_kernels.gather_dot(user_mf, item_mf, users, items, self.final.weight[0, : self.mf_dim])
         return self._output(gmf, self._mlp(hidden), self._dropout_scale())
 
     @torch.no_grad()

@@ -7,7 +7,6 @@ forward's logits and gradients; the in-place evaluation scorer must rank like th
 """
 import pytest
 import torch
-from torch import nn
 
 import cpu_kernels
 import neumf
@@ -50,19 +49,30 @@ def test_the_relu_and_mask_work_on_the_floats_bits(dtype, mask_dtype, p):
     assert y.dtype == dtype and torch.equal(y, torch.where(mask > 0, x.clamp_min(0), 0.0).to(dtype))
 
 
+def _rounded_once(got, exact, dtype):
+    """got is exact (fp32 or float64) rounded once to dtype: to the last bit in fp32; in bf16 to a nearest value
+    (embedding_bag rounds a tie away from zero, torch's casts to even)."""
+    if dtype == torch.float32:
+        return got.dtype == dtype and torch.equal(got, exact.float())
+    exact = exact.double()
+    nearest = (exact.to(dtype).double() - exact).abs()
+    return got.dtype == dtype and bool(torch.all((got.double() - exact).abs() <= nearest))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("piece_rows", [2048, 1, None])  # three pieces (the last partial), 5000, one
+@pytest.mark.parametrize("piece_rows", [2048, 32, None])  # three pieces (the last partial), 157, one
 def test_the_gather_kernels_backward_sums_rows_in_fp32_over_every_piece(monkeypatch, dtype, piece_rows):
-    """The gradient is rectified and summed into both tables piece by piece, and every row's sum is the fp32
-    sum of its samples in their order, to the last bit (then rounded once to the tables' dtype): row 0 of `a`
-    takes 5000 / 7 ones-sized gradients, past bf16's 256."""
+    """The gradient is rectified piece by piece, and every row's sum is the fp32 sum of its samples in their order,
+    to the last bit (then rounded once to the tables' dtype): row 0 of `a` takes 5000 / 7 ones-sized gradients,
+    past bf16's 256. Rows never gathered get zeros."""
     if piece_rows:
-        monkeypatch.setattr(cpu_kernels, "SUM_PIECE_ELEMENTS", piece_rows * 256)
+        monkeypatch.setattr(cpu_kernels, "PIECE_ELEMENTS", piece_rows * 256)
     torch.manual_seed(0)
     a, b = torch.randn(7, 256).to(dtype), torch.randn(300, 256).to(dtype)
-    a_index, b_index = torch.randint(0, 7, (5000,), dtype=torch.int32), torch.randint(0, 300, (5000,))
+    a_index, b_index = torch.randint(0, 7, (5000,), dtype=torch.int32), torch.randint(0, 290, (5000,))
     a.requires_grad_(), b.requires_grad_()
-    y = cpu_kernels.gather_add_relu_dropout_unscaled(a, b, a_index, b_index, 0.0)
+    indices = cpu_kernels.TableIndex(a_index, 7), cpu_kernels.TableIndex(b_index, 300)
+    y = cpu_kernels.gather_add_relu_dropout_unscaled(a, b, *indices, 0.0)
     grad = torch.randn(5000, 256).to(dtype)
     expected_grad = torch.where(y > 0, grad, 0).float()  # before the backward, which writes over y
     grads = torch.autograd.grad(y, (a, b), grad)
@@ -70,7 +80,23 @@ def test_the_gather_kernels_backward_sums_rows_in_fp32_over_every_piece(monkeypa
         expected = torch.zeros(rows, 256)
         for sample, row in enumerate(index.tolist()):  # one sample after another
             expected[row] += expected_grad[sample]
-        assert total.dtype == dtype and torch.equal(total, expected.to(dtype))
+        assert _rounded_once(total, expected, dtype)
+    assert torch.count_nonzero(grads[1][290:]) == 0
+
+
+def test_the_gather_kernels_backward_refuses_an_index_changed_since_the_forward():
+    """The sums are grouped by the index the forward read: an index changed in place in between would put the
+    gradients in the wrong rows, so autograd's version check stops it."""
+    a, b = torch.randn(4, 8, requires_grad=True), torch.randn(5, 8, requires_grad=True)
+    a_index, b_index = torch.tensor([0, 1, 3]), torch.tensor([4, 4, 0])
+    y = cpu_kernels.gather_add_relu_dropout_unscaled(
+        a, b, cpu_kernels.TableIndex(a_index, 4), cpu_kernels.TableIndex(b_index, 5), 0.5)
+    g = cpu_kernels.gather_dot(a, b, cpu_kernels.TableIndex(a_index, 4), cpu_kernels.TableIndex(b_index, 5),
+                               torch.ones(8))
+    b_index[0] = 1
+    for out in (y, g):
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.sum().backward()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -101,38 +127,83 @@ def test_gather_add_refuses_a_row_outside_its_table(a_index, b_index):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
-def test_gather_rows_is_embedding_forward_and_backward(dtype, index_dtype):
-    """Rows gathered as embedding gathers them, and the table gradient embedding's own backward gives in fp32:
-    rows taken many times sum all their gradients, rows never taken get zeros. A bf16 gradient is summed in
-    fp32 and rounded once (embedding's own bf16 backward rounds at every addition: 10x the error here)."""
+def test_table_index_sums_each_rows_samples_in_fp32(dtype, index_dtype):
+    """Row r sums the samples whose index is r (rows never taken get zeros), in fp32 rounded once to the values'
+    dtype, as embedding's own backward sums in fp32 (its bf16 backward rounds at every addition: 10x the error)."""
     torch.manual_seed(0)
-    table = torch.randn(50, 24, dtype=dtype)
     index = torch.randint(0, 40, (3000,), dtype=index_dtype)  # rows 40..49 never taken
-    grad = torch.randn(3000, 24, dtype=dtype)
-    ours = table.clone().requires_grad_()
-    rows = cpu_kernels.gather_rows(ours, index)
-    assert torch.equal(rows, nn.functional.embedding(index, table))
-    rows.backward(grad)
-    expected = torch.ops.aten.embedding_dense_backward(grad.float(), index, 50, -1, False).to(dtype)
-    torch.testing.assert_close(ours.grad, expected, rtol=0, atol=0)
-    assert torch.count_nonzero(ours.grad[40:]) == 0
+    grad = torch.randn(3000, 24).to(dtype)
+    rows = cpu_kernels.TableIndex(index, 50)
+    summed = rows.sums(grad)
+    expected = torch.ops.aten.embedding_dense_backward(grad.float(), index, 50, -1, False)
+    assert _rounded_once(summed, expected, dtype)
+    assert torch.count_nonzero(summed[40:]) == 0
+    assert rows.runs() is rows.runs()  # sorted once, however many gathers share the index
+    assert rows.sums(grad[:, :0]).shape == (50, 0)
 
 
-def test_sum_rows_adds_every_sample_of_a_row():
+def test_table_index_sums_add_every_sample_of_a_row():
     grad = torch.tensor([[1.0, 2.0], [10.0, 20.0], [100.0, 200.0]])
-    summed = cpu_kernels.sum_rows(grad, torch.tensor([2, 0, 2], dtype=torch.int32), 4)
+    summed = cpu_kernels.TableIndex(torch.tensor([2, 0, 2], dtype=torch.int32), 4).sums(grad)
     assert summed.tolist() == [[10.0, 20.0], [0.0, 0.0], [101.0, 202.0], [0.0, 0.0]]
+    table, table_index = torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([1, 0, 0], dtype=torch.int32)
+    weighted = cpu_kernels.TableIndex(torch.tensor([2, 0, 2]), 4).weighted_sums(table, table_index,
+                                                                              torch.tensor([5.0, 6.0, 7.0]))
+    assert weighted.tolist() == [[6.0, 12.0], [0.0, 0.0], [22.0, 34.0], [0.0, 0.0]]  # 6 [1, 2]; 5 [3, 4] + 7 [1, 2]
 
 
-@pytest.mark.parametrize("width", [4, 256])  # torch's scatter_add_ takes its sorting kernel from 16 columns on
-def test_sum_rows_of_a_bf16_gradient_adds_in_fp32(width):
+@pytest.mark.parametrize("bad", [4, -1])
+def test_table_index_refuses_a_row_outside_its_table(bad):
+    """Sorted, a row past the table's last would be summed into the last row's run, silently."""
+    rows = cpu_kernels.TableIndex(torch.tensor([0, bad, 3]), 4)
+    with pytest.raises(IndexError, match=f"index {bad} is out of range for a table of 4 rows"):
+        rows.sums(torch.ones(3, 2))
+
+
+def test_table_index_sums_of_a_bf16_gradient_add_in_fp32():
     """Each row sums ~700 ones: a bf16 running sum would stop at 256; an fp32 one rounded once is the count."""
     torch.manual_seed(0)
     index = torch.randint(0, 7, (5000,))
-    summed = cpu_kernels.sum_rows(torch.ones(5000, width, dtype=torch.bfloat16), index, 7)
+    summed = cpu_kernels.TableIndex(index, 7).sums(torch.ones(5000, 256, dtype=torch.bfloat16))
     counts = torch.bincount(index, minlength=7).float()
     assert summed.dtype == torch.bfloat16
-    assert torch.equal(summed.float(), counts[:, None].expand(7, width).bfloat16().float())
+    assert torch.equal(summed.float(), counts[:, None].expand(7, 256).bfloat16().float())
+
+
+@pytest.mark.parametrize("piece_rows", [64, None])  # 47 pieces, the last partial; one
+def test_gather_dot_is_the_weighted_product_of_each_pair_with_its_gradients(monkeypatch, piece_rows):
+    """GMF's logits (a[i] * b[j]) @ w and their gradients for a, b and w, as plain torch computes them (float64
+    here; fp32 rounding apart), in fp32 under bf16 autocast too; rows never gathered get zero gradients."""
+    if piece_rows:
+        monkeypatch.setattr(cpu_kernels, "GATHER_DOT_PIECE_ELEMENTS", piece_rows * 16)
+    torch.manual_seed(0)
+    a, b, w = torch.randn(50, 16), torch.randn(30, 16), torch.randn(16)
+    a_index, b_index = torch.randint(0, 45, (3000,), dtype=torch.int32), torch.randint(0, 30, (3000,))
+    grad = torch.randn(3000)
+    ours = [t.clone().requires_grad_() for t in (a, b, w)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = cpu_kernels.gather_dot(ours[0], ours[1], cpu_kernels.TableIndex(a_index, 50),
+                                     cpu_kernels.TableIndex(b_index, 30), ours[2])
+    got.backward(grad)
+    plain = [t.double().requires_grad_() for t in (a, b, w)]
+    expected = (plain[0][a_index.long()] * plain[1][b_index]) @ plain[2]
+    expected.backward(grad.double())
+    assert got.dtype == torch.float32 and got.shape == (3000,)
+    torch.testing.assert_close(got.double(), expected.detach(), rtol=1e-5, atol=1e-5)
+    for mine, theirs in zip(ours, plain, strict=True):
+        assert mine.grad.dtype == torch.float32
+        torch.testing.assert_close(mine.grad.double(), theirs.grad, rtol=1e-5, atol=1e-4)
+    assert torch.count_nonzero(ours[0].grad[45:]) == 0
+
+
+def test_gather_dot_of_zero_wide_tables_is_zero():
+    """model="mlp": NeuMF with a 0-wide GMF branch."""
+    a, b, w = torch.randn(5, 0, requires_grad=True), torch.randn(3, 0, requires_grad=True), torch.randn(0)
+    got = cpu_kernels.gather_dot(a, b, cpu_kernels.TableIndex(torch.tensor([4, 0]), 5),
+                                 cpu_kernels.TableIndex(torch.tensor([2, 2]), 3), w)
+    assert got.tolist() == [0.0, 0.0]
+    got.sum().backward()
+    assert a.grad.shape == (5, 0) and b.grad.shape == (3, 0)
 
 
 def test_mask_table_reads_each_bit_field_of_a_byte():
