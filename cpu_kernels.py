@@ -148,6 +148,26 @@ class _GatherDot(torch.autograd.Function):
         return a_sums * weight, b_sums * weight, None, None, (a * a_sums).sum(0)
 
 
+def embedding(index, table):
+    """nn.functional.embedding(index, table): the rows of table [R, D] at index [N], whose backward sums the
+    gradient into the table's rows as TableIndex.sums does: at 65,536 samples into ml-20m's 192-wide tables, xx
+    against embedding's own backward (benchmarks/README.md); the same fp32 sums, in the samples' order."""
+    return _Embedding.apply(index, table)
+
+
+class _Embedding(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, index, table):
+        ctx.save_for_backward(index)
+        ctx.rows = table.shape[0]
+        return torch.index_select(table, 0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        return None, TableIndex(index, ctx.rows).sums(grad.contiguous())
+
+
 @torch.autocast("cpu", enabled=False)  # torch.mv in the tables' dtype
 def _gather_dot(a, b, a_index, b_index, weight):
     out = a.new_empty(a_index.shape[0])

@@ -66,17 +66,17 @@ class NeuMF(nn.Module):
         """Logits of shape [B] for index tensors `user`, `item` of shape [B] (int32 or int64)."""
         if self._factor_first_layer(user.shape[0]):
             return self._forward_factored(user, item)
+        embed = cpu_kernels.embedding if self.cpu_kernels else nn.functional.embedding
         # split, not slicing: its backward writes the table gradient rows in one pass (each slice's would zero-fill)
-        u_mf, u_mlp = self.user_embed(user).split((self.mf_dim, self.mlp_half), 1)
-        i_mf, i_mlp = self.item_embed(item).split((self.mf_dim, self.mlp_half), 1)
+        u_mf, u_mlp = embed(user, self.user_embed.weight).split((self.mf_dim, self.mlp_half), 1)
+        i_mf, i_mlp = embed(item, self.item_embed.weight).split((self.mf_dim, self.mlp_half), 1)
         if not len(self.mlp):  # an MLP branch of embeddings only (--layers of one size), or none (GMF)
             return self._output(u_mf * i_mf, torch.cat((u_mlp, i_mlp), dim=1))
         hidden = self._relu_dropout(self._first_layer(u_mlp, i_mlp))
         return self._output(u_mf * i_mf, self._mlp(hidden), self._dropout_scale())
 
     def _factor_first_layer(self, batch):
-        # Per-row work beats per-pair work when the batch outnumbers the table rows; measured on CPUs
-        # only (benchmarks/README.md), so GPUs keep the recipe's per-pair layout.
+        # Per-row beats per-pair work when the batch outnumbers the table rows; measured on CPUs only (GPUs: per pair)
         return self.cpu_kernels and len(self.mlp) > 0 and batch >= self.nb_users + self.nb_items
 
     def _mlp(self, x):

@@ -142,6 +142,25 @@ def test_table_index_sums_each_rows_samples_in_fp32(dtype, index_dtype):
     assert rows.sums(grad[:, :0]).shape == (50, 0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_embedding_is_torchs_forward_and_backward(dtype, index_dtype):
+    """Rows gathered as nn.functional.embedding gathers them; the table gradient embedding's own backward gives in
+    fp32, rounded once to the table's dtype: rows taken many times sum all their gradients, rows never taken get
+    zeros."""
+    torch.manual_seed(0)
+    table = torch.randn(50, 24, dtype=dtype)
+    index = torch.randint(0, 40, (3000,), dtype=index_dtype)  # rows 40..49 never taken
+    grad = torch.randn(3000, 24, dtype=dtype)
+    ours = table.clone().requires_grad_()
+    rows = cpu_kernels.embedding(index, ours)
+    assert torch.equal(rows, torch.nn.functional.embedding(index, table))
+    rows.backward(grad)
+    expected = torch.ops.aten.embedding_dense_backward(grad.float(), index, 50, -1, False)
+    assert _rounded_once(ours.grad, expected, dtype)
+    assert torch.count_nonzero(ours.grad[40:]) == 0
+
+
 def test_table_index_sums_add_every_sample_of_a_row():
     grad = torch.tensor([[1.0, 2.0], [10.0, 20.0], [100.0, 200.0]])
     summed = cpu_kernels.TableIndex(torch.tensor([2, 0, 2], dtype=torch.int32), 4).sums(grad)
