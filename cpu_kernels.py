@@ -21,7 +21,8 @@ import torch
 # stays small. On a 2-core Xeon with 2 MiB of L2 a core, 2^21 (8 MiB of fp32) made whole training steps at
 # 2^20 14-17% faster than 2^19, in bf16 and fp32 (2^22 the same, 2^23 slower; benchmarks/README.md).
 PIECE_ELEMENTS = 1 << 21
-# gather_dot gathers and multiplies pieces of this many elements (xx).
+# gather_dot gathers and multiplies pieces of this many elements: 65,536 rows of 64, whose forward over 2^20 pairs
+# took 45 ms, against 97 ms in pieces of 8,192 rows, 58 ms of 32,768 and 56 ms of 262,144 (benchmarks/README.md).
 GATHER_DOT_PIECE_ELEMENTS = 1 << 22
 
 
@@ -126,9 +127,12 @@ def gather_dot(a, b, a_index, b_index, weight):
     the forward gathers, multiplies and sums piece by piece in cache, where torch wrote both gathers, the product
     and its gradient at full size and read them back; the backward needs no per-pair rows at all. a's gradient is
     weight * sum over a row's pairs of grad * b[b_index] (one embedding_bag with per-sample weights, b's likewise),
-    and weight's is sum over a's rows of a * that sum. At 2^20 pairs of ml-20m's 64-wide tables, forward and
-    backward xx ms against yy ms (benchmarks/README.md).
+    and weight's is sum over a's rows of a * that sum. At 2^20 pairs of ml-20m's 64-wide fp32 tables, timed alone:
+    the forward 45 ms against 129-137 ms, the user table's gradient 13 ms against 138 ms (benchmarks/README.md).
     """
+    if a_index.index.shape != b_index.index.shape:  # else the longer one's extra pairs would go unread
+        sizes = f"{a_index.index.shape[0]} and {b_index.index.shape[0]}"
+        raise ValueError(f"gather_dot needs one index per pair: got {sizes}")
     return _GatherDot.apply(a, b, a_index, b_index, weight)
 
 
@@ -171,7 +175,7 @@ class _Embedding(torch.autograd.Function):
 @torch.autocast("cpu", enabled=False)  # torch.mv in the tables' dtype
 def _gather_dot(a, b, a_index, b_index, weight):
     out = a.new_empty(a_index.shape[0])
-    rows = min(a_index.shape[0], max(1, GATHER_DOT_PIECE_ELEMENTS // max(1, a.shape[1])))
+    rows = max(1, min(a_index.shape[0], GATHER_DOT_PIECE_ELEMENTS // max(1, a.shape[1])))
     a_rows, b_rows = a.new_empty(rows, a.shape[1]), b.new_empty(rows, b.shape[1])
     for lo in range(0, a_index.shape[0], rows):
         piece = slice(lo, lo + rows)
@@ -191,8 +195,10 @@ class TableIndex:
     Each row's sum is then one bag of an embedding_bag, which reads the row's samples, adds them in fp32
     whatever their dtype and writes the row once, rounded once. torch's sorting scatter_add_ sorted the index
     again in every call and, for a bf16 gradient, needed an fp32 copy of it to sum in fp32 (a bf16 running sum
-    of ones stops at 256); embedding's own backward adds row by row, each thread scanning all N indices. At
-    2^20 samples into ml-20m's tables: xx (benchmarks/README.md).
+    of ones stops at 256); embedding's own backward adds row by row, each thread scanning all N indices. The
+    factored first layer's two table gradients (2^20 bf16 samples, 256 wide, ml-20m's tables), timed alone: 341 ms
+    by scatter_add_ in pieces, about 210 ms by two bags, the two sorts and the in-place ReLU/mask gradient
+    (benchmarks/README.md).
     """
 
     def __init__(self, index, rows):

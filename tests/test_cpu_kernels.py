@@ -215,6 +215,18 @@ def test_gather_dot_is_the_weighted_product_of_each_pair_with_its_gradients(monk
     assert torch.count_nonzero(ours[0].grad[45:]) == 0
 
 
+def test_gather_dot_of_no_pairs_is_empty_and_of_unequal_indices_refused():
+    a, b, w = torch.randn(5, 4, requires_grad=True), torch.randn(3, 4), torch.randn(4)
+    got = cpu_kernels.gather_dot(a, b, cpu_kernels.TableIndex(torch.tensor([], dtype=torch.int64), 5),
+                                 cpu_kernels.TableIndex(torch.tensor([], dtype=torch.int64), 3), w)
+    assert got.shape == (0,)
+    got.sum().backward()
+    assert torch.count_nonzero(a.grad) == 0
+    with pytest.raises(ValueError, match="one index per pair: got 2 and 1"):
+        cpu_kernels.gather_dot(a, b, cpu_kernels.TableIndex(torch.tensor([0, 1]), 5),
+                               cpu_kernels.TableIndex(torch.tensor([2]), 3), w)
+
+
 def test_gather_dot_of_zero_wide_tables_is_zero():
     """model="mlp": NeuMF with a 0-wide GMF branch."""
     a, b, w = torch.randn(5, 0, requires_grad=True), torch.randn(3, 0, requires_grad=True), torch.randn(0)
