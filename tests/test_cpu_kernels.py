@@ -59,6 +59,20 @@ def _rounded_once(got, exact, dtype):
     return got.dtype == dtype and bool(torch.all((got.double() - exact).abs() <= nearest))
 
 
+@pytest.mark.parametrize(("dtype", "bits"), [(torch.bfloat16, torch.int16), (torch.float32, torch.int32)])
+def test_the_relu_dropout_gradient_passes_where_the_output_is_positive_and_overwrites_it(dtype, bits):
+    """grad where y > 0, else 0, written over y; -0.0 (torch's own mask path can leave it) gets none. A NaN passes
+    its gradient on, as threshold_backward lets it (NaN <= 0 is false), except in bf16, worked on the bits, a NaN
+    with its sign bit set (which only torch's own mask path can leave)."""
+    y = torch.tensor([0.0, -0.0, 1.5, float("inf"), 3.0, 0.0, float("nan")], dtype=dtype)
+    y.view(bits)[5] = -64 if dtype == torch.bfloat16 else -4194304  # 0xffc0, 0xffc00000: a NaN with its sign bit set
+    assert y[5].isnan() and y.view(bits)[5] < 0
+    grad = torch.arange(1.0, 8.0).to(dtype)
+    out = cpu_kernels._relu_dropout_grad_(grad, y)
+    assert out.data_ptr() == y.data_ptr()
+    assert out.tolist() == [0.0, 0.0, 3.0, 4.0, 5.0, 0.0 if dtype == torch.bfloat16 else 6.0, 7.0]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("piece_rows", [2048, 32, None])  # three pieces (the last partial), 157, one
 def test_the_gather_kernels_backward_sums_rows_in_fp32_over_every_piece(monkeypatch, dtype, piece_rows):
@@ -84,7 +98,8 @@ def test_the_gather_kernels_backward_sums_rows_in_fp32_over_every_piece(monkeypa
     assert torch.count_nonzero(grads[1][290:]) == 0
 
 
-def test_the_gather_kernels_backward_refuses_an_index_changed_since_the_forward():
+@pytest.mark.parametrize("changed", [0, 1])
+def test_the_gather_kernels_backward_refuses_an_index_changed_since_the_forward(changed):
     """The sums are grouped by the index the forward read: an index changed in place in between would put the
     gradients in the wrong rows, so autograd's version check stops it."""
     a, b = torch.randn(4, 8, requires_grad=True), torch.randn(5, 8, requires_grad=True)
@@ -93,7 +108,7 @@ def test_the_gather_kernels_backward_refuses_an_index_changed_since_the_forward(
         a, b, cpu_kernels.TableIndex(a_index, 4), cpu_kernels.TableIndex(b_index, 5), 0.5)
     g = cpu_kernels.gather_dot(a, b, cpu_kernels.TableIndex(a_index, 4), cpu_kernels.TableIndex(b_index, 5),
                                torch.ones(8))
-    b_index[0] = 1
+    (a_index, b_index)[changed][0] = 2
     for out in (y, g):
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             out.sum().backward()
@@ -140,6 +155,7 @@ def test_table_index_sums_each_rows_samples_in_fp32(dtype, index_dtype):
     assert torch.count_nonzero(summed[40:]) == 0
     assert rows.runs() is rows.runs()  # sorted once, however many gathers share the index
     assert rows.sums(grad[:, :0]).shape == (50, 0)
+    assert rows.weighted_sums(grad[:, :0], index, torch.ones(3000, dtype=dtype)).shape == (50, 0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
