@@ -213,7 +213,7 @@ class TableIndex:
             if ordered.numel() and not 0 <= ordered[0] <= ordered[-1] < self.rows:  # else summed into wrong rows
                 bad = int(ordered[0] if ordered[0] < 0 else ordered[-1])
                 raise IndexError(f"index {bad} is out of range for a table of {self.rows} rows")
-            starts = torch.searchsorted(ordered, torch.arange(self.rows, dtype=ordered.dtype))
+            starts = torch.searchsorted(ordered, torch.arange(self.rows))
             self._runs = order, starts
         return self._runs
 
