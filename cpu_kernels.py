@@ -67,6 +67,7 @@ class _ReluDropout(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        _refuse_create_graph()
         (y,) = ctx.saved_tensors
         return _relu_dropout_grad_(grad, y), None
 
@@ -76,8 +77,8 @@ def gather_add_relu_dropout_unscaled(a, b, a_index, b_index, p):
     TableIndex a_index and b_index.
 
     The sum is one gather of row pairs (gather_add), then rectified and masked in place piece by piece; the masks
-    are those relu_dropout_unscaled draws for the same shape. The backward rectifies the gradient in place and sums
-    it into gradients of a and b (TableIndex.sums).
+    are those relu_dropout_unscaled draws for the same shape. The backward rectifies the gradient in place, over
+    the output (as relu_dropout_unscaled's does), and sums it into gradients of a and b (TableIndex.sums).
     """
     return _GatherAddReluDropout.apply(a, b, a_index, b_index, p)
 
@@ -92,6 +93,7 @@ class _GatherAddReluDropout(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        _refuse_create_graph()
         y, _, _ = ctx.saved_tensors
         a_index, b_index = ctx.indices
         grad = _relu_dropout_grad_(grad, y)
@@ -130,6 +132,9 @@ def gather_dot(a, b, a_index, b_index, weight):
     and weight's is sum over a's rows of a * that sum. At 2^20 pairs of ml-20m's 64-wide fp32 tables, timed alone:
     the forward 45 ms against 129-137 ms, the user table's gradient 13 ms against 138 ms (benchmarks/README.md).
     """
+    if (a_index.rows, b_index.rows) != (a.shape[0], b.shape[0]):
+        raise ValueError(f"gather_dot's indices are into tables of {a_index.rows} and {b_index.rows} rows, "
+                         f"its tables have {a.shape[0]} and {b.shape[0]}")
     if a_index.index.shape != b_index.index.shape:  # else the longer one's extra pairs would go unread
         sizes = f"{a_index.index.shape[0]} and {b_index.index.shape[0]}"
         raise ValueError(f"gather_dot needs one index per pair: got {sizes}")
@@ -149,7 +154,9 @@ class _GatherDot(torch.autograd.Function):
         a_index, b_index = ctx.indices
         a_sums = a_index.weighted_sums(b, b_index.index, grad)
         b_sums = b_index.weighted_sums(a, a_index.index, grad)
-        return a_sums * weight, b_sums * weight, None, None, (a * a_sums).sum(0)
+        # weight's gradient from the rows the pairs used only: an inf in a row no pair took would make inf * 0
+        used = a_index.used()
+        return a_sums * weight, b_sums * weight, None, None, (a[used] * a_sums[used]).sum(0)
 
 
 def embedding(index, table):
@@ -203,19 +210,27 @@ class TableIndex:
     """
 
     def __init__(self, index, rows):
+        if index.dtype not in (torch.int32, torch.int64):  # a bool index would read as rows 0 and 1
+            raise TypeError(f"a table index must be int32 or int64, got {index.dtype}")
         self.index, self.rows = index, rows
-        self._runs = None
+        self._runs, self._version = None, None
 
     def runs(self):
-        """(order, starts): the samples in row order, and the position in order of each row's first sample."""
-        if self._runs is None:
+        """(order, starts): the samples in row order, and the position in order of each row's first sample.
+        Sorted again if the index was changed in place since (its version counter)."""
+        if self._version != self.index._version:
             ordered, order = torch.sort(self.index, stable=True)
             if ordered.numel() and not 0 <= ordered[0] <= ordered[-1] < self.rows:  # else summed into wrong rows
                 bad = int(ordered[0] if ordered[0] < 0 else ordered[-1])
                 raise IndexError(f"index {bad} is out of range for a table of {self.rows} rows")
             starts = torch.searchsorted(ordered, torch.arange(self.rows))
-            self._runs = order, starts
+            self._runs, self._version = (order, starts), self.index._version
         return self._runs
+
+    def used(self):
+        """[rows] bool: the rows that have samples."""
+        _, starts = self.runs()
+        return torch.diff(starts, append=starts.new_tensor([self.index.shape[0]])) > 0
 
     def sums(self, values):
         """[rows, D] in values' dtype: row r sums the rows of values [N, D] whose index is r (0 if none)."""
@@ -251,6 +266,8 @@ def _apply_relu_dropout_(x, p):
     does: a diverged run is still stopped, by its weights, each epoch), and the mask of 0 or all ones keeps or
     zeroes an element with one AND.
     """
+    if not 0 <= p < 1:  # NaN included: a p past 1 would keep nothing, a negative one everything
+        raise ValueError(f"dropout p must be in [0, 1), got {p}")
     piece_elements, pieces = _row_pieces(x)
     drawer = _MaskDrawer(piece_elements, p, x.dtype) if p and _mask_bits(p) else None
     if drawer:
@@ -262,6 +279,15 @@ def _apply_relu_dropout_(x, p):
         return x.relu_()
     # p is not a multiple of 1/256: torch's own mask, as its dropout draws it (unscaled).
     return x.clamp_min_(0.0).mul_(torch.empty_like(x).bernoulli_(1.0 - p))
+
+
+def _refuse_create_graph():
+    """In a backward of the ReLU and dropout kernels: their gradient is written on the output's bits, without
+    history, so under backward(create_graph=True) a second derivative would silently leave their term out (and
+    torch.autograd.grad prunes once_differentiable's error node, so that does not stop it)."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("the CPU kernels' ReLU and dropout have no second derivative (their gradient is written on "
+                           "the output's bits); for higher derivatives set model.cpu_kernels = False")
 
 
 def _relu_dropout_grad_(grad, y):

@@ -243,6 +243,74 @@ def test_gather_dot_of_no_pairs_is_empty_and_of_unequal_indices_refused():
                                cpu_kernels.TableIndex(torch.tensor([2]), 3), w)
 
 
+def test_gather_dot_weight_gradient_ignores_rows_no_pair_took():
+    """An inf in a user row the batch never took: plain torch's gradients stay finite, so must these (inf * 0 in a
+    sum over every row would make the output layer's gradient NaN at every step)."""
+    torch.manual_seed(0)
+    a, b, w = torch.randn(10, 4), torch.randn(6, 4), torch.randn(4)
+    a[9, 0] = float("inf")
+    a_index, b_index = torch.randint(0, 9, (40,)), torch.randint(0, 6, (40,))
+    ours = [t.clone().requires_grad_() for t in (a, b, w)]
+    cpu_kernels.gather_dot(ours[0], ours[1], cpu_kernels.TableIndex(a_index, 10),
+                           cpu_kernels.TableIndex(b_index, 6), ours[2]).sum().backward()
+    plain = [t.clone().requires_grad_() for t in (a, b, w)]
+    ((plain[0][a_index] * plain[1][b_index]) @ plain[2]).sum().backward()
+    for mine, theirs in zip(ours, plain, strict=True):
+        torch.testing.assert_close(mine.grad, theirs.grad)
+    assert ours[2].grad.isfinite().all()
+
+
+def test_gather_dot_refuses_indices_into_other_tables():
+    a, b, w = torch.randn(5, 4), torch.randn(3, 4), torch.randn(4)
+    with pytest.raises(ValueError, match="tables of 6 and 3 rows, its tables have 5 and 3"):
+        cpu_kernels.gather_dot(a, b, cpu_kernels.TableIndex(torch.tensor([0]), 6),
+                               cpu_kernels.TableIndex(torch.tensor([0]), 3), w)
+
+
+def test_a_table_index_changed_in_place_is_sorted_again():
+    """A TableIndex kept across two forwards whose index was refilled in between: the second backward must use
+    the new index (each forward saves the index as it then is, so autograd's version check cannot see this)."""
+    torch.manual_seed(0)
+    a, b, w = torch.randn(4, 3, requires_grad=True), torch.randn(3, 3), torch.randn(3)
+    index, other = torch.tensor([0, 0, 1, 2, 3, 3]), torch.tensor([0, 1, 2, 0, 1, 2])
+    rows, other_rows = cpu_kernels.TableIndex(index, 4), cpu_kernels.TableIndex(other, 3)
+    cpu_kernels.gather_dot(a, b, rows, other_rows, w).sum().backward()
+    index.copy_(torch.tensor([3, 3, 3, 3, 3, 1]))
+    a.grad = None
+    cpu_kernels.gather_dot(a, b, rows, other_rows, w).sum().backward()
+    expected = torch.autograd.grad(((a[index] * b[other]) @ w).sum(), a)[0]
+    torch.testing.assert_close(a.grad, expected)
+
+
+def test_table_index_refuses_an_index_that_is_not_integers():
+    with pytest.raises(TypeError, match=r"int32 or int64, got torch\.bool"):
+        cpu_kernels.TableIndex(torch.tensor([True, False]), 2)
+
+
+@pytest.mark.parametrize("p", [-0.5, 1.0, 1.5, float("nan")])
+def test_the_fused_relu_dropout_refuses_p_outside_0_1(p):
+    x = torch.randn(64, 8)
+    with pytest.raises(ValueError, match=r"dropout p must be in \[0, 1\)"):
+        relu_dropout_unscaled(x, p)
+    with pytest.raises(ValueError, match=r"dropout p must be in \[0, 1\)"):
+        cpu_kernels.gather_add_relu_dropout_unscaled(x[:4], x[:4], cpu_kernels.TableIndex(torch.tensor([0]), 4),
+                                                     cpu_kernels.TableIndex(torch.tensor([1]), 4), p)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_relu_dropout_kernels_refuse_double_backward(dtype):
+    """Their gradients are written on the output's bits, with no history: a second derivative through them silently
+    left their term out (torch.autograd.grad prunes once_differentiable's error node), so asking for one raises."""
+    a = torch.randn(4, 5).to(dtype).requires_grad_()
+    index = cpu_kernels.TableIndex(torch.tensor([0, 1, 3]), 4)
+    outputs = cpu_kernels.gather_add_relu_dropout_unscaled(a, a, index, index, 0.5), relu_dropout_unscaled(a * 1, 0.5)
+    for out in outputs:
+        with pytest.raises(RuntimeError, match="no second derivative"):
+            torch.autograd.grad((out.float() ** 2).sum() + (a.float() ** 3).sum(), a, create_graph=True)
+    with pytest.raises(RuntimeError, match="no second derivative"):  # not torch's message about out= arguments
+        torch.autograd.grad(relu_dropout_unscaled(a * 1, 0.5).float().sum(), a, create_graph=True)
+
+
 def test_gather_dot_of_zero_wide_tables_is_zero():
     """model="mlp": NeuMF with a 0-wide GMF branch."""
     a, b, w = torch.randn(5, 0, requires_grad=True), torch.randn(3, 0, requires_grad=True), torch.randn(0)
