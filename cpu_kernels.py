@@ -112,10 +112,8 @@ def gather_add(a, b, a_index, b_index, both=None):
     with ties away from zero where add_ rounds them to even (fbgemm's rounding; the same half-ulp bound).
     """
     for index, table in ((a_index, a), (b_index, b)):  # one past a's rows, or b's -1, would read the other table
-        low, high = index.aminmax() if index.numel() else (0, -1)
-        if low < 0 or high >= table.shape[0]:
-            bad = int(low if low < 0 else high)
-            raise IndexError(f"index {bad} is out of range for a table of {table.shape[0]} rows")
+        if index.numel():
+            _refuse_rows_outside(*index.aminmax(), table.shape[0])
     dtype = torch.promote_types(a_index.dtype, b_index.dtype)
     pairs = torch.stack((a_index.to(dtype), b_index.to(dtype) + a.shape[0]), 1)
     return torch.nn.functional.embedding_bag(pairs, torch.cat((a, b)) if both is None else both, mode="sum")
@@ -194,6 +192,12 @@ def _gather_dot(a, b, a_index, b_index, weight):
     return out
 
 
+def _refuse_rows_outside(low, high, rows):
+    """IndexError unless the lowest and highest index are rows of a table of `rows` rows."""
+    if low < 0 or high >= rows:
+        raise IndexError(f"index {int(low if low < 0 else high)} is out of range for a table of {rows} rows")
+
+
 class TableIndex:
     """An index [N] into a table of `rows` rows, with what summing per-sample gradients into the table's rows
     takes: the samples sorted by row (stably: each row's in their order) and where each row's run starts.
@@ -220,9 +224,8 @@ class TableIndex:
         Sorted again if the index was changed in place since (its version counter)."""
         if self._version != self.index._version:
             ordered, order = torch.sort(self.index, stable=True)
-            if ordered.numel() and not 0 <= ordered[0] <= ordered[-1] < self.rows:  # else summed into wrong rows
-                bad = int(ordered[0] if ordered[0] < 0 else ordered[-1])
-                raise IndexError(f"index {bad} is out of range for a table of {self.rows} rows")
+            if ordered.numel():  # a row past the last would be summed into the last row's run
+                _refuse_rows_outside(ordered[0], ordered[-1], self.rows)
             starts = torch.searchsorted(ordered, torch.arange(self.rows))
             self._runs, self._version = (order, starts), self.index._version
         return self._runs
