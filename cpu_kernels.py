@@ -114,8 +114,7 @@ def gather_add(a, b, a_index, b_index, both=None):
     for index, table in ((a_index, a), (b_index, b)):  # one past a's rows, or b's -1, would read the other table
         if index.numel():
             _refuse_rows_outside(*index.aminmax(), table.shape[0])
-    dtype = torch.promote_types(a_index.dtype, b_index.dtype)
-    pairs = torch.stack((a_index.to(dtype), b_index.to(dtype) + a.shape[0]), 1)
+    pairs = torch.stack((a_index, b_index + a.shape[0]), 1)  # of the wider index dtype (stack promotes)
     return torch.nn.functional.embedding_bag(pairs, torch.cat((a, b)) if both is None else both, mode="sum")
 
 

@@ -124,6 +124,7 @@ def test_gather_add_sums_each_pair_of_rows_rounded_once(dtype):
     got = cpu_kernels.gather_add(a, b, a_index, b_index)
     assert got.dtype == dtype and got.shape == (5000, 256)
     assert torch.equal(cpu_kernels.gather_add(a, b, a_index, b_index, torch.cat((a, b))), got)
+    assert torch.equal(cpu_kernels.gather_add(a, b, a_index, b_index, torch.cat((a, b)) * 2), got * 2)  # it reads both
     exact = a.double()[a_index.long()] + b.double()[b_index]
     if dtype == torch.float32:
         assert torch.equal(got, a[a_index.long()] + b[b_index])
