@@ -253,9 +253,9 @@ class TableIndex:
 
 def _row_pieces(x):
     """(elements of the largest piece, slices of x's rows) for pieces of PIECE_ELEMENTS elements or so,
-    in whole rows, a multiple of 32 of them (the elements of one random word at one bit each, so that
+    in whole rows, a multiple of 64 of them (the elements of one random word at one bit each, so that
     pieces draw the same bits as the whole would)."""
-    rows = min(x.shape[0], max(32, PIECE_ELEMENTS // max(1, x.shape[1]) // 32 * 32))
+    rows = min(x.shape[0], max(64, PIECE_ELEMENTS // max(1, x.shape[1]) // 64 * 64))
     return rows * x.shape[1], [slice(lo, lo + rows) for lo in range(0, x.shape[0], max(1, rows))]
 
 
@@ -263,10 +263,12 @@ def _apply_relu_dropout_(x, p):
     """x = relu_dropout_unscaled(x, p) in place, piece by piece: each piece's mask is drawn and applied while
     the piece is in cache.
 
-    Both on the floats' bits, as integers of the same width: a float with its sign bit set is a negative
-    integer, so clamping the integer at 0 is the ReLU (-0.0 and -inf become 0.0, as a NaN with its sign bit set
-    does: a diverged run is still stopped, by its weights, each epoch), and the mask of 0 or all ones keeps or
-    zeroes an element with one AND.
+    Both in one clamp of the floats' bits, read as integers of the same width: a float with its sign bit set is a
+    negative integer, so clamping the integer at 0 is the ReLU (-0.0 and -inf become 0.0, as a NaN with its sign
+    bit set does: a diverged run is still stopped, by its weights, each epoch), and the mask, an upper bound of 0 or
+    the largest integer, zeroes an element or keeps it. One pass where a clamp at 0 and an AND with a mask of 0 or
+    all ones took two: at 2^21 elements, 0.24 ms against 0.44 in bf16, 0.38 against 0.69 in fp32
+    (benchmarks/README.md).
     """
     if not 0 <= p < 1:  # NaN included: a p past 1 would keep nothing, a negative one everything
         raise ValueError(f"dropout p must be in [0, 1), got {p}")
@@ -275,7 +277,8 @@ def _apply_relu_dropout_(x, p):
     if drawer:
         for rows in pieces:
             piece = x[rows]
-            piece.view(drawer.mask.dtype).clamp_min_(0).bitwise_and_(drawer.draw(piece.shape))
+            bits = piece.view(drawer.mask.dtype)
+            torch.clamp(bits, drawer.zero, drawer.draw(piece.shape), out=bits)
         return x
     if p == 0.0:
         return x.relu_()
@@ -299,16 +302,17 @@ def _relu_dropout_grad_(grad, y):
 
     The result is written over y, which nothing needs any more: every node that saved y consumed it, so has run
     its backward before this one (and autograd's version check would stop a retained graph from reading it
-    again). In bf16 on the floats' bits, as _apply_relu_dropout_ does: clamping y's bits, read as int16, to
-    [0, 1] gives 1 where y > 0 or is a NaN without its sign bit and 0 elsewhere, -0.0 included, and an integer
-    product with grad's bits keeps or zeroes them: 1.7x-2.4x as fast as threshold_backward, which converts every
-    bf16 element to fp32 and back (benchmarks/README.md). In fp32, threshold_backward (ReLU's own vectorised
-    backward) was the faster; it passes every NaN's gradient on (NaN <= 0 is false), where the bits stop a NaN
-    with its sign bit set, which only torch's own mask path (p not a multiple of 1/256) can leave.
+    again). ReLU's own backward, threshold_backward, keeps grad where y > 0; in bf16 it is run on the floats' bits
+    read as int16, as _apply_relu_dropout_ works: an integer is > 0 where y > 0 or is a NaN without its sign bit,
+    and not for -0.0 or anything with its sign bit set. On the floats it converts every bf16 element to fp32 and
+    back: on the bits, 2.6x as fast at 2^20 x 256 (39 ms against 101; benchmarks/README.md). In fp32 the floats
+    themselves, which pass every NaN's gradient on (NaN <= 0 is false), where the bits stop a NaN with its sign bit
+    set, which only torch's own mask path (p not a multiple of 1/256) can leave.
     """
+    dtype = y.dtype
     if y.dtype == grad.dtype == torch.bfloat16:
-        return y.view(torch.int16).clamp_(0, 1).mul_(grad.view(torch.int16)).view(y.dtype)
-    return torch.ops.aten.threshold_backward(grad, y, 0.0, grad_input=y)
+        y, grad = y.view(torch.int16), grad.view(torch.int16)
+    return torch.ops.aten.threshold_backward(grad, y, 0, grad_input=y).view(dtype)
 
 
 def eager_under_compile(fn):
@@ -344,12 +348,12 @@ def dropout_mask(shape, p):
     Each element takes the fewest random bits that express p exactly: one bit for the default p = 0.5,
     two for 0.25 or 0.75, four or eight for other multiples of 1/256; an element is kept iff its bits,
     read as an integer, are >= p 2^bits. Each random byte then becomes its 8 / bits mask values in one
-    table lookup (an embedding gather of a [256, 8 / bits] table): for p = 0.5 the mask costs 1/32 of a
+    table lookup (an index_select of a [256, 8 / bits] table): for p = 0.5 the mask costs 1/64 of a
     random draw and about 1.5 memory passes an element.
     """
     if _mask_bits(p) is None:
         return None
-    return _MaskDrawer(math.prod(shape), p).draw(shape).float().abs_()
+    return _MaskDrawer(math.prod(shape), p).draw(shape).ne(0).float()
 
 
 class _MaskDrawer:
@@ -357,26 +361,27 @@ class _MaskDrawer:
     that masks drawn piece by piece allocate (and page-fault) nothing per piece.
 
     A mask is integers of the width of the activations' dtype (int16 for bf16, int32 for fp32): 0 drops an
-    element, -1 (all bits set) keeps it, applied to the floats' bits by a bitwise AND.
+    element, the largest integer keeps it, applied to the floats' bits as the upper bound of a clamp.
     """
 
     def __init__(self, elements, p, dtype=torch.float32):
         self.bits = _mask_bits(p)
         self.per_byte = 8 // self.bits
         dtype = _SAME_WIDTH_INTEGER[dtype.itemsize]
-        self.table = _mask_table(self.bits, int(p * (1 << self.bits))).to(dtype)
+        self.table = _rows_as_elements(_mask_table(self.bits, int(p * (1 << self.bits)), dtype))
         codes = (elements + self.per_byte - 1) // self.per_byte
-        self.words = torch.empty((codes + 3) // 4, dtype=torch.int32)
+        self.words = torch.empty((codes + 7) // 8, dtype=torch.int64)
         self.codes = torch.empty(codes, dtype=torch.int32)
         self.mask = torch.empty(codes, self.per_byte, dtype=dtype)
+        self.zero = torch.zeros((), dtype=dtype)
 
     @eager_under_compile
     def draw(self, shape):
         count = math.prod(shape)
         codes = (count + self.per_byte - 1) // self.per_byte
         self.codes[:codes].copy_(random_bytes(codes, self.words))
-        mask = torch.index_select(self.table, 0, self.codes[:codes], out=self.mask[:codes])
-        return mask.view(-1)[:count].view(shape)
+        torch.index_select(self.table, 0, self.codes[:codes], out=_rows_as_elements(self.mask[:codes]))
+        return self.mask[:codes].view(-1)[:count].view(shape)
 
 
 def _mask_bits(p):
@@ -388,21 +393,36 @@ _SAME_WIDTH_INTEGER = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 @functools.lru_cache(maxsize=16)
-def _mask_table(bits, threshold):
-    """[256, 8 // bits] int64: for each byte value, the masks of its bit fields, lowest bits first: -1 (all
-    bits set: kept) where the field is >= threshold, else 0."""
+def _mask_table(bits, threshold, dtype):
+    """[256, 8 // bits] of the integer dtype: for each byte value, the masks of its bit fields, lowest bits first:
+    the dtype's largest integer (kept) where the field is >= threshold, else 0."""
     fields = torch.arange(0, 8, bits)
     values = (torch.arange(256)[:, None] >> fields) & ((1 << bits) - 1)
-    return torch.where(values >= threshold, -1, 0)
+    return torch.where(values >= threshold, torch.iinfo(dtype).max, 0).to(dtype)
+
+
+# Rows of a mask table read as one element each: index_select copies a 1-D tensor's elements in a plain loop, a
+# 2-D one's rows by a slower path (at 2^18 codes, 16-byte rows: 0.21 ms as complex128 elements, 0.29 ms as [256, 8]
+# int16 rows; benchmarks/README.md). Elements are copied as they are, whatever floats their bits would read as.
+_ELEMENT_OF_WIDTH = {2: torch.int16, 4: torch.int32, 8: torch.int64, 16: torch.complex128}
+
+
+def _rows_as_elements(x):
+    """x [N, k] (contiguous) viewed as [N] elements of its rows' width, or as [N, m] of 16 bytes for wider rows."""
+    width = x.shape[1] * x.element_size()
+    if width in _ELEMENT_OF_WIDTH:
+        return x.view(_ELEMENT_OF_WIDTH[width]).view(-1)
+    return x.view(torch.complex128)
 
 
 def random_bytes(count, words=None):
-    """`count` uniform random bytes from torch's default CPU generator, four per random draw, drawn into
-    the int32 buffer `words` (at least (count + 3) // 4 long) when given."""
-    needed = (count + 3) // 4
-    words = torch.empty(needed, dtype=torch.int32) if words is None else words[:needed]
-    # The full int32 range: random_() alone would leave each word's top bit 0.
-    return words.random_(-(2**31), 2**31).view(torch.uint8)[:count]
+    """`count` uniform random bytes from torch's default CPU generator, eight per random draw, drawn into
+    the int64 buffer `words` (at least (count + 7) // 8 long) when given."""
+    needed = (count + 7) // 8
+    words = torch.empty(needed, dtype=torch.int64) if words is None else words[:needed]
+    # torch's full 64-bit draw (from the lowest int64, no upper bound). int32 words of their full range took 2.75x
+    # as long a byte: such a range is drawn as a 64-bit number modulo 2^32 (benchmarks/README.md).
+    return words.random_(-(2**63), None).view(torch.uint8)[:count]
 
 
 @torch.no_grad()

@@ -35,7 +35,7 @@ def test_fused_relu_dropout_keeps_one_minus_p_with_the_right_gradient(p):
 @pytest.mark.parametrize("dtype, mask_dtype", [(torch.bfloat16, torch.int16), (torch.float32, torch.int32)])
 @pytest.mark.parametrize("p", [0.5, 0.75, 0.25])
 def test_the_relu_and_mask_work_on_the_floats_bits(dtype, mask_dtype, p):
-    """Masks of 0 or all ones, as integers of the activation's width, ANDed with its bits; the ReLU an integer
+    """Masks of 0 or the largest integer of the activation's width, a clamp of its bits; the ReLU an integer
     clamp: the same figures as the float ReLU where the mask keeps, else 0, bit for bit, -0.0 and +-inf too."""
     assert cpu_kernels._MaskDrawer(64, p, dtype).mask.dtype == mask_dtype
     x = torch.randn(512, 256).to(dtype)
@@ -323,11 +323,12 @@ def test_gather_dot_of_zero_wide_tables_is_zero():
 
 
 def test_mask_table_reads_each_bit_field_of_a_byte():
-    # 2 bits per element, p = 0.25 (kept iff the field is >= 1: -1, all bits set); byte 0b11_10_01_00.
-    table = cpu_kernels._mask_table(2, 1)
-    assert table.shape == (256, 4)
-    assert table[0b11100100].tolist() == [0, -1, -1, -1]
+    # 2 bits per element, p = 0.25 (kept iff the field is >= 1: the largest integer); byte 0b11_10_01_00.
+    table = cpu_kernels._mask_table(2, 1, torch.int16)
+    assert table.shape == (256, 4) and table.dtype == torch.int16
+    assert table[0b11100100].tolist() == [0, 32767, 32767, 32767]
     assert table[0].tolist() == [0] * 4
+    assert cpu_kernels._mask_table(1, 1, torch.int32)[0b10].tolist() == [0, 2**31 - 1] + [0] * 6
 
 
 def test_dropout_mask_keeps_every_position_of_a_byte_alike():
@@ -461,7 +462,7 @@ DROPOUTS = [0.5, 0.25, 6 / 16, 26 / 256, 0.3]
 
 def kernel_masks(batch, widths, p):
     """The dropout masks the CPU kernels draw from torch's generator, rebuilt from their definition
-    (cpu_kernels.dropout_mask): random int32 words read as bytes, each byte split into 8 / bits fields,
+    (cpu_kernels.dropout_mask): random int64 words read as bytes, each byte split into 8 / bits fields,
     lowest bits first; an element is kept, scaled by 1 / (1 - p), iff its field is >= p 2^bits. A p that
     is no multiple of 1/256 gets torch's dropout mask."""
     bits = next((b for b in (1, 2, 4, 8) if (p * (1 << b)).is_integer()), None)
@@ -471,7 +472,7 @@ def kernel_masks(batch, widths, p):
     for width in widths:
         count = batch * width
         codes = -(-count // (8 // bits))
-        words = torch.empty(-(-codes // 4), dtype=torch.int32).random_(-(2**31), 2**31)
+        words = torch.empty(-(-codes // 8), dtype=torch.int64).random_(-(2**63), None)
         data = words.view(torch.uint8)[:codes].long()
         fields = (data[:, None] >> torch.arange(0, 8, bits)) & ((1 << bits) - 1)
         keep = fields.flatten()[:count] >= round(p * (1 << bits))
