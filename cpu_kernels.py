@@ -368,7 +368,7 @@ class _MaskDrawer:
         self.bits = _mask_bits(p)
         self.per_byte = 8 // self.bits
         dtype = _SAME_WIDTH_INTEGER[dtype.itemsize]
-        self.table = _rows_as_elements(_mask_table(self.bits, int(p * (1 << self.bits)), dtype))
+        self.table = _mask_table(self.bits, int(p * (1 << self.bits)), dtype)
         codes = (elements + self.per_byte - 1) // self.per_byte
         self.words = torch.empty((codes + 7) // 8, dtype=torch.int64)
         self.codes = torch.empty(codes, dtype=torch.int32)
@@ -380,8 +380,8 @@ class _MaskDrawer:
         count = math.prod(shape)
         codes = (count + self.per_byte - 1) // self.per_byte
         self.codes[:codes].copy_(random_bytes(codes, self.words))
-        torch.index_select(self.table, 0, self.codes[:codes], out=_rows_as_elements(self.mask[:codes]))
-        return self.mask[:codes].view(-1)[:count].view(shape)
+        mask = torch.index_select(self.table, 0, self.codes[:codes], out=self.mask[:codes])
+        return mask.view(-1)[:count].view(shape)
 
 
 def _mask_bits(p):
@@ -399,20 +399,6 @@ def _mask_table(bits, threshold, dtype):
     fields = torch.arange(0, 8, bits)
     values = (torch.arange(256)[:, None] >> fields) & ((1 << bits) - 1)
     return torch.where(values >= threshold, torch.iinfo(dtype).max, 0).to(dtype)
-
-
-# Rows of a mask table read as one element each: index_select copies a 1-D tensor's elements in a plain loop, a
-# 2-D one's rows by a slower path (at 2^18 codes, 16-byte rows: 0.21 ms as complex128 elements, 0.29 ms as [256, 8]
-# int16 rows; benchmarks/README.md). Elements are copied as they are, whatever floats their bits would read as.
-_ELEMENT_OF_WIDTH = {2: torch.int16, 4: torch.int32, 8: torch.int64, 16: torch.complex128}
-
-
-def _rows_as_elements(x):
-    """x [N, k] (contiguous) viewed as [N] elements of its rows' width, or as [N, m] of 16 bytes for wider rows."""
-    width = x.shape[1] * x.element_size()
-    if width in _ELEMENT_OF_WIDTH:
-        return x.view(_ELEMENT_OF_WIDTH[width]).view(-1)
-    return x.view(torch.complex128)
 
 
 def random_bytes(count, words=None):
