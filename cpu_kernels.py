@@ -45,9 +45,18 @@ def relu_dropout_unscaled_(x, p):
     """relu(x) with each element kept with probability 1 - p, else 0: dropout(relu(x), p) / dropout_scale(p),
     computed in place in x, which must be an intermediate result (not a leaf). The backward then writes the
     input gradient over the output (see _ReluDropout)."""
+    p = _dropout_p(p)
     if p == 0.0:
         return x.relu_()
     return _ReluDropout.apply(x, p)
+
+
+def _dropout_p(p):
+    """p (a number or a one-element tensor, as dropout takes) as a float, refused outside [0, 1)."""
+    p = float(p)
+    if not 0 <= p < 1:  # NaN included: a p past 1 would keep nothing, a negative one everything
+        raise ValueError(f"dropout p must be in [0, 1), got {p}")
+    return p
 
 
 class _ReluDropout(torch.autograd.Function):
@@ -80,7 +89,7 @@ def gather_add_relu_dropout_unscaled(a, b, a_index, b_index, p):
     are those relu_dropout_unscaled draws for the same shape. The backward rectifies the gradient in place, over
     the output (as relu_dropout_unscaled's does), and sums it into gradients of a and b (TableIndex.sums).
     """
-    return _GatherAddReluDropout.apply(a, b, a_index, b_index, p)
+    return _GatherAddReluDropout.apply(a, b, a_index, b_index, _dropout_p(p))
 
 
 class _GatherAddReluDropout(torch.autograd.Function):
@@ -177,15 +186,25 @@ class _Embedding(torch.autograd.Function):
         return None, TableIndex(index, ctx.rows).sums(grad.contiguous())
 
 
-def linear(x, weight, bias):
-    """nn.functional.linear(x, weight, bias), under autocast as autocast runs it (all three cast to its dtype),
-    whose bias gradient is ones @ grad, a matrix product, where linear's backward sums grad's columns: the same
-    sums in fp32 (rounded once in bf16), in another order. At 2^20 rows of 128, 17.7 ms against 35.2 in bf16 and
-    19.9 against 38.6 in fp32; of 64, 9.7 against 21.1 and 10.0 against 14.1 (benchmarks/README.md)."""
+def linear(x, weight, bias=None):
+    """nn.functional.linear(x, weight, bias) for x [N, D], weight [O, D] and bias [O] or None, under autocast as
+    autocast runs it (floats other than float64 cast to its dtype), whose bias gradient is ones @ grad, a matrix
+    product, where linear's backward sums grad's columns: the same sums in fp32, in another order. In bf16 they
+    round to the same values; in fp32 the product's are a BLAS's, as the weight gradient's are (about 1e-5 relative
+    at 2^18 rows, where torch's cascaded column sums are within 4e-7). At 2^20 rows of 128, 17.7 ms against 35.2 in
+    bf16 and 19.9 against 38.6 in fp32; of 64, 9.7 against 21.1 and 10.0 against 14.1 (benchmarks/README.md)."""
+    if x.dim() != 2 or weight.dim() != 2 or (bias is not None and bias.dim() != 1):
+        shapes = [None if t is None else list(t.shape) for t in (x, weight, bias)]
+        raise ValueError(f"cpu_kernels.linear takes x [N, D], weight [O, D] and bias [O] or None, got {shapes}")
     if torch.is_autocast_enabled("cpu"):
         dtype = torch.get_autocast_dtype("cpu")
-        x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
+        x, weight, bias = (_autocast_cast(t, dtype) for t in (x, weight, bias))
     return _Linear.apply(x, weight, bias)
+
+
+def _autocast_cast(t, dtype):
+    """t as autocast casts the arguments of an op it runs in lower precision: floats other than float64 to dtype."""
+    return t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
 
 
 class _Linear(torch.autograd.Function):
@@ -193,14 +212,16 @@ class _Linear(torch.autograd.Function):
     @torch.autocast("cpu", enabled=False)
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
-        return torch.addmm(bias, x, weight.t())
+        ctx.has_bias = bias is not None
+        return x.mm(weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
 
     @staticmethod
     @torch.autocast("cpu", enabled=False)
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         # the products linear's own backward takes (addmm's, for a transposed weight)
-        return grad.mm(weight), grad.t().mm(x), grad.new_ones(1, grad.shape[0]).mm(grad)[0]
+        bias_grad = grad.new_ones(1, grad.shape[0]).mm(grad)[0] if ctx.has_bias else None
+        return grad.mm(weight), grad.t().mm(x), bias_grad
 
 
 @torch.autocast("cpu", enabled=False)  # torch.mv in the tables' dtype
@@ -294,10 +315,12 @@ def _apply_relu_dropout_(x, p):
     bit set does: a diverged run is still stopped, by its weights, each epoch), and the mask, an upper bound of 0 or
     the largest integer, zeroes an element or keeps it. One pass where a clamp at 0 and an AND with a mask of 0 or
     all ones took two: at 2^21 elements, 0.24 ms against 0.44 in bf16, 0.38 against 0.69 in fp32
-    (benchmarks/README.md).
+    (benchmarks/README.md). A dropped element is 0 whatever it was (+inf and NaN too, which a float product with
+    the mask would leave NaN, and whose gradient the backward would then pass on), on torch's mask path too.
     """
-    if not 0 <= p < 1:  # NaN included: a p past 1 would keep nothing, a negative one everything
-        raise ValueError(f"dropout p must be in [0, 1), got {p}")
+    if x.dim() != 2 or not x.is_floating_point():  # the pieces are rows; integers and complex have no float bits
+        raise ValueError(f"the CPU kernels' ReLU and dropout take floats of shape [rows, features], got {x.dtype} "
+                         f"of shape {list(x.shape)}")
     piece_elements, pieces = _row_pieces(x)
     drawer = _MaskDrawer(piece_elements, p, x.dtype) if p and _mask_bits(p) else None
     if drawer:
@@ -309,7 +332,7 @@ def _apply_relu_dropout_(x, p):
     if p == 0.0:
         return x.relu_()
     # p is not a multiple of 1/256: torch's own mask, as its dropout draws it (unscaled).
-    return x.clamp_min_(0.0).mul_(torch.empty_like(x).bernoulli_(1.0 - p))
+    return x.clamp_min_(0.0).masked_fill_(torch.empty_like(x).bernoulli_(1.0 - p) == 0, 0.0)
 
 
 def _refuse_create_graph():
@@ -331,9 +354,10 @@ def _relu_dropout_grad_(grad, y):
     again). ReLU's own backward, threshold_backward, keeps grad where y > 0; in bf16 it is run on the floats' bits
     read as int16, as _apply_relu_dropout_ works: an integer is > 0 where y > 0 or is a NaN without its sign bit,
     and not for -0.0 or anything with its sign bit set. On the floats it converts every bf16 element to fp32 and
-    back: on the bits, 2.6x as fast at 2^20 x 256 (39 ms against 101; benchmarks/README.md). In fp32 the floats
-    themselves, which pass every NaN's gradient on (NaN <= 0 is false), where the bits stop a NaN with its sign bit
-    set, which only torch's own mask path (p not a multiple of 1/256) can leave.
+    back; on the bits, 39 ms at 2^20 x 256, where the bits clamped to [0, 1] and an integer product with grad's took
+    62 (benchmarks/README.md). In fp32 the floats themselves, which pass every NaN's gradient on (NaN <= 0 is
+    false), where the bits stop a NaN with its sign bit set, which only torch's own mask path (p not a multiple of
+    1/256) can leave.
     """
     dtype = y.dtype
     if y.dtype == grad.dtype == torch.bfloat16:
@@ -377,6 +401,7 @@ def dropout_mask(shape, p):
     table lookup (an index_select of a [256, 8 / bits] table): for p = 0.5 the mask costs 1/64 of a
     random draw and about 1.5 memory passes an element.
     """
+    p = _dropout_p(p)
     if _mask_bits(p) is None:
         return None
     return _MaskDrawer(math.prod(shape), p).draw(shape).ne(0).float()
@@ -431,6 +456,9 @@ def random_bytes(count, words=None):
     """`count` uniform random bytes from torch's default CPU generator, eight per random draw, drawn into
     the int64 buffer `words` (at least (count + 7) // 8 long) when given."""
     needed = (count + 7) // 8
+    if words is not None and (words.dtype != torch.int64 or words.numel() < needed):
+        raise ValueError(f"random_bytes({count}) needs an int64 buffer of {needed} words, got {words.dtype} "
+                         f"of {words.numel()}")
     words = torch.empty(needed, dtype=torch.int64) if words is None else words[:needed]
     # torch's full 64-bit draw (from the lowest int64, no upper bound). int32 words of their full range took 2.75x
     # as long a byte: such a range is drawn as a 64-bit number modulo 2^32 (benchmarks/README.md).

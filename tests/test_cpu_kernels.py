@@ -36,7 +36,8 @@ def test_fused_relu_dropout_keeps_one_minus_p_with_the_right_gradient(p):
 @pytest.mark.parametrize("p", [0.5, 0.75, 0.25])
 def test_the_relu_and_mask_work_on_the_floats_bits(dtype, mask_dtype, p):
     """Masks of 0 or the largest integer of the activation's width, a clamp of its bits; the ReLU an integer
-    clamp: the same figures as the float ReLU where the mask keeps, else 0, bit for bit, -0.0 and +-inf too."""
+    clamp: the same values as the float ReLU where the mask keeps, else 0, -0.0 and +-inf too (a kept -0.0 becomes
+    +0.0: the integer clamp at 0)."""
     assert cpu_kernels._MaskDrawer(64, p, dtype).mask.dtype == mask_dtype
     x = torch.randn(512, 256).to(dtype)
     x[0, :4] = torch.tensor([-0.0, float("-inf"), float("inf"), 0.0])
@@ -711,3 +712,58 @@ def test_linear_is_torchs_with_the_bias_gradient_as_a_product(autocast):
 def test_linear_has_linears_second_derivative():
     x, weight, bias = (torch.randn(*shape, dtype=torch.float64, requires_grad=True) for shape in ((9, 4), (3, 4), (3,)))
     assert torch.autograd.gradgradcheck(cpu_kernels.linear, (x, weight, bias))
+
+
+def test_linear_without_bias_and_of_float64_under_autocast_is_torchs():
+    torch.manual_seed(0)
+    x, weight = torch.randn(50, 6), torch.randn(4, 6)
+    assert torch.equal(cpu_kernels.linear(x, weight), torch.nn.functional.linear(x, weight))
+    leaf = x.clone().requires_grad_()
+    cpu_kernels.linear(leaf, weight).sum().backward()  # no bias, no bias gradient
+    assert torch.equal(leaf.grad, torch.ones(50, 4) @ weight)
+    doubles = x.double(), weight.double(), torch.randn(4, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast leaves float64 alone, and so must linear
+        assert torch.equal(cpu_kernels.linear(*doubles), torch.nn.functional.linear(*doubles))
+
+
+@pytest.mark.parametrize("shapes", [((2, 5, 6), (4, 6), (4,)), ((6,), (4, 6), (4,)), ((5, 6), (4, 6), (5, 4))])
+def test_linear_refuses_shapes_it_does_not_take(shapes):
+    with pytest.raises(ValueError, match=r"takes x \[N, D\], weight \[O, D\] and bias \[O\] or None"):
+        cpu_kernels.linear(*(torch.randn(*shape) for shape in shapes))
+
+
+@pytest.mark.parametrize("x", [torch.randn(10), torch.randn(2, 3, 4), torch.arange(-4, 4).view(2, 4),
+                               torch.randn(4, 4, dtype=torch.complex64)])
+@pytest.mark.parametrize("p", [0.5, 0.3])
+def test_the_relu_dropout_kernels_refuse_what_is_not_rows_of_floats(x, p):
+    # Integers and complex numbers have no float bits to clamp (a complex one would be clamped as int64 halves).
+    with pytest.raises(ValueError, match=r"take floats of shape \[rows, features\]"):
+        relu_dropout_unscaled(x, p)
+
+
+def test_dropout_p_may_be_a_tensor_as_in_torchs_dropout_and_is_checked_everywhere():
+    x = torch.randn(64, 8)
+    torch.manual_seed(1)
+    from_tensor = relu_dropout_unscaled(x, torch.tensor(0.5))
+    torch.manual_seed(1)
+    assert torch.equal(from_tensor, relu_dropout_unscaled(x, 0.5))
+    for p in (2.0, -0.5, float("nan")):
+        with pytest.raises(ValueError, match=r"dropout p must be in \[0, 1\)"):
+            cpu_kernels.dropout_mask((2, 4), p)
+
+
+def test_random_bytes_refuses_a_buffer_too_short():
+    with pytest.raises(ValueError, match=r"needs an int64 buffer of 13 words, got torch\.int64 of 3"):
+        cpu_kernels.random_bytes(100, torch.empty(3, dtype=torch.int64))
+    assert cpu_kernels.random_bytes(100, torch.empty(13, dtype=torch.int64)).shape == (100,)
+
+
+def test_torchs_mask_path_zeroes_a_dropped_inf_and_gives_it_no_gradient():
+    # p = 0.3 is no multiple of 1/256: torch's mask. inf * 0 would be NaN, and a NaN output passes its gradient on.
+    x = torch.full((64, 8), float("inf"), requires_grad=True)
+    torch.manual_seed(0)
+    y = relu_dropout_unscaled(x * 1, 0.3)
+    kept = y != 0
+    assert kept.any() and not kept.all() and torch.isinf(y[kept]).all()
+    y.backward(torch.ones_like(y))
+    assert torch.equal(x.grad, kept.float())
