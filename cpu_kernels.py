@@ -16,11 +16,12 @@ import sys
 
 import torch
 
-# Rows are worked on in pieces of this many elements: few enough that a piece and its mask are still in the
-# caches when the next pass reads them, many enough that the per-call cost (each op wakes the other threads)
-# stays small. On a 2-core Xeon with 2 MiB of L2 a core, 2^21 (8 MiB of fp32) made whole training steps at
-# 2^20 14-17% faster than 2^19, in bf16 and fp32 (2^22 the same, 2^23 slower; benchmarks/README.md).
-PIECE_ELEMENTS = 1 << 21
+# Rows are worked on in pieces of this many elements: few enough that a piece's mask is still in the caches when
+# the clamp reads it, many enough that the per-call cost (each op wakes the other threads) stays small. With the
+# ReLU and mask in one clamp, on the AMX Xeon of benchmarks/README.md (2 MiB of L2 a core, 480 MiB of L3), 2^23
+# made whole training steps at 2^20 about 5% faster in bf16 and 3% in fp32 than 2^21 (2^22 and 2^24 between or
+# the same, 2^26 slower); with the ReLU and mask in two passes, 2^21 had been the fastest.
+PIECE_ELEMENTS = 1 << 23
 # gather_dot gathers and multiplies pieces of this many elements: 65,536 rows of 64, whose forward over 2^20 pairs
 # took 45 ms, against 97 ms in pieces of 8,192 rows, 58 ms of 32,768 and 56 ms of 262,144 (benchmarks/README.md).
 GATHER_DOT_PIECE_ELEMENTS = 1 << 22
