@@ -767,3 +767,27 @@ def test_torchs_mask_path_zeroes_a_dropped_inf_and_gives_it_no_gradient():
     assert kept.any() and not kept.all() and torch.isinf(y[kept]).all()
     y.backward(torch.ones_like(y))
     assert torch.equal(x.grad, kept.float())
+
+
+@pytest.mark.parametrize("p", [0.5, 0.25, 26 / 256])
+@pytest.mark.parametrize("width", [7, 33])
+def test_masks_drawn_in_pieces_are_the_mask_of_the_whole(monkeypatch, p, width):
+    # Pieces of a multiple of 64 rows start on a whole random word whatever the width, so they draw the bits that one
+    # draw for the whole tensor would.
+    monkeypatch.setattr(cpu_kernels, "PIECE_ELEMENTS", 64 * width * 2)
+    x = torch.randn(1001, width)
+    assert len(cpu_kernels._row_pieces(x)[1]) > 4
+    torch.manual_seed(11)
+    y = relu_dropout_unscaled(x, p)
+    torch.manual_seed(11)
+    assert torch.equal(y, torch.where(cpu_kernels.dropout_mask(x.shape, p) > 0, x.clamp_min(0), 0.0))
+
+
+def test_the_gather_kernels_without_dropout_draw_no_random_numbers():
+    a, b = torch.randn(5, 8), torch.randn(3, 8)
+    users, items = torch.tensor([0, 4, 2, 2]), torch.tensor([1, 0, 2, 1])
+    state = torch.get_rng_state()
+    got = cpu_kernels.gather_add_relu_dropout_unscaled(a, b, cpu_kernels.TableIndex(users, 5),
+                                                      cpu_kernels.TableIndex(items, 3), 0.0)
+    assert torch.equal(torch.get_rng_state(), state)  # evaluation leaves training's random stream as it was
+    assert torch.equal(got, (a[users] + b[items]).relu())
