@@ -187,44 +187,6 @@ class _Embedding(torch.autograd.Function):
         return None, TableIndex(index, ctx.rows).sums(grad.contiguous())
 
 
-def linear(x, weight, bias=None):
-    """nn.functional.linear(x, weight, bias) for x [N, D], weight [O, D] and bias [O] or None, under autocast as
-    autocast runs it (floats other than float64 cast to its dtype), whose bias gradient is ones @ grad, a matrix
-    product, where linear's backward sums grad's columns: the same sums in fp32, in another order. In bf16 they
-    round to the same values; in fp32 the product's are a BLAS's, as the weight gradient's are (about 1e-5 relative
-    at 2^18 rows, where torch's cascaded column sums are within 4e-7). At 2^20 rows of 128, 17.7 ms against 35.2 in
-    bf16 and 19.9 against 38.6 in fp32; of 64, 9.7 against 21.1 and 10.0 against 14.1 (benchmarks/README.md)."""
-    if x.dim() != 2 or weight.dim() != 2 or (bias is not None and bias.dim() != 1):
-        shapes = [None if t is None else list(t.shape) for t in (x, weight, bias)]
-        raise ValueError(f"cpu_kernels.linear takes x [N, D], weight [O, D] and bias [O] or None, got {shapes}")
-    if torch.is_autocast_enabled("cpu"):
-        dtype = torch.get_autocast_dtype("cpu")
-        x, weight, bias = (_autocast_cast(t, dtype) for t in (x, weight, bias))
-    return _Linear.apply(x, weight, bias)
-
-
-def _autocast_cast(t, dtype):
-    """t as autocast casts the arguments of an op it runs in lower precision: floats other than float64 to dtype."""
-    return t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
-
-
-class _Linear(torch.autograd.Function):
-    @staticmethod
-    @torch.autocast("cpu", enabled=False)
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return x.mm(weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
-
-    @staticmethod
-    @torch.autocast("cpu", enabled=False)
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        # the products linear's own backward takes (addmm's, for a transposed weight)
-        bias_grad = grad.new_ones(1, grad.shape[0]).mm(grad)[0] if ctx.has_bias else None
-        return grad.mm(weight), grad.t().mm(x), bias_grad
-
-
 @torch.autocast("cpu", enabled=False)  # torch.mv in the tables' dtype
 def _gather_dot(a, b, a_index, b_index, weight):
     out = a.new_empty(a_index.shape[0])

@@ -83,7 +83,7 @@ class NeuMF(nn.Module):
         """The MLP branch after its first layer; x is that layer's output after ReLU and dropout."""
         scale = self._dropout_scale()  # 1 but in CPU training, where the layers run with scaled weights
         for layer in self.mlp[1:]:
-            x = cpu_kernels.linear(x, layer.weight * scale, layer.bias) if self.cpu_kernels else layer(x)
+            x = layer(x) if scale == 1 else nn.functional.linear(x, layer.weight * scale, layer.bias)
             x = self._relu_dropout(x)
         return x
 

@@ -686,52 +686,6 @@ def test_bf16_scoring_takes_pieces_four_times_as_large(monkeypatch):
     assert seen == [neumf.SCORE_PIECE_SAMPLES // 11, 4 * neumf.SCORE_PIECE_SAMPLES // 11]
 
 
-@pytest.mark.parametrize("autocast", [False, True])
-def test_linear_is_torchs_with_the_bias_gradient_as_a_product(autocast):
-    """The forward and the input and weight gradients are linear's own to the last bit (the same products), under
-    autocast too (all three cast to bf16, the output bf16); the bias gradient is the column sums, in another order
-    (bf16: rounded once from fp32, within one rounding of the exact sums)."""
-    torch.manual_seed(0)
-    x, weight, bias = torch.randn(1000, 24), torch.randn(7, 24), torch.randn(7)
-    grad = torch.randn(1000, 7)
-    results = []
-    for fn in (torch.nn.functional.linear, cpu_kernels.linear):
-        leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            out = fn(*leaves)
-        out.backward(grad.to(out.dtype))
-        results.append((out, *(t.grad for t in leaves)))
-    (want, *want_grads), (got, *got_grads) = results
-    assert got.dtype == (torch.bfloat16 if autocast else torch.float32)
-    assert torch.equal(got, want) and all(torch.equal(g, w) for g, w in zip(got_grads[:2], want_grads[:2], strict=True))
-    exact = grad.to(got.dtype).double().sum(0)
-    rounding = 2**-8 if autocast else 1e-5  # bf16's half ulp is 2^-9 relative; fp32 sums of 1000 in another order
-    torch.testing.assert_close(got_grads[2].double(), exact, rtol=rounding, atol=1e-4)
-
-
-def test_linear_has_linears_second_derivative():
-    x, weight, bias = (torch.randn(*shape, dtype=torch.float64, requires_grad=True) for shape in ((9, 4), (3, 4), (3,)))
-    assert torch.autograd.gradgradcheck(cpu_kernels.linear, (x, weight, bias))
-
-
-def test_linear_without_bias_and_of_float64_under_autocast_is_torchs():
-    torch.manual_seed(0)
-    x, weight = torch.randn(50, 6), torch.randn(4, 6)
-    assert torch.equal(cpu_kernels.linear(x, weight), torch.nn.functional.linear(x, weight))
-    leaf = x.clone().requires_grad_()
-    cpu_kernels.linear(leaf, weight).sum().backward()  # no bias, no bias gradient
-    assert torch.equal(leaf.grad, torch.ones(50, 4) @ weight)
-    doubles = x.double(), weight.double(), torch.randn(4, dtype=torch.float64)
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast leaves float64 alone, and so must linear
-        assert torch.equal(cpu_kernels.linear(*doubles), torch.nn.functional.linear(*doubles))
-
-
-@pytest.mark.parametrize("shapes", [((2, 5, 6), (4, 6), (4,)), ((6,), (4, 6), (4,)), ((5, 6), (4, 6), (5, 4))])
-def test_linear_refuses_shapes_it_does_not_take(shapes):
-    with pytest.raises(ValueError, match=r"takes x \[N, D\], weight \[O, D\] and bias \[O\] or None"):
-        cpu_kernels.linear(*(torch.randn(*shape) for shape in shapes))
-
-
 @pytest.mark.parametrize("x", [torch.randn(10), torch.randn(2, 3, 4), torch.arange(-4, 4).view(2, 4),
                                torch.randn(4, 4, dtype=torch.complex64)])
 @pytest.mark.parametrize("p", [0.5, 0.3])
