@@ -106,10 +106,12 @@ class NeuMF(nn.Module):
     def _output(self, gmf, mlp, mlp_scale=1.0):
         """The output layer on [gmf | mlp], one product per part (no concatenated copy); or gmf is its share ([B])."""
         weight_gmf, weight_mlp = self.final.weight.split((self.mf_dim, mlp.shape[1]), 1)
-        # The 1-wide output layer runs in fp32 even under autocast: it costs nothing, and low-precision
-        # logits would create ties between candidates that the HR@k rank counts against the model.
+        # Scoring runs it in fp32 even under autocast: low-precision logits would tie candidates, which HR@k counts
+        # against the model. CPU training ranks nothing: there it runs in the MLP's dtype (2% of a bf16 step).
+        dtype = mlp.dtype if self.training and self.cpu_kernels else torch.float32
         with torch.autocast(device_type=mlp.device.type, enabled=False):
-            logits = nn.functional.linear(mlp.float(), weight_mlp * mlp_scale, self.final.bias)
+            weight_mlp, bias = (weight_mlp * mlp_scale).to(dtype), self.final.bias.to(dtype)
+            logits = nn.functional.linear(mlp.to(dtype), weight_mlp, bias).float()
             return logits.squeeze(1) + gmf if gmf.dim() == 1 else logits.addmm_(gmf.float(), weight_gmf.t()).squeeze(1)
 
     def _first_layer_terms(self, user_mlp, item_mlp):

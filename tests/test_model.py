@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from metrics import ItemPopularity
+from model_config import ModelConfig
 from neumf import NeuMF
 
 
@@ -112,6 +113,23 @@ def test_logits_stay_fp32_under_autocast():
     model = NeuMF(5, 5, mf_dim=4, mlp_layer_sizes=(8, 4))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert model(torch.arange(5), torch.arange(5)).dtype == torch.float32
+
+
+def test_scoring_s_output_layer_runs_in_fp32_under_autocast_and_cpu_training_s_in_bf16():
+    """Logits near 3 (bf16's step there is 1/64) that differ by about 1e-3: scoring keeps them apart (bf16 logits would
+    tie candidates, which HR@k counts against the model); CPU training, which ranks nothing, rounds them to bf16."""
+    from neumf import build_model
+
+    model = build_model(ModelConfig(5, 64, 4, (8, 4), 0.0, "mlp"), "cpu")
+    with torch.no_grad():
+        model.final.bias.fill_(3.0)
+        model.final.weight.mul_(0.01)
+    users, items = torch.zeros(64, dtype=torch.int64), torch.arange(64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores, logits = model.eval()(users, items), model.train()(users, items)
+    assert scores.dtype == logits.dtype == torch.float32
+    assert scores.unique().numel() > 32 and (scores - 3.0).abs().max() < 1 / 128  # (bf16 hidden units may tie)
+    assert logits.unique().numel() <= 2
 
 
 def test_item_popularity_scores_by_training_count():
