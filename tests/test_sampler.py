@@ -78,3 +78,20 @@ def test_last_batch_is_cut_to_equal_shares():
     assert sampler.steps_per_epoch(48, 4) == 3
     # Fewer samples left than ranks x micro-batches: no last step at all.
     assert sampler.steps_per_epoch(52, 4) == 2
+
+
+def test_batches_are_int32_whatever_the_positives_dtype():
+    """Positives given as int64 (a tensor of the user's own) give the same samples, as int32 users and items."""
+    train, num_items = make_train()
+    ours = epoch_samples(EpochSampler(train, num_items, 4, "cpu", seed=1), batch=96, world=2, ga=2)
+    wide = epoch_samples(EpochSampler(train.long(), num_items, 4, "cpu", seed=1), batch=96, world=2, ga=2)
+    assert [x.dtype for x in wide] == [torch.int32, torch.int32, torch.float32]
+    assert all(torch.equal(a, b) for a, b in zip(ours, wide, strict=True))
+
+
+def test_a_last_batch_of_exactly_one_sample_a_share_is_kept():
+    train, num_items = make_train()  # 400 positives, 2,000 samples an epoch
+    sampler = EpochSampler(train, num_items, 4, "cpu", seed=0)
+    assert sampler.steps_per_epoch(999, 2) == 3  # 2 samples left over: one for each of 2 shares
+    assert sampler.steps_per_epoch(999, 3) == 2  # 2 left over cannot be split in 3 equal shares
+    assert sampler.steps_per_epoch(1000, 2) == 2
