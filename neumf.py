@@ -97,8 +97,7 @@ class NeuMF(nn.Module):
         return cpu_kernels.dropout_scale(self.dropout) if self.cpu_kernels and self.training else 1.0
 
     def _first_layer(self, user_mlp, item_mlp):
-        """The first MLP layer on [user | item] as W_u u + b + W_i i: no concatenated copy of the pair's
-        embeddings (under autocast, no fp32 copy to cast either)."""
+        """The first MLP layer on [user | item] as W_u u + b + W_i i: no concatenated (or autocast-cast) copy."""
         first = self.mlp[0]
         weight_user, weight_item = first.weight.split(self.mlp_half, 1)
         return torch.addmm(nn.functional.linear(user_mlp, weight_user, first.bias), item_mlp, weight_item.t())
@@ -106,8 +105,7 @@ class NeuMF(nn.Module):
     def _output(self, gmf, mlp, mlp_scale=1.0):
         """The output layer on [gmf | mlp], one product per part (no concatenated copy); or gmf is its share ([B])."""
         weight_gmf, weight_mlp = self.final.weight.split((self.mf_dim, mlp.shape[1]), 1)
-        # Scoring runs it in fp32 even under autocast: low-precision logits would tie candidates, which HR@k counts
-        # against the model. CPU training ranks nothing: there it runs in the MLP's dtype (2% of a bf16 step).
+        # fp32 when scoring: bf16 logits tie candidates, which HR@k counts against the model; CPU training ranks none
         dtype = mlp.dtype if self.training and self.cpu_kernels else torch.float32
         with torch.autocast(device_type=mlp.device.type, enabled=False):
             weight_mlp, bias = (weight_mlp * mlp_scale).to(dtype), self.final.bias.to(dtype)
