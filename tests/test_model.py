@@ -6,7 +6,7 @@ import torch
 
 from metrics import ItemPopularity
 from model_config import ModelConfig
-from neumf import NeuMF
+from neumf import NeuMF, build_model
 
 
 def test_forward_gives_one_logit_per_pair():
@@ -118,8 +118,6 @@ def test_logits_stay_fp32_under_autocast():
 def test_scoring_s_output_layer_runs_in_fp32_under_autocast_and_cpu_training_s_in_bf16():
     """Logits near 3 (bf16's step there is 1/64) that differ by about 1e-3: scoring keeps them apart (bf16 logits would
     tie candidates, which HR@k counts against the model); CPU training, which ranks nothing, rounds them to bf16."""
-    from neumf import build_model
-
     model = build_model(ModelConfig(5, 64, 4, (8, 4), 0.0, "mlp"), "cpu")
     with torch.no_grad():
         model.final.bias.fill_(3.0)
