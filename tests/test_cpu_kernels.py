@@ -332,6 +332,19 @@ def test_mask_table_reads_each_bit_field_of_a_byte():
     assert cpu_kernels._mask_table(1, 1, torch.int32)[0b10].tolist() == [0, 2**31 - 1] + [0] * 6
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("p", [0.5, 0.25, 0.1875, 3 / 256])
+def test_masks_are_the_table_rows_of_the_drawn_bytes_bit_for_bit(dtype, p):
+    # Rows of 2 to 16 bytes are copied as one element (int16 .. complex128): a NaN's bits must not change on the way
+    # (bf16's 0x7fff x 8 is a NaN as complex128), and the mask must be the table's rows of random_bytes's bytes.
+    torch.manual_seed(1)
+    drawer = cpu_kernels._MaskDrawer(1000, p, dtype)
+    mask = drawer.draw((10, 77)).clone()
+    torch.manual_seed(1)
+    codes = cpu_kernels.random_bytes(-(-770 // drawer.per_byte)).long()
+    assert torch.equal(mask, drawer.table[codes].view(-1)[:770].view(10, 77))
+
+
 def test_dropout_mask_keeps_every_position_of_a_byte_alike():
     # Each of a byte's 8 bits becomes one element: every position must keep half, independently.
     torch.manual_seed(0)
