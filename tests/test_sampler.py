@@ -1,6 +1,7 @@
 """The device-resident epoch sampler and the evaluation candidates."""
 import torch
 
+import dataloading
 from dataloading import EpochSampler
 
 
@@ -95,3 +96,15 @@ def test_a_last_batch_of_exactly_one_sample_a_share_is_kept():
     assert sampler.steps_per_epoch(999, 2) == 3  # 2 samples left over: one for each of 2 shares
     assert sampler.steps_per_epoch(999, 3) == 2  # 2 left over cannot be split in 3 equal shares
     assert sampler.steps_per_epoch(1000, 2) == 2
+
+
+def test_an_epoch_too_large_for_int32_indices_draws_the_same_samples_in_int64(monkeypatch):
+    """The permutation is int32 up to 2^31 - 1 samples an epoch, int64 past it: the same samples either way."""
+    assert dataloading.permutation_dtype(2**31 - 1) == torch.int32
+    assert dataloading.permutation_dtype(2**31) == torch.int64
+    train, num_items = make_train()
+    narrow = epoch_samples(EpochSampler(train, num_items, 4, "cpu", seed=1), batch=96, world=2, ga=2)
+    monkeypatch.setattr(dataloading, "permutation_dtype", lambda count: torch.int64)
+    wide = epoch_samples(EpochSampler(train, num_items, 4, "cpu", seed=1), batch=96, world=2, ga=2)
+    assert [x.dtype for x in wide] == [torch.int32, torch.int32, torch.float32]
+    assert all(torch.equal(a, b) for a, b in zip(narrow, wide, strict=True))
