@@ -245,16 +245,19 @@ def test_gather_dot_of_no_pairs_is_empty_and_of_unequal_indices_refused():
                                cpu_kernels.TableIndex(torch.tensor([2]), 3), w)
 
 
-def test_gather_dot_weight_gradient_ignores_rows_no_pair_took():
-    """An inf in a user row the batch never took: plain torch's gradients stay finite, so must these (inf * 0 in a
-    sum over every row would make the output layer's gradient NaN at every step)."""
+@pytest.mark.parametrize("inf_in", ["a", "b"])
+@pytest.mark.parametrize("a_rows, b_rows", [(10, 6), (6, 10)])
+def test_gather_dot_weight_gradient_ignores_rows_no_pair_took(inf_in, a_rows, b_rows):
+    """An inf in a row the batch never took, of either table, the one with fewer rows or the other (the weight's
+    gradient is summed by the rows of the smaller): plain torch's gradients stay finite, so must these (inf * 0 in
+    a sum over every row would make the output layer's gradient NaN at every step)."""
     torch.manual_seed(0)
-    a, b, w = torch.randn(10, 4), torch.randn(6, 4), torch.randn(4)
-    a[9, 0] = float("inf")
-    a_index, b_index = torch.randint(0, 9, (40,)), torch.randint(0, 6, (40,))
+    a, b, w = torch.randn(a_rows, 4), torch.randn(b_rows, 4), torch.randn(4)
+    (a if inf_in == "a" else b)[-1, 0] = float("inf")
+    a_index, b_index = torch.randint(0, a_rows - 1, (40,)), torch.randint(0, b_rows - 1, (40,))
     ours = [t.clone().requires_grad_() for t in (a, b, w)]
-    cpu_kernels.gather_dot(ours[0], ours[1], cpu_kernels.TableIndex(a_index, 10),
-                           cpu_kernels.TableIndex(b_index, 6), ours[2]).sum().backward()
+    cpu_kernels.gather_dot(ours[0], ours[1], cpu_kernels.TableIndex(a_index, a_rows),
+                           cpu_kernels.TableIndex(b_index, b_rows), ours[2]).sum().backward()
     plain = [t.clone().requires_grad_() for t in (a, b, w)]
     ((plain[0][a_index] * plain[1][b_index]) @ plain[2]).sum().backward()
     for mine, theirs in zip(ours, plain, strict=True):
