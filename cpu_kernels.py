@@ -260,8 +260,9 @@ class TableIndex:
         if not table.shape[1]:
             return table.new_zeros(self.rows, 0)
         order, starts = self.runs()
-        return torch.nn.functional.embedding_bag(table_index[order], table, starts, mode="sum",
-                                                 per_sample_weights=weights[order])
+        # index_select gathers 1-D tensors faster than indexing (2.1-2.6 against 2.4-3.7 ms for 2^20 int32 or fp32)
+        return torch.nn.functional.embedding_bag(table_index.index_select(0, order), table, starts, mode="sum",
+                                                 per_sample_weights=weights.index_select(0, order))
 
 
 def _row_pieces(x):
