@@ -128,10 +128,11 @@ def gather_add(a, b, a_index, b_index, both=None):
     return torch.nn.functional.embedding_bag(pairs, torch.cat((a, b)) if both is None else both, mode="sum")
 
 
-def gather_dot(a, b, a_index, b_index, weight):
+def gather_dot(a, b, a_index, b_index, weight, dtype=None):
     """(a[a_index] * b[b_index]) @ weight: for each pair of rows of tables a [A, D] and b [B, D] (indexed by the
-    TableIndex a_index and b_index), the sum of their element-wise product weighted by weight [D]. In the tables'
-    dtype, autocast or not. GMF's share of NeuMF's logit, without its [N, D] intermediates:
+    TableIndex a_index and b_index), the sum of their element-wise product weighted by weight [D]. In `dtype` (the
+    tables and weight cast to it, their gradients cast back), by default the tables', autocast or not. GMF's share of
+    NeuMF's logit, without its [N, D] intermediates:
 
     the forward gathers, multiplies and sums piece by piece in cache, where torch wrote both gathers, the product
     and its gradient at full size and read them back; the backward needs no per-pair rows at all. a's gradient is
@@ -145,6 +146,8 @@ def gather_dot(a, b, a_index, b_index, weight):
     if a_index.index.shape != b_index.index.shape:  # else the longer one's extra pairs would go unread
         sizes = f"{a_index.index.shape[0]} and {b_index.index.shape[0]}"
         raise ValueError(f"gather_dot needs one index per pair: got {sizes}")
+    if dtype is not None:
+        a, b, weight = a.to(dtype), b.to(dtype), weight.to(dtype)
     return _GatherDot.apply(a, b, a_index, b_index, weight)
 
 

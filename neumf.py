@@ -1,18 +1,17 @@
 """NeuMF (He et al., "Neural Collaborative Filtering", WWW 2017), as in NVIDIA's NCF recipe.
 
-A GMF branch (element-wise product of user and item embeddings of size `mf_dim`) and an MLP branch
-(concatenated user and item embeddings of size `mlp_layer_sizes[0] / 2` each, then Linear+ReLU layers
-with dropout) are concatenated and projected to one logit. Initialisation as the recipe's: embeddings
-N(0, 0.01), MLP layers Glorot-uniform, output layer LeCun-uniform, biases left at PyTorch's default
-U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as NVIDIA's neumf.py leaves them (the paper's Keras code zeroes them).
+A GMF branch (element-wise product of user and item embeddings of size `mf_dim`) and an MLP branch (concatenated
+user and item embeddings of size `mlp_layer_sizes[0] / 2` each, then Linear+ReLU layers with dropout) are
+concatenated and projected to one logit. Initialisation as the recipe's: embeddings N(0, 0.01), MLP layers
+Glorot-uniform, output layer LeCun-uniform, biases left at PyTorch's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
+as NVIDIA's neumf.py leaves them (the paper's Keras code zeroes them).
 
-`model="gmf"` and `model="mlp"` are the paper's two branches alone (GMF: its embeddings and an output
-layer; MLP: its tower and an output layer), trained to initialise NeuMF (§3.4.1, `load_pretrained`).
-In this implementation a branch alone is NeuMF with the other branch zero-wide, so every path below
-serves all three.
+`model="gmf"` and `model="mlp"` are the paper's two branches alone (GMF: its embeddings and an output layer; MLP:
+its tower and an output layer), trained to initialise NeuMF (§3.4.1, `load_pretrained`). In this implementation a
+branch alone is NeuMF with the other branch zero-wide, so every path below serves all three.
 
-The model is plain PyTorch and runs on any device. On a CPU, `build_model` switches on faster kernels
-for the same functions (cpu_kernels.py): that is the only place they are chosen.
+The model is plain PyTorch and runs on any device. On a CPU, `build_model` switches on faster kernels for the same
+functions (cpu_kernels.py): that is the only place they are chosen.
 """
 import itertools
 import math
@@ -131,7 +130,8 @@ class NeuMF(nn.Module):
         user_term, item_term = self._first_layer_terms(user_mlp, item_mlp)
         p = self.dropout if self.training else 0.0
         hidden = cpu_kernels.gather_add_relu_dropout_unscaled(user_term, item_term, users, items, p)
-        gmf = cpu_kernels.gather_dot(user_mf, item_mf, users, items, self.final.weight[0, : self.mf_dim])
+        dtype = user_term.dtype if self.training else torch.float32  # as _output's (the recipe's AMP: all in fp16)
+        gmf = cpu_kernels.gather_dot(user_mf, item_mf, users, items, self.final.weight[0, : self.mf_dim], dtype)
         return self._output(gmf, self._mlp(hidden), self._dropout_scale())
 
     @torch.no_grad()

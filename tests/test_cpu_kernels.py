@@ -233,6 +233,28 @@ def test_gather_dot_is_the_weighted_product_of_each_pair_with_its_gradients(monk
     assert torch.count_nonzero(ours[0].grad[45:]) == 0
 
 
+def test_gather_dot_in_a_given_dtype_casts_the_tables_and_returns_their_gradients_in_theirs():
+    """gather_dot(..., dtype=bf16) on fp32 tables (GMF in CPU training under autocast): bf16 logits within bf16's
+    rounding of the exact ones, and fp32 gradients for the fp32 tables and weight, within bf16 tolerance."""
+    torch.manual_seed(0)
+    a, b, w = torch.randn(50, 16), torch.randn(30, 16), torch.randn(16)
+    a_index, b_index = torch.randint(0, 50, (3000,)), torch.randint(0, 30, (3000,))
+    grad = torch.randn(3000)
+    ours = [t.clone().requires_grad_() for t in (a, b, w)]
+    got = cpu_kernels.gather_dot(*ours[:2], cpu_kernels.TableIndex(a_index, 50), cpu_kernels.TableIndex(b_index, 30),
+                                 ours[2], torch.bfloat16)
+    got.backward(grad.bfloat16())
+    plain = [t.double().requires_grad_() for t in (a, b, w)]
+    expected = (plain[0][a_index] * plain[1][b_index]) @ plain[2]
+    expected.backward(grad.double())
+    assert got.dtype == torch.bfloat16
+    scale = expected.detach().abs().max()
+    torch.testing.assert_close(got.double(), expected.detach(), rtol=0.02, atol=0.02 * scale)
+    for mine, theirs in zip(ours, plain, strict=True):
+        assert mine.grad.dtype == torch.float32
+        torch.testing.assert_close(mine.grad.double(), theirs.grad, rtol=0.03, atol=0.03 * theirs.grad.abs().max())
+
+
 def test_gather_dot_of_no_pairs_is_empty_and_of_unequal_indices_refused():
     a, b, w = torch.randn(5, 4, requires_grad=True), torch.randn(3, 4), torch.randn(4)
     got = cpu_kernels.gather_dot(a, b, cpu_kernels.TableIndex(torch.tensor([], dtype=torch.int64), 5),

@@ -130,6 +130,24 @@ def test_scoring_s_output_layer_runs_in_fp32_under_autocast_and_cpu_training_s_i
     assert logits.unique().numel() <= 2
 
 
+def test_the_factored_path_s_gmf_runs_in_bf16_in_cpu_training_under_autocast_and_in_fp32_when_scoring(monkeypatch):
+    """GMF on the factored path (batch >= table rows) in the MLP's dtype in training (bf16 under autocast, as the
+    output layer), in fp32 when the model scores (evaluation) and without autocast."""
+    import cpu_kernels
+
+    model = build_model(ModelConfig(5, 7, 4, (8, 4), 0.0), "cpu")
+    dtypes, gather_dot = [], cpu_kernels.gather_dot
+    monkeypatch.setattr(cpu_kernels, "gather_dot", lambda *args: dtypes.append(gather_dot(*args).dtype) or
+                        gather_dot(*args))
+    users, items = torch.arange(64) % 5, torch.arange(64) % 7
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.train()(users, items).sum().backward()
+        model.eval()(users, items)
+    model.train()(users, items)
+    assert dtypes == [torch.bfloat16, torch.float32, torch.float32]
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+
+
 def test_item_popularity_scores_by_training_count():
     model = ItemPopularity(torch.tensor([2, 2, 0, 2, 1]), nb_items=4)
     assert model(torch.zeros(4), torch.arange(4)).tolist() == [1.0, 1.0, 3.0, 0.0]
