@@ -397,7 +397,7 @@ class _MaskDrawer:
         self.zero = torch.zeros((), dtype=dtype)
         # A table row as one element of its width where a dtype has it (16 bytes: bf16's masks at p = 0.5, as
         # complex128): index_select copies 1-D elements by assignment, rows by a call each, about 2x as slow
-        # (1.4-1.5 ms against 0.7-0.76 ms for 2^20 codes, benchmarks/README.md).
+        # (1.39-2.03 ms against 0.70-0.76 ms for 2^20 codes, benchmarks/README.md).
         row = _SAME_WIDTH_ELEMENT.get(self.per_byte * self.mask.itemsize)
         self._rows = (self.table.view(row).view(-1), self.mask.view(row).view(-1)) if row else (self.table, self.mask)
 

@@ -287,6 +287,18 @@ def test_gather_dot_weight_gradient_ignores_rows_no_pair_took(inf_in, a_rows, b_
     assert ours[2].grad.isfinite().all()
 
 
+@pytest.mark.parametrize("a_rows, b_rows", [(10, 6), (6, 10)])
+def test_gather_dot_sums_the_weight_gradient_over_the_smaller_table(monkeypatch, a_rows, b_rows):
+    """Over ml-20m's 26,744 item rows, not its 138,493 user rows: 7-9 ms against 42-46 ms a step."""
+    tables, used = [], cpu_kernels.TableIndex.used
+    monkeypatch.setattr(cpu_kernels.TableIndex, "used", lambda self: tables.append(self.rows) or used(self))
+    a, b, w = (torch.randn(a_rows, 4), torch.randn(b_rows, 4), torch.randn(4, requires_grad=True))
+    a_index, b_index = torch.randint(0, a_rows, (40,)), torch.randint(0, b_rows, (40,))
+    cpu_kernels.gather_dot(a, b, cpu_kernels.TableIndex(a_index, a_rows), cpu_kernels.TableIndex(b_index, b_rows),
+                           w).sum().backward()
+    assert tables == [6]
+
+
 def test_gather_dot_refuses_indices_into_other_tables():
     a, b, w = torch.randn(5, 4), torch.randn(3, 4), torch.randn(4)
     with pytest.raises(ValueError, match="tables of 6 and 3 rows, its tables have 5 and 3"):
@@ -368,6 +380,17 @@ def test_masks_are_the_table_rows_of_the_drawn_bytes_bit_for_bit(dtype, p):
     torch.manual_seed(1)
     codes = cpu_kernels.random_bytes(-(-770 // drawer.per_byte)).long()
     assert torch.equal(mask, drawer.table[codes].view(-1)[:770].view(10, 77))
+
+
+def test_mask_rows_of_a_dtype_s_width_are_copied_as_one_element():
+    """bf16's masks at p = 0.5 (rows of 8 int16, 16 bytes) are looked up as 1-D complex128 elements, about 2x as fast
+    as rows; fp32's 32-byte rows have no such dtype and stay rows."""
+    table, out = cpu_kernels._MaskDrawer(64, 0.5, torch.bfloat16)._rows
+    assert (table.dtype, table.shape, out.dtype, out.dim()) == (torch.complex128, (256,), torch.complex128, 1)
+    table, out = cpu_kernels._MaskDrawer(64, 0.25, torch.bfloat16)._rows  # 4 int16: int64
+    assert (table.dtype, table.shape) == (torch.int64, (256,))
+    table, out = cpu_kernels._MaskDrawer(64, 0.5, torch.float32)._rows
+    assert (table.dtype, table.shape) == (torch.int32, (256, 8))
 
 
 def test_dropout_mask_keeps_every_position_of_a_byte_alike():

@@ -108,3 +108,14 @@ def test_an_epoch_too_large_for_int32_indices_draws_the_same_samples_in_int64(mo
     wide = epoch_samples(EpochSampler(train, num_items, 4, "cpu", seed=1), batch=96, world=2, ga=2)
     assert [x.dtype for x in wide] == [torch.int32, torch.int32, torch.float32]
     assert all(torch.equal(a, b) for a, b in zip(narrow, wide, strict=True))
+
+
+def test_the_epoch_s_permutation_is_drawn_in_int32(monkeypatch):
+    """int32 where it fits: ml-20m's 99.3M samples take 397 MB less than in int64, and a batch's % and gather are
+    int32's (the same samples: the test above)."""
+    train, num_items = make_train()
+    dtypes, randperm = [], torch.randperm
+    monkeypatch.setattr(torch, "randperm", lambda *args, **kwargs: dtypes.append(kwargs.get("dtype")) or
+                        randperm(*args, **kwargs))
+    epoch_samples(EpochSampler(train, num_items, 4, "cpu", seed=1))
+    assert dtypes == [torch.int32]
