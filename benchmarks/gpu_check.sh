@@ -3,12 +3,14 @@
 # its own time limit and status; a failing step does not skip the others, and a summary ends the run.
 #   1. environment (nvidia-smi, torch and CUDA versions)
 #   2. the CUDA tests (pytest -m cuda)
-#   3. benchmarks/throughput.py at batches 131072 and 1048576, fp32 (TF32 matmuls) and AMP (fp16 + loss scaling)
+#   3. benchmarks/throughput.py at batches 131072 and 1048576, fp32 (TF32 matmuls) and AMP (fp16 + loss scaling),
+#      then at 1048576 with --compile (ncf.py --compile: torch.compile's training and scoring)
 #   4. a short AMP training run on synthetic data with --full_ranking, then --resume of it for one more epoch
 #   5. a resume under the default O2 (fp16, loss scaling on) of a last.pth written by an O0 run (scaler off)
 #   6. inference.py benchmark on the device (torch eager)
 #   7. three training steps and one evaluation under torch.cuda.set_sync_debug_mode("warn"): any host sync
 # Outputs go to $OUT (default ./gpu_out): environment.txt, pytest_cuda.txt, throughput.txt/.jsonl,
+# throughput_compile.txt/.jsonl,
 # train.txt/.jsonl, resume.txt, resume_o0.txt, inference.txt, sync.txt, summary.txt.
 #   OUT=/tmp/gpu benchmarks/gpu_check.sh
 #   DEVICE=cpu benchmarks/gpu_check.sh     the same steps on the CPU at tiny sizes (how this script is tested)
@@ -48,12 +50,14 @@ trap 'rm -rf "$work"' EXIT
 if [ "$device" = cuda ]; then
   shape=()                                  # ml-20m shape, all 138,493 eval users
   batches=(131072 1048576)
+  compiled=(--precision fp32 amp)           # compiled: the largest batch only
   synthetic=()                              # the default synthetic preset
   train=(-e 3 -b 1048576)                   # the recipe's O2 default: fp16 autocast + loss scaling
   bench=(--batch_sizes 1024 65536 1048576 --precision fp32 amp)
 else
   shape=(--users 2000 --items 500 --positives 20000 --eval_users 200 --steps 2 --warmup 1)
   batches=(8192)
+  compiled=(--precision fp32)               # a compile takes tens of seconds on a CPU: one
   synthetic=(--users 300 --items 200)
   train=(-e 1 -b 8192 --opt_level O0)
   bench=(--batch_sizes 1024 --precision fp32 --users 300 --items 200 --iterations 3 --warmup 1)
@@ -92,6 +96,10 @@ fi
 rm -f "$out/throughput.jsonl"
 step throughput 900 "$out/throughput.txt" "$python" benchmarks/throughput.py --device "$device" \
   --batch_size "${batches[@]}" --precision fp32 amp "${shape[@]}" --json_out "$out/throughput.jsonl"
+rm -f "$out/throughput_compile.jsonl"
+step "throughput --compile" 600 "$out/throughput_compile.txt" "$python" benchmarks/throughput.py --device "$device" \
+  --batch_size "${batches[-1]}" "${compiled[@]}" "${shape[@]}" --compile --no_floor \
+  --json_out "$out/throughput_compile.jsonl"
 
 "$python" synthetic.py --output "$work/ratings.csv" "${synthetic[@]}" >/dev/null \
   && "$python" convert.py --path "$work/ratings.csv" --output "$work/cache" --no_progress >/dev/null

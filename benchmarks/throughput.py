@@ -70,8 +70,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2, help="untimed training steps first")
     p.add_argument("--steps", type=int, default=5, help="timed training steps")
     p.add_argument("--compile", action="store_true",
-                   help="train through torch.compile(model) (inductor; eager's RNG, so the same dropout masks); "
-                        "the first step's time, compile included, is reported as first_step_s")
+                   help="train and evaluate through torch.compile, as ncf.py --compile (inductor; eager's RNG, so "
+                        "the same dropout masks); the first step's time, compile included, is reported as "
+                        "first_step_s")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--no_floor", action="store_true", help="skip measuring the matmul rate and memory bandwidth")
     p.add_argument("--profile", type=int, default=0, metavar="N",
@@ -196,13 +197,14 @@ def time_evaluation(args, model, precision, ctx):
     candidates = torch.randint(args.items, (eval_users, args.candidates), dtype=torch.int32, device=device)
     test_data = TestData(users=users, candidates=candidates, total_samples=eval_users * args.candidates)
     topk = ncf.parse_args([]).topk
-    ncf.evaluate(model, TestData(users[:1000], candidates[:1000], 1000 * args.candidates), topk,
-                 args.valid_batch_size, precision, ctx)  # warm-up
+    # Warm-up; under --compile a whole evaluation, whose batch shapes are those the compiled code must have seen
+    warm = test_data if args.compile else TestData(users[:1000], candidates[:1000], 1000 * args.candidates)
+    ncf.evaluate(model, warm, topk, args.valid_batch_size, precision, ctx, compiled=args.compile)
     eval_times = []
     for _ in range(args.eval_repeats):
         sync(device)
         start = time.perf_counter()
-        hr = ncf.evaluate(model, test_data, topk, args.valid_batch_size, precision, ctx)["hr"]
+        hr = ncf.evaluate(model, test_data, topk, args.valid_batch_size, precision, ctx, compiled=args.compile)["hr"]
         sync(device)
         eval_times.append(time.perf_counter() - start)
     return eval_times, test_data.total_samples, hr
@@ -220,10 +222,7 @@ def measure_one(args, batch_size, precision_name):
     sampler, model, optimizer, optimizer_name, scaler = build(args, device, precision)
     train_model = model
     if args.compile:
-        import torch._inductor.config as inductor_config
-
-        inductor_config.fallback_random = True
-        train_model = torch.compile(model)
+        train_model = ncf.compile_for_run(model)  # as ncf.py --compile
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     shuffle_s, first_step_s, step_times, loss = time_training(args, sampler, train_model, optimizer, scaler,
@@ -266,16 +265,26 @@ def profile_training(args, sampler, train_model, optimizer, scaler, precision, b
         for micro_batches, global_size in itertools.chain([first], itertools.islice(batches, args.steps - 1)):
             ncf.train_step(train_model, optimizer, scaler, precision, micro_batches, global_size, ctx)
         sync(ctx.device)
-    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    total = sum(e.self_cpu_time_total for e in events) or 1
-    return [{"name": e.key, "self_s": e.self_cpu_time_total / 1e6, "share": e.self_cpu_time_total / total,
-             "calls": e.count} for e in events[:args.profile]]
+    return top_operators(prof.key_averages(), ctx.device, args.profile)
+
+
+def top_operators(events, device, count):
+    """The `count` operators of most self time: CPU time on a CPU, device (kernel) time on CUDA, where the
+    CPU's share is only the launches."""
+    def self_us(e):
+        return e.self_device_time_total if device.type == "cuda" else e.self_cpu_time_total
+
+    events = sorted(events, key=self_us, reverse=True)
+    total = sum(self_us(e) for e in events) or 1
+    return [{"name": e.key, "self_s": self_us(e) / 1e6, "share": self_us(e) / total, "calls": e.count}
+            for e in events[:count]]
 
 
 def print_profiles(results):
     for r in results:
         if r.get("profile"):
-            print(f"\nprofile, batch {r['batch_size']:,} {r['precision']} (up to --steps steps; self CPU time):")
+            kind = "kernel" if r["device"] == "cuda" else "CPU"
+            print(f"\nprofile, batch {r['batch_size']:,} {r['precision']} (up to --steps steps; self {kind} time):")
             for op in r["profile"]:
                 print(f"  {op['name']:<40} {op['share']:>6.1%} {op['self_s']:>8.3f} s {op['calls']:>7} calls")
 
@@ -327,9 +336,12 @@ def best_seconds(device, work, tries=5):
 def matmul_rate(device, dtype, width=256, try_s=0.1):
     """FLOP/s of [rows, width] @ [width, width] matmuls in `dtype`, best of a few tries. The rows double
     from 4,096 until one product takes `try_s`: a CPU without native bf16 multiplies bf16 about 50x
-    slower than fp32, and a fixed 262,144-row product then took 30 s a try."""
+    slower than fp32, and a fixed 262,144-row product then took 30 s a try. One untimed product first: on
+    CUDA the first fp16 product loads its kernels (over `try_s`), which stopped the doubling at 4,096 rows,
+    where launches dominate, and measured an H200's fp16 at 16 TFLOP/s, a tenth of its TF32."""
     w = torch.randn(width, width, device=device).to(dtype)
     rows = 4096
+    best_seconds(device, functools.partial(torch.mm, torch.randn(rows, width, device=device).to(dtype), w), tries=1)
     while True:
         product = functools.partial(torch.mm, torch.randn(rows, width, device=device).to(dtype), w)
         if best_seconds(device, product, tries=1) >= try_s or rows >= 1 << 20:
