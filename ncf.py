@@ -131,7 +131,8 @@ def add_project_flags(p):
                    help="train and score through torch.compile (Inductor, eager's dropout draws): on one H200 with "
                         "AMP at 2^20, 1.4x training and 2.7x evaluation samples/s; the first epoch pays the compile "
                         "(about 10 s); fused kernels round differently and Adam amplifies it, so a run departs "
-                        "from eager's within an epoch (the same statistics, not the same numbers). No faster on CPUs")
+                        "from eager's within an epoch (the same statistics, not the same numbers). Not shown to pay "
+                        "on CPUs")
     p.add_argument("--model", choices=MODELS, default="neumf",
                    help="neumf, or one of its branches alone (gmf, mlp) to pretrain it (He et al. 2017, 3.4.1)")
     p.add_argument("--init_gmf", default=None, help="NeuMF starts from this GMF checkpoint (with --init_mlp)")
@@ -425,15 +426,31 @@ def candidate_scorer(model, compiled=False):
     return compile_for_run(score) if compiled else score
 
 
-def warn_about_compile(device):
-    """--compile where it cannot pay: on a CPU, or with torch.compile switched off by the environment."""
-    if device.type == "cpu":
-        warnings.warn("--compile on a CPU: measured no faster than eager here (the CPU kernels of cpu_kernels.py "
-                      "run eagerly inside the compiled code), and the compile adds seconds to the first epoch; it runs "
-                      "compiled as asked", stacklevel=3)
-    if os.environ.get("TORCH_COMPILE_DISABLE") == "1":  # torch._dynamo.config.disable's source
-        warnings.warn("--compile: TORCH_COMPILE_DISABLE=1 is set, so torch.compile compiles nothing and this run is "
-                      "eager; unset it to compile", stacklevel=3)
+# The environment variables with which torch.compile compiles nothing (torch._dynamo's config and eval_frame).
+COMPILE_SWITCHES = ("TORCH_COMPILE_DISABLE", "TORCHDYNAMO_DISABLE")
+
+
+def compile_switched_off():
+    """The variable that switches torch.compile off in this environment (NAME=1), or None."""
+    return next((name for name in COMPILE_SWITCHES if os.environ.get(name) == "1"), None)
+
+
+def prepare_compile(device, main):
+    """Before a --compile run: drop the code compiled for earlier runs in this process (tune.py's trials: torch
+    keeps 8 versions of a function, then runs it eagerly without a word), and say where --compile cannot pay
+    (on the main rank): switched off by the environment, or on a CPU."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    if not main:
+        return
+    if switch := compile_switched_off():
+        warnings.warn(f"--compile: {switch}=1 is set, so torch.compile compiles nothing and this run is eager (its "
+                      f"log records --compile as given); unset it to compile", stacklevel=3)
+    elif device.type == "cpu":
+        warnings.warn("--compile on a CPU: not shown to pay here (fp32 measured no faster than eager; the CPU "
+                      "kernels of cpu_kernels.py run eagerly inside the compiled code), and the compile adds seconds "
+                      "to the first epoch (to the evaluation in --mode test); it runs compiled as asked", stacklevel=3)
 
 
 def compile_for_run(fn):
@@ -442,6 +459,10 @@ def compile_for_run(fn):
     import torch._inductor.config  # loads torch._dynamo: only when compiling (its import doubles start-up)
 
     torch._inductor.config.fallback_random = True
+    # torch's notes on code it handles correctly: the mask table's lru_cache (a pure function of its arguments)
+    # and the complex128 rows the bf16 masks are copied as (eager under compile: cpu_kernels._MaskDrawer).
+    warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`")
+    warnings.filterwarnings("ignore", message="Torchinductor does not support code generation for complex")
     return torch.compile(fn)
 
 
@@ -983,8 +1004,8 @@ def run(argv=None, on_epoch=None):
     args = parse_args(argv)
     validate_args(args, world_size=launch_environment(args.local_rank)[2])
     ctx = setup_distributed(args.device, args.local_rank)
-    if args.compile and ctx.is_main:
-        warn_about_compile(ctx.device)
+    if args.compile:
+        prepare_compile(ctx.device, ctx.is_main)
     log = result = None
     locks, created = [], []
     succeeded = False

@@ -73,6 +73,9 @@ def main(argv=None):
     optimizer, _ = ncf.make_optimizer(model, defaults.learning_rate, (defaults.beta1, defaults.beta2), defaults.eps)
     scaler = precision.grad_scaler()
     sampler = EpochSampler(cache.train, cache.num_items, defaults.negative_samples, device, defaults.seed)
+    if (available := sampler.steps_per_epoch(args.batch_size, 1)) < 4:  # else "3 training steps: 0 syncs, ok" for less
+        raise UserError(f"--batch_size {args.batch_size:,}: an epoch of this cache has {available} step(s) of it, and "
+                        f"the check needs 4 (one to warm up, three checked): choose a smaller --batch_size")
     batches = sampler.epoch(1, args.batch_size, 0, 1, 1)
     model.train()
     ncf.train_step(model, optimizer, scaler, precision, *next(batches), ctx)  # warm-up: allocations, kernels

@@ -105,6 +105,9 @@ def validate(args):
         check_batch(args, batch)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but no CUDA device is available: use --device cpu")
+    if args.compile and (switch := ncf.compile_switched_off()):  # its figures would be eager's, recorded as compiled
+        raise UserError(f"--compile but {switch}=1 is set, so torch.compile would compile nothing: unset it, or leave "
+                        f"--compile out")
     check_memory(args)
 
 

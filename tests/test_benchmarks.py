@@ -125,7 +125,27 @@ def test_gpu_check_script_cpu_path(tmp_path):
     assert epochs_of(out / "train.jsonl")
     if not torch.cuda.is_available():  # nothing CUDA ran: the summary must not say "ok"
         summary = (out / "summary.txt").read_text()
-        assert "skipped: no CUDA" in summary and "no sync detection" in summary
+        assert "skipped: no CUDA" in summary and "ran: no sync detection on a CPU" in summary
+        assert not any(line.startswith("host syncs") and line.endswith(" ok") for line in summary.splitlines())
+    # A second run into the folder it wrote is fine; see below for one that holds someone else's files.
+    assert (out / ".written-by-gpu_check").exists()
+
+
+@pytest.mark.parametrize("env, words", [
+    ({"DEVICE": "cpu", "PYTHON": "/usr/bin/env"}, ["cannot import torch", "nothing was run"]),
+    ({"DEVICE": "cpu"}, ["holds files this script did not write", "new or empty folder"]),
+], ids=["no torch", "OUT holds the user's files"])
+def test_gpu_check_refuses_in_one_line_and_touches_nothing(tmp_path, env, words):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "summary.txt").write_text("mine\n")
+    (out / "throughput_compile.jsonl").write_text("mine\n")
+    result = run([str(ROOT / "benchmarks" / "gpu_check.sh")], env={**env, "OUT": str(out)}, timeout=120)
+    assert result.returncode == 2 and result.stdout == "", (result.stdout[-2000:], result.stderr[-2000:])
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("gpu_check.sh: error: ") and all(w in line for w in words), line
+    assert sorted(p.name for p in out.iterdir()) == ["summary.txt", "throughput_compile.jsonl"]
+    assert (out / "summary.txt").read_text() == (out / "throughput_compile.jsonl").read_text() == "mine\n"
 
 
 @pytest.mark.slow

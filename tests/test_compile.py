@@ -3,7 +3,7 @@ of seconds on a CPU); tests/test_cuda.py compiles for real on a GPU (benchmarks/
 import pytest
 import torch
 import torch._inductor.config
-from helpers import TINY_MODEL, epochs_of, run_ncf
+from helpers import TINY_MODEL, epochs_of, load_benchmark, run_main, run_ncf
 
 import ncf
 from neumf import NeuMF
@@ -64,9 +64,35 @@ def test_a_compiled_scorer_scores_as_the_eager_one(loaded_tiny_cache, compiled):
     assert kinds(compiled) == ["score_candidates"]
 
 
-def test_compile_switched_off_by_the_environment_is_said(tiny_cache, tmp_path, capsys, compiled, monkeypatch):
-    monkeypatch.setenv("TORCH_COMPILE_DISABLE", "1")
+@pytest.mark.parametrize("switch", ["TORCH_COMPILE_DISABLE", "TORCHDYNAMO_DISABLE"])
+def test_compile_switched_off_by_the_environment_is_said(tiny_cache, tmp_path, capsys, compiled, monkeypatch, switch):
+    monkeypatch.setenv(switch, "1")
     status, _, err = run_ncf(capsys, "--data", tiny_cache, "-e", "1", "--checkpoint_dir", tmp_path / "ck", "--compile",
                              *TINY_MODEL)
     assert status == 0, err
-    assert "TORCH_COMPILE_DISABLE=1 is set" in err and "this run is eager" in err
+    assert f"{switch}=1 is set" in err and "this run is eager" in err
+    assert "runs compiled as asked" not in err  # the CPU's note would contradict it
+
+
+def test_each_compiled_run_starts_from_no_compiled_code(tiny_cache, tmp_path, capsys, compiled, monkeypatch):
+    """tune.py runs its trials in one process, and torch keeps 8 compiled versions of a function, then runs it
+    eagerly with no more than a log line: a --compile run drops what earlier runs compiled."""
+    import torch._dynamo
+
+    resets = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(len(compiled)))
+    for run in range(2):
+        status, _, err = run_ncf(capsys, "--data", tiny_cache, "-e", "1", "--checkpoint_dir", tmp_path / f"ck{run}",
+                                 "--compile", *TINY_MODEL)
+        assert status == 0, err
+    assert resets == [0, 2]  # before anything of each run was compiled (a run of one epoch: its model, a scorer)
+
+
+def test_throughput_refuses_a_compile_the_environment_switched_off(capsys, monkeypatch):
+    """Its record would say "compiled": true over eager figures."""
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")
+    status, out, err = run_main(load_benchmark("throughput").main, capsys, "--device", "cpu", "--compile",
+                                "--batch_size", "8192", "--users", "300", "--items", "100", "--positives", "5000")
+    assert status == 2 and out == ""
+    (line,) = err.splitlines()
+    assert "TORCHDYNAMO_DISABLE=1 is set" in line and "--compile" in line

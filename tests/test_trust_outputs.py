@@ -495,6 +495,8 @@ BAD_INPUTS = [
      ["notes"]),
     ("sync_check: --batch_size 0", "sync_check", lambda w: ["--data", w["cache"], "--batch_size", "0"],
      ["--batch_size"]),
+    ("sync_check: fewer steps an epoch than it checks", "sync_check",
+     lambda w: ["--data", w["cache"], "--device", "cpu", "--batch_size", "1000000"], ["--batch_size", "smaller"]),
     ("sync_check: --data not a cache", "sync_check",
      lambda w: ["--data", w["root"] / "notes", "--device", "cpu"], ["notes"]),
     # ---- python -m logger.plot
